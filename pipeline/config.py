@@ -1,0 +1,205 @@
+"""Small YAML configs with typed ``key=value`` overrides.
+
+A stage config (``configs/<stage>.yaml``) may name components by group: ``data: sample`` loads
+``configs/data/sample.yaml`` into the section ``data``, ``encoder: gru`` loads
+``configs/encoders/gru.yaml``. On the command line ``encoder=lstm`` swaps the whole section and
+``encoder.hidden=256`` overrides one field. Keys that the YAML does not define are refused, and so
+are values whose type differs from the default's, each with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+
+# Section name -> folder of its component YAMLs.
+GROUPS = {"data": "data", "extractor": "features", "encoder": "encoders"}
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key or file."""
+
+
+class Config(dict):
+    """A dict whose keys also read as attributes: ``cfg.encoder.hidden``."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"config has no key {key!r}") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+    def __deepcopy__(self, memo: dict) -> Config:
+        return _wrap(copy.deepcopy(dict(self), memo))
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(self))
+
+    def hash(self, keys: Iterable[str] | None = None) -> str:
+        """A short, stable hash of the whole config or of the listed top-level keys."""
+        part = self.to_dict() if keys is None else {k: self.to_dict().get(k) for k in keys}
+        blob = json.dumps(part, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+
+def _wrap(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return Config({k: _wrap(v) for k, v in obj.items()})
+    if isinstance(obj, list):
+        return [_wrap(v) for v in obj]
+    return obj
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def component_names(group: str) -> list[str]:
+    """Names of the YAMLs available for a group, e.g. ``component_names('encoder')``."""
+    return sorted(p.stem for p in (CONFIG_DIR / GROUPS[group]).glob("*.yaml"))
+
+
+def load_component(group: str, name: str) -> dict:
+    """Load ``configs/<group folder>/<name>.yaml``; a ``module:function`` name needs no YAML."""
+    path = CONFIG_DIR / GROUPS[group] / f"{name}.yaml"
+    if path.is_file():
+        data = read_yaml(path)
+    elif ":" in name:  # a plug-in such as ``my_package.my_module:build``
+        data = {}
+    else:
+        raise ConfigError(
+            f"unknown {group} {name!r}: no {path.relative_to(ROOT)}; "
+            f"choose one of {', '.join(component_names(group))}"
+        )
+    data["name"] = name
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as YAML: ``3`` is an int, ``1e-3`` a float, ``[1,2]`` a list."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _check_type(key: str, old: Any, new: Any) -> Any:
+    if old is None or new is None:
+        return new
+    if isinstance(old, bool) or isinstance(new, bool):
+        if isinstance(old, bool) and isinstance(new, bool):
+            return new
+    elif isinstance(old, float) and isinstance(new, int):
+        return float(new)
+    elif isinstance(old, type(new)) or isinstance(new, type(old)):
+        return new
+    raise ConfigError(
+        f"config key {key!r} expects {type(old).__name__} (default {old!r}), got {type(new).__name__} {new!r}"
+    )
+
+
+def _unknown(key: str, where: Mapping, prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], list(where), n=3)
+    hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {prefix + key.split('.')[-1]!r}{hint}")
+
+
+def apply_override(cfg: dict, key: str, value: Any) -> None:
+    """Set ``a.b.c = value`` in place, refusing unknown keys and type changes."""
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or part not in node:
+            raise _unknown(part, node if isinstance(node, dict) else {}, ".".join(parts[:i]) + ("." if i else ""))
+        node = node[part]
+    leaf = parts[-1]
+    prefix = ".".join(parts[:-1]) + ("." if len(parts) > 1 else "")
+    if not isinstance(node, dict) or leaf not in node:
+        raise _unknown(leaf, node if isinstance(node, dict) else {}, prefix)
+    old = node[leaf]
+    if isinstance(old, dict) and not isinstance(value, dict):
+        raise ConfigError(f"config key {key!r} is a section; set one of its keys, e.g. {key}.{next(iter(old), '...')}")
+    node[leaf] = _check_type(key, old, value)
+
+
+def load_config(
+    stage: str, path: str | Path | None = None, overrides: Iterable[str] = ()
+) -> Config:
+    """Resolve a stage config: the YAML, its components, then ``key=value`` overrides in order.
+
+    Overrides that select a component (``encoder=lstm``) are applied before field overrides, so
+    ``encoder.hidden=64 encoder=lstm`` sets the LSTM's hidden size whatever the order.
+    """
+    path = Path(path) if path else CONFIG_DIR / f"{stage}.yaml"
+    cfg = read_yaml(path)
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        pairs.append((key.strip(), parse_value(text)))
+
+    for group in GROUPS:
+        if group not in cfg:
+            continue
+        chosen = [v for k, v in pairs if k == group]
+        name = chosen[-1] if chosen else cfg[group]
+        if isinstance(name, dict):  # a section written inline in the stage YAML
+            continue
+        if not isinstance(name, str):
+            raise ConfigError(f"config key {group!r} names a component and must be a string, got {name!r}")
+        cfg[group] = load_component(group, name)
+
+    for key, value in pairs:
+        if key in GROUPS and key in cfg:
+            continue
+        apply_override(cfg, key, value)
+    return _wrap(cfg)
+
+
+def parse_args(stage: str, argv: list[str] | None = None) -> Config:
+    """``python -m pipeline.<stage> [config.yaml] [key=value ...]`` -> the resolved config."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: python -m pipeline.{stage} [config.yaml] [key=value ...]\n\n"
+              f"defaults: {(CONFIG_DIR / f'{stage}.yaml').relative_to(ROOT)}")
+        raise SystemExit(0)
+    path = argv.pop(0) if argv and "=" not in argv[0] else None
+    return load_config(stage, path, argv)

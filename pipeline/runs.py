@@ -1,0 +1,146 @@
+"""What every stage does around its real work: find inputs, split them over workers, write
+outputs atomically, skip finished ones, and keep going past a failure while recording it."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+from tqdm import tqdm
+
+log = logging.getLogger("pipeline")
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def list_inputs(source: str | Path, suffixes: Sequence[str] = VIDEO_SUFFIXES) -> list[Path]:
+    """Inputs from a folder (searched recursively), a glob, a list file (one path per line,
+    relative paths taken from the list's folder) or a single file; sorted, without duplicates."""
+    text = str(source)
+    path = Path(text)
+    if any(c in text for c in "*?["):
+        found = [Path(p) for p in glob.glob(text, recursive=True)]
+    elif path.is_dir():
+        found = [p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file()]
+    elif path.suffix.lower() in (".txt", ".lst", ".list") and path.is_file():
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        found = [p if p.is_absolute() else path.parent / p for p in map(Path, lines) if str(p) and not str(p).startswith("#")]
+    elif path.exists() or path.suffix:
+        found = [path]  # a single file; if it is missing, its own job reports it
+    else:
+        raise FileNotFoundError(f"{text}: no such folder, file or list")
+    return sorted(set(found))
+
+
+def shard_of(items: Sequence, shard: str | None = None) -> list:
+    """The items of worker ``i`` of ``n``: from ``shard="i/n"``, else torchrun's RANK/WORLD_SIZE."""
+    if shard:
+        try:
+            i, n = (int(x) for x in str(shard).split("/"))
+        except ValueError:
+            raise ValueError(f"shard={shard!r} must look like i/n, e.g. 0/4") from None
+    else:
+        i, n = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: index must be in [0, {n})")
+    return list(items[i::n])
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    A killed or failed writer leaves at most a ``.partial`` file, which no reader takes as done.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def h5_is_done(path: str | Path, config_hash: str) -> bool:
+    """True when ``path`` opens as HDF5, is marked complete and was made with this config."""
+    try:
+        with h5py.File(path, "r") as f:
+            return bool(f.attrs.get("complete", False)) and f.attrs.get("config_hash") == config_hash
+    except (OSError, KeyError):
+        return False
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@dataclass
+class RunSummary:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def line(self) -> str:
+        return f"{len(self.done)} done, {len(self.skipped)} already done, {len(self.failed)} failed"
+
+
+def run_each(
+    items: Sequence[Any],
+    work: Callable[[Any], None],
+    *,
+    name: Callable[[Any], str] = str,
+    is_done: Callable[[Any], bool] = lambda item: False,
+    failures_file: str | Path | None = None,
+    desc: str = "",
+) -> RunSummary:
+    """Run ``work`` on each item that is not done yet; a failure is logged, written to
+    ``failures_file`` (one JSON line per item) and costs only its own item."""
+    summary = RunSummary()
+    bar = tqdm(items, desc=desc, unit="item", dynamic_ncols=True, disable=None)
+    for item in bar:
+        key = name(item)
+        if is_done(item):
+            summary.skipped.append(key)
+            continue
+        start = time.perf_counter()
+        try:
+            work(item)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - one bad input must not stop the run
+            reason = f"{type(e).__name__}: {e}"
+            summary.failed[key] = reason
+            log.error("%s failed: %s", key, reason)
+            log.debug("%s", traceback.format_exc())
+            if failures_file:
+                Path(failures_file).parent.mkdir(parents=True, exist_ok=True)
+                with open(failures_file, "a") as fh:
+                    fh.write(json.dumps({"item": key, "error": reason, "time": time.time()}) + "\n")
+        else:
+            summary.done.append(key)
+            log.debug("%s done in %.1fs", key, time.perf_counter() - start)
+        bar.set_postfix(done=len(summary.done), failed=len(summary.failed), refresh=False)
+    log.info("%s: %s", desc or "run", summary.line())
+    return summary
