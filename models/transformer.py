@@ -1,0 +1,112 @@
+"""Pre-norm transformer encoder over a feature sequence, with key padding and an optional local band."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def sinusoidal_positions(t: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """Fixed sine/cosine position codes, (t, dim); computed per call so any length works."""
+    pos = torch.arange(t, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    codes = torch.zeros(t, dim, device=device)
+    codes[:, 0::2] = torch.sin(pos * freq)
+    codes[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return codes
+
+
+def attention_mask(mask: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """Which keys each query may attend to, (b, 1, t, t) bool, True = allowed.
+
+    Queries never see invalid keys. A query always sees itself, so a step whose whole band is
+    invalid (a long run of missing faces) still has a finite softmax; valid queries are unaffected
+    because their own key is valid anyway.
+    """
+    t = mask.shape[1]
+    allowed = rearrange(mask, "b j -> b 1 1 j").expand(-1, 1, t, t)
+    idx = torch.arange(t, device=mask.device)
+    if window > 0:
+        allowed = allowed & ((idx[:, None] - idx[None, :]).abs() <= window)
+    return allowed | torch.eye(t, dtype=torch.bool, device=mask.device)
+
+
+class Block(nn.Module):
+    """Pre-norm self-attention + MLP, both residual."""
+
+    def __init__(self, dim: int, heads: int, ffn_mult: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"transformer hidden={dim} must be divisible by heads={heads}")
+        self.heads = heads
+        self.dropout = dropout
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * dim, dim)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """h (b, t, d), allowed (b, 1, t, t) -> (b, t, d)."""
+        q, k, v = rearrange(
+            self.qkv(self.norm1(h)), "b t (three n d) -> three b n t d", three=3, n=self.heads
+        )
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )
+        h = h + self.drop(self.proj(rearrange(a, "b n t d -> b t (n d)")))
+        return h + self.drop(self.mlp(self.norm2(h)))
+
+
+class TransformerEncoder(nn.Module):
+    """Input projection, positions, ``layers`` pre-norm blocks and a final LayerNorm.
+
+    ``positions``: ``sinusoidal`` (any length), ``learned`` (up to ``max_len`` steps) or ``none``.
+    ``window``: each step attends to keys at most ``window`` steps away; 0 = the whole sequence.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        hidden: int = 256,
+        layers: int = 4,
+        heads: int = 4,
+        ffn_mult: int = 4,
+        dropout: float = 0.1,
+        positions: str = "sinusoidal",
+        window: int = 0,
+        max_len: int = 1024,
+    ) -> None:
+        super().__init__()
+        if positions not in ("sinusoidal", "learned", "none"):
+            raise ValueError(f"positions={positions!r}: choose sinusoidal, learned or none")
+        self.positions, self.window, self.max_len = positions, window, max_len
+        self.inp = nn.Sequential(nn.Linear(d_in, hidden), nn.Dropout(dropout))
+        self.pos = nn.Embedding(max_len, hidden) if positions == "learned" else None
+        self.blocks = nn.ModuleList(Block(hidden, heads, ffn_mult, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden)
+        self.out_dim = hidden
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (b, t, d_in), mask (b, t) bool True = valid -> (b, t, hidden)."""
+        b, t, _ = x.shape
+        mask = mask.bool()
+        # Invalid steps may hold anything, even NaN, which would leak through 0-weighted values.
+        h = self.inp(torch.where(mask[..., None], x, 0.0))
+        if self.positions == "sinusoidal":
+            h = h + sinusoidal_positions(t, h.shape[-1], h.device)
+        elif self.pos is not None:
+            if t > self.max_len:
+                raise ValueError(f"sequence of {t} steps exceeds learned positions max_len={self.max_len}")
+            h = h + self.pos.weight[:t]
+        allowed = attention_mask(mask, self.window)
+        for block in self.blocks:
+            h = block(h, allowed)
+        return self.norm(h)

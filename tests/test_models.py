@@ -1,0 +1,282 @@
+"""Temporal encoders, task structures and heads: masks, shapes, overfitting, checkpoint round trip."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models import ENCODERS, STRUCTURES, MultiTaskModel, build_encoder, encoder_from
+from models.cross_task import AUGraph, au_cooccurrence
+from pipeline.config import component_names, load_component
+
+torch.set_num_threads(1)
+D_IN = 16
+
+ENCODER_VARIANTS = {
+    "transformer_sin": dict(name="transformer", hidden=32, layers=2, heads=4, dropout=0.0),
+    "transformer_learned": dict(
+        name="transformer", hidden=32, layers=2, heads=4, positions="learned", max_len=64, dropout=0.0
+    ),
+    "transformer_window": dict(name="transformer", hidden=32, layers=2, heads=4, window=3, dropout=0.0),
+    "lstm_bi": dict(name="lstm", hidden=24, layers=2, bidirectional=True, dropout=0.0),
+    "lstm_uni": dict(name="lstm", hidden=24, layers=1, bidirectional=False, dropout=0.0),
+    "gru_bi": dict(name="gru", hidden=24, layers=2, bidirectional=True, dropout=0.0),
+    "gru_uni": dict(name="gru", hidden=24, layers=2, bidirectional=False, dropout=0.0),
+}
+SMALL = {
+    name: ENCODER_VARIANTS[v]
+    for name, v in (("transformer", "transformer_sin"), ("lstm", "lstm_bi"), ("gru", "gru_bi"))
+}
+
+
+def holey_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(5, 20, D_IN) features and a mask with trailing padding, inner holes, a leading gap,
+    a fully valid and a fully invalid sequence."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 20, D_IN, generator=g)
+    mask = torch.ones(5, 20, dtype=torch.bool)
+    mask[0, 14:] = False  # trailing padding
+    mask[1, 3:6] = mask[1, 11] = False  # missing faces inside
+    mask[2, :4] = mask[2, 9:17] = False  # leading gap, a gap longer than the local window
+    mask[4] = False  # no face at all
+    return x, mask
+
+
+def scramble_invalid(x: torch.Tensor, mask: torch.Tensor, fill: float | None = None) -> torch.Tensor:
+    """Replace every invalid step by large noise (or ``fill``)."""
+    y = x.clone()
+    noise = 100 * torch.randn_like(x) if fill is None else torch.full_like(x, fill)
+    y[~mask] = noise[~mask]
+    return y
+
+
+def test_build_encoder_errors_name_the_choices():
+    with pytest.raises(ValueError, match="gru, lstm, transformer"):
+        build_encoder("tcn", D_IN)
+    with pytest.raises(ValueError, match="hiden"):
+        build_encoder("gru", D_IN, hiden=8)
+    with pytest.raises(ValueError, match="no 'name'"):
+        encoder_from({"hidden": 8}, D_IN)
+
+
+@pytest.mark.parametrize("variant", list(ENCODER_VARIANTS))
+def test_encoder_honours_mask(variant):
+    torch.manual_seed(0)
+    enc = encoder_from(ENCODER_VARIANTS[variant], D_IN).eval()
+    x, mask = holey_batch()
+    with torch.no_grad():
+        ref = enc(x, mask)
+        noisy = enc(scramble_invalid(x, mask), mask)
+        nan = enc(scramble_invalid(x, mask, float("nan")), mask)
+        changed = enc(x + torch.randn_like(x) * mask[..., None], mask)
+    assert ref.shape == (5, 20, enc.out_dim)
+    assert torch.isfinite(ref).all() and torch.isfinite(noisy).all() and torch.isfinite(nan).all()
+    torch.testing.assert_close(noisy[mask], ref[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nan[mask], ref[mask], atol=1e-5, rtol=1e-5)
+    # The valid steps do carry information: changing them changes the outputs.
+    assert (changed[mask] - ref[mask]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", list(ENCODER_VARIANTS))
+def test_trailing_padding_is_invisible(variant):
+    """A sequence padded to a longer batch gives the same outputs as the sequence alone: padding
+    takes no attention weight and no recurrent step (zeroed input is not enough for either)."""
+    torch.manual_seed(0)
+    enc = encoder_from(ENCODER_VARIANTS[variant], D_IN).eval()
+    x, mask = holey_batch()
+    alone_x, alone_mask = x[1:2, :13], mask[1:2, :13]  # holes inside, no padding
+    padded_mask = torch.zeros(1, 20, dtype=torch.bool)
+    padded_mask[:, :13] = alone_mask
+    with torch.no_grad():
+        alone = enc(alone_x, alone_mask)
+        padded = enc(x[1:2], padded_mask)
+    torch.testing.assert_close(padded[:, :13][alone_mask], alone[alone_mask], atol=1e-5, rtol=1e-5)
+
+
+def test_local_window_limits_context():
+    torch.manual_seed(0)
+    enc = build_encoder("transformer", D_IN, hidden=16, layers=1, heads=2, window=2, dropout=0.0).eval()
+    x, mask = torch.randn(1, 12, D_IN), torch.ones(1, 12, dtype=torch.bool)
+    y = x.clone()
+    y[0, 8] += 5.0
+    with torch.no_grad():
+        a, b = enc(x, mask), enc(y, mask)
+    moved = (a - b).abs().amax(-1)[0] > 1e-6
+    assert moved.tolist() == [i in range(6, 11) for i in range(12)]  # one layer: |i - 8| <= 2
+
+
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+@pytest.mark.parametrize("encoder", list(SMALL))
+def test_structure_shapes_finite_and_masked(structure, encoder):
+    torch.manual_seed(0)
+    model = MultiTaskModel(
+        D_IN,
+        SMALL[encoder],
+        structure=structure,
+        au_dim=8,
+        attn_heads=2,
+        au_graph="learned" if structure == "cross_attention" else None,
+    ).eval()
+    x, mask = holey_batch()
+    with torch.no_grad():
+        out = model(x, mask)
+        noisy = model(scramble_invalid(x, mask), mask)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "va": (5, 20, 2),
+        "expr": (5, 20, 8),
+        "au": (5, 20, 12),
+    }
+    for task, value in out.items():
+        assert torch.isfinite(value).all() and torch.isfinite(noisy[task]).all()
+        torch.testing.assert_close(noisy[task][mask], value[mask], atol=1e-5, rtol=1e-5)
+    assert out["va"].abs().max() <= 1.0
+
+
+def test_task_subsets_and_structure_requirements():
+    x, mask = holey_batch()
+    enc = SMALL["gru"]
+    assert list(MultiTaskModel(D_IN, enc, tasks=["expr"])(x, mask)) == ["expr"]
+    assert list(MultiTaskModel(D_IN, enc, tasks=["au", "va"], structure="task_specific")(x, mask)) == [
+        "va",
+        "au",
+    ]
+    assert list(MultiTaskModel(D_IN, enc, tasks=["va"], structure="feedback")(x, mask)) == ["va"]
+    assert list(MultiTaskModel(D_IN, enc, tasks=["au"], structure="cross_attention", au_dim=8)(x, mask)) == [
+        "au"
+    ]
+    with pytest.raises(ValueError, match="needs the va task"):
+        MultiTaskModel(D_IN, enc, tasks=["expr", "au"], structure="feedback")
+    with pytest.raises(ValueError, match="needs the au task"):
+        MultiTaskModel(D_IN, enc, tasks=["va", "expr"], structure="cross_attention")
+    with pytest.raises(ValueError, match="subset of va, expr, au"):
+        MultiTaskModel(D_IN, enc, tasks=["pain"])
+    with pytest.raises(ValueError, match="shared, task_specific"):
+        MultiTaskModel(D_IN, enc, structure="tower")
+
+
+def test_feedback_arousal_does_not_train_valence_or_au_branches():
+    torch.manual_seed(0)
+    model = MultiTaskModel(D_IN, SMALL["lstm"], structure="feedback")
+    x, mask = holey_batch()
+    model(x, mask)["va"][..., 1].sum().backward()  # arousal only
+    net = model.net
+
+    def grad_norm(module):
+        return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+    assert grad_norm(net.branches["valence"]) == 0 and grad_norm(net.branches["au"]) == 0
+    assert grad_norm(net.branches["arousal"]) > 0 and grad_norm(net.bottom) > 0
+    model.zero_grad()
+    model(x, mask)["va"][..., 0].sum().backward()  # valence trains its own branch
+    assert grad_norm(net.branches["valence"]) > 0 and grad_norm(net.branches["arousal"]) == 0
+
+
+def test_au_cooccurrence_and_given_graph():
+    rng = np.random.default_rng(0)
+    au = rng.integers(-1, 2, size=(200, 12))
+    rel = au_cooccurrence(au)
+    for i, j in [(0, 1), (3, 3), (11, 4)]:
+        rows = [r for r in au if r[i] == 1 and r[j] >= 0]
+        assert rel[i, j] == pytest.approx(sum(r[j] == 1 for r in rows) / len(rows), abs=1e-6)
+    graph = AUGraph(8, rel)
+    a = graph.adjacency()
+    torch.testing.assert_close(a, a.T)
+    assert (a > 0).all()  # self loops and a dense co-occurrence
+    with pytest.raises(ValueError, match="12x12"):
+        AUGraph(8, np.ones((11, 12)))
+    with pytest.raises(ValueError, match="learned"):
+        AUGraph(8, "random")
+
+
+@pytest.mark.parametrize(
+    "structure,encoder,graph",
+    [
+        ("shared", "transformer_learned", None),
+        ("task_specific", "lstm_bi", None),
+        ("feedback", "gru_uni", None),
+        ("cross_attention", "transformer_window", "given"),
+        ("cross_attention", "gru_bi", "learned"),
+    ],
+)
+def test_args_round_trip(structure, encoder, graph):
+    torch.manual_seed(0)
+    if graph == "given":
+        graph = au_cooccurrence(np.random.default_rng(0).integers(0, 2, size=(50, 12)))
+    model = MultiTaskModel(
+        D_IN,
+        ENCODER_VARIANTS[encoder],
+        structure=structure,
+        head_hidden=8,
+        au_dim=8,
+        attn_heads=2,
+        au_graph=graph,
+    ).eval()
+    buf = io.BytesIO()
+    torch.save({"args": model.args, "state": model.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    args = json.loads(json.dumps(saved["args"]))  # plain builtins only
+    clone = MultiTaskModel(**args)
+    clone.load_state_dict(saved["state"])
+    clone.eval()
+    x, mask = holey_batch(1)
+    with torch.no_grad():
+        a, b = model(x, mask), clone(x, mask)
+    assert a.keys() == b.keys()
+    for task in a:
+        assert torch.equal(a[task], b[task])
+
+
+def numpy_ccc(p: np.ndarray, y: np.ndarray) -> float:
+    cov = np.mean((p - p.mean()) * (y - y.mean()))
+    return 2 * cov / (p.var() + y.var() + (p.mean() - y.mean()) ** 2)
+
+
+@pytest.mark.parametrize("encoder", list(SMALL))
+def test_encoder_overfits_one_batch(encoder):
+    from models import MultiTaskLoss
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 32, D_IN, generator=g)
+    mask = torch.ones(4, 32, dtype=torch.bool)
+    mask[1, 25:] = mask[2, 5:8] = False
+    targets = {
+        "va": torch.rand(4, 32, 2, generator=g) * 1.6 - 0.8,
+        "expr": torch.randint(0, 8, (4, 32), generator=g),
+        "au": torch.randint(0, 2, (4, 32, 12), generator=g),
+    }
+    model = MultiTaskModel(D_IN, {**SMALL[encoder], "hidden": 32})
+    loss_fn = MultiTaskLoss()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        loss, _ = loss_fn(model(x, mask), targets, mask)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(x, mask)
+    m = mask.numpy()
+    va, va_true = out["va"].numpy()[m], targets["va"].numpy()[m]
+    assert min(numpy_ccc(va[:, k], va_true[:, k]) for k in range(2)) > 0.95
+    assert (out["expr"].argmax(-1)[mask] == targets["expr"][mask]).float().mean() > 0.98
+    assert ((out["au"] > 0).long()[mask] == targets["au"][mask]).float().mean() > 0.98
+
+
+def test_encoder_configs_build_with_comparable_sizes():
+    names = component_names("encoder")
+    assert set(ENCODERS) <= set(names)
+    sizes = {}
+    for name in names:
+        enc = encoder_from(load_component("encoder", name), 512).eval()
+        x, mask = holey_batch()
+        with torch.no_grad():
+            out = enc(torch.nn.functional.pad(x, (0, 512 - D_IN)), mask)
+        assert out.shape == (5, 20, enc.out_dim) and torch.isfinite(out).all()
+        sizes[name] = sum(p.numel() for p in enc.parameters())
+    assert max(sizes.values()) / min(sizes.values()) < 1.25, sizes
