@@ -1,0 +1,145 @@
+"""The extractor contract, the registry and checked weight loading shared by every backbone."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+log = logging.getLogger("features")
+
+EXTRACTORS: dict[str, Callable[..., Extractor]] = {}
+
+
+class Extractor(nn.Module):
+    """A frozen image backbone that maps face crops to one vector per crop.
+
+    Subclasses set the class attributes below; ``mean``/``std`` are in 0-255 pixel units, so
+    ``(x - mean) / std`` is the whole normalisation, whatever the backbone was trained with.
+    """
+
+    name: str = "extractor"
+    input_size: int = 112
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    channel_order: str = "RGB"
+    interpolation: str = "bilinear"
+    dim: int = 0
+    weights_sha256: str | None = None  # None: random weights
+
+    def preprocess(self, crops: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB crops (b, h, w, 3) -> normalised float input (b, 3, s, s) on the crops' device."""
+        if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
+            got = f"{crops.dtype} {tuple(crops.shape)}"
+            raise ValueError(f"{self.name}: expected uint8 crops (b, h, w, 3), got {got}")
+        x = rearrange(crops, "b h w c -> b c h w").float()
+        if self.channel_order == "BGR":
+            x = x.flip(1)
+        size = (self.input_size, self.input_size)
+        if x.shape[-2:] != size:
+            # antialias only matters (and is only supported) for the interpolating modes
+            smooth = self.interpolation in ("bilinear", "bicubic")
+            x = F.interpolate(x, size=size, mode=self.interpolation, antialias=smooth,
+                              **({"align_corners": False} if smooth else {}))
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def describe(self) -> dict:
+        """The preprocessing and output, as stored in the feature cache's attributes."""
+        return {
+            "extractor": self.name,
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "pixel_range": "0-255",
+            "channel_order": self.channel_order,
+            "interpolation": self.interpolation,
+            "dim": self.dim,
+        }
+
+
+def register_extractor(fn: Callable[..., Extractor]) -> Callable[..., Extractor]:
+    """Add a variant function to ``EXTRACTORS`` under its own name."""
+    EXTRACTORS[fn.__name__] = fn
+    return fn
+
+
+def build_extractor(name: str, **kw) -> Extractor:
+    """Build a registered extractor, or ``package.module:function`` from a plug-in, in eval mode."""
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"extractor plug-in {name!r} cannot be loaded: {e}") from e
+    elif name in EXTRACTORS:
+        factory = EXTRACTORS[name]
+    else:
+        raise ValueError(
+            f"unknown extractor {name!r}; choose one of {', '.join(sorted(EXTRACTORS))} "
+            "or give a plug-in as package.module:function"
+        )
+    model = factory(**kw)
+    missing = [a for a in ("preprocess", "forward", "describe", "dim", "input_size") if not hasattr(model, a)]
+    if not isinstance(model, nn.Module) or missing:
+        need = ", ".join(missing) or "the Extractor API"
+        raise TypeError(f"extractor {name!r} must return an nn.Module with {need}")
+    return model.eval().requires_grad_(False)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def require_weights(name: str, weights: str | None, random_init: bool) -> None:
+    """Refuse to build a backbone that would silently compute features from random weights."""
+    if weights is None and not random_init:
+        raise ValueError(
+            f"{name}: no weights given; set extractor.weights=/path/to/checkpoint, "
+            "or extractor.random_init=true for a smoke test with meaningless features"
+        )
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"{name}: weights file {weights} not found")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A plain state dict from a checkpoint file, unwrapping ``model``/``state_dict`` and ``module.``."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                 allow_missing: Iterable[str] = ()) -> None:
+    """Load ``state`` into ``model``; any missing key beyond ``allow_missing``, any unexpected key
+    or any shape mismatch is an error naming the keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state) - set(allow_missing))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]
+        parts = [f"missing keys: {show(missing)}" if missing else "",
+                 f"unexpected keys: {show(unexpected)}" if unexpected else "",
+                 f"shape mismatch: {show(shapes)}" if wrong else ""]
+        problems = "; ".join(p for p in parts if p)
+        raise ValueError(f"{source}: weights do not fit {type(model).__name__}: {problems}")
+    model.load_state_dict(state, strict=not allow_missing)
