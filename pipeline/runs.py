@@ -38,7 +38,8 @@ def list_inputs(source: str | Path, suffixes: Sequence[str] = VIDEO_SUFFIXES) ->
         found = [p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file()]
     elif path.suffix.lower() in (".txt", ".lst", ".list") and path.is_file():
         lines = [ln.strip() for ln in path.read_text().splitlines()]
-        found = [p if p.is_absolute() else path.parent / p for p in map(Path, lines) if str(p) and not str(p).startswith("#")]
+        lines = [ln for ln in lines if ln and not ln.startswith("#")]
+        found = [p if p.is_absolute() else path.parent / p for p in map(Path, lines)]
     elif path.exists() or path.suffix:
         found = [path]  # a single file; if it is missing, its own job reports it
     else:

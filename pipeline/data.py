@@ -1,0 +1,168 @@
+"""Windows of cached features with their labels and masks, for the temporal models.
+
+A window is ``t`` consecutive kept frames of one video. Each item holds
+
+- ``x``: (t, d) float32 features, standardised with the training split's statistics;
+- ``mask``: (t,) bool, True where the step is inside the video and the face is present;
+- ``va`` (t, 2) float32, ``expr`` (t,) int64, ``au`` (t, 12) int64 with the ABAW sentinels
+  (-5 / -1) where a frame has no label, lies past the labels' end, or is padding;
+- ``video`` (index into ``dataset.videos``) and ``start``.
+
+Only the windows being served are read from disk, unless ``cache_in_memory`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.feature_cache import FeatureCache
+from pipeline.labels import Labels
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class Normaliser:
+    """Per-dimension standardisation, fitted on present frames of the training split."""
+
+    mean: np.ndarray  # (d,)
+    std: np.ndarray  # (d,)
+
+    @classmethod
+    def fit(cls, cache: FeatureCache, videos: Sequence[str], eps: float = 1e-6) -> Normaliser:
+        # Sums in float64, one video in memory at a time.
+        count, total, squares = 0, np.zeros(cache.dim), np.zeros(cache.dim)
+        for video in videos:
+            feats, present, _ = cache.read(video)
+            feats = feats[present].astype(np.float64)
+            count += len(feats)
+            total += feats.sum(0)
+            squares += (feats**2).sum(0)
+        if count == 0:
+            raise ValueError(f"no frame with a face in the {len(videos)} training videos: cannot fit the normaliser")
+        mean = total / count
+        std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+        return cls(mean.astype(np.float32), np.maximum(std, eps).astype(np.float32))
+
+    def __call__(self, feats: np.ndarray) -> np.ndarray:
+        return (feats - self.mean) / self.std
+
+    def state(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Normaliser:
+        return cls(np.asarray(state["mean"], np.float32), np.asarray(state["std"], np.float32))
+
+
+def window_starts(n: int, length: int, stride: int) -> list[int]:
+    """Starts of windows of ``length`` every ``stride`` frames that together cover ``[0, n)``."""
+    if n <= length:
+        return [0]
+    starts = list(range(0, n - length + 1, stride))
+    if starts[-1] + length < n:
+        starts.append(n - length)
+    return starts
+
+
+def labels_at(labels: Labels | None, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels of the given frame indices; frames past the labels' end are invalid."""
+    t = len(frames)
+    va = np.full((t, 2), -5.0, np.float32)
+    expr = np.full(t, -1, np.int64)
+    au = np.full((t, 12), -1, np.int64)
+    if labels is not None:
+        inside = (frames >= 0) & (frames < len(labels.expr))
+        idx = frames[inside]
+        va[inside], expr[inside], au[inside] = labels.va[idx], labels.expr[idx], labels.au[idx]
+    return va, expr, au
+
+
+class SequenceDataset(Dataset):
+    """Fixed-length windows over cached features of ``videos``.
+
+    In training mode (``train=True``) call ``set_epoch`` each epoch: window starts then move by
+    a random offset so that every frame is seen at every position over the epochs. In evaluation
+    mode the windows overlap by ``length - stride`` and cover every frame.
+    """
+
+    def __init__(
+        self,
+        cache: FeatureCache,
+        labels: dict[str, Labels],
+        videos: Sequence[str],
+        length: int,
+        stride: int,
+        normaliser: Normaliser | None = None,
+        train: bool = False,
+        noise: bool = False,
+        cache_in_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if length < 1 or stride < 1:
+            raise ValueError(f"window length and stride must be positive, got {length} and {stride}")
+        missing = [v for v in videos if v not in cache.videos]
+        if missing:
+            raise KeyError(f"{len(missing)} videos have no cached features, e.g. {missing[:3]}")
+        self.cache, self.labels, self.videos = cache, labels, list(videos)
+        self.length, self.stride, self.train = length, stride, train
+        self.normaliser, self.noise, self.seed = normaliser, noise, seed
+        self.lengths = [cache.length(v) for v in self.videos]
+        self._memory = {v: cache.read(v) for v in self.videos} if cache_in_memory else None
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng((self.seed, epoch))
+        self.items = []
+        for i, n in enumerate(self.lengths):
+            starts = window_starts(n, self.length, self.stride)
+            if self.train and n > self.length:
+                shift = int(rng.integers(0, self.stride))
+                starts = sorted({min(s + shift, n - self.length) for s in starts} | {0})
+            self.items.extend((i, s) for s in starts)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _read(self, video: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._memory is not None:
+            feats, present, frames = self._memory[video]
+            return feats[start:stop], present[start:stop], frames[start:stop]
+        return self.cache.read(video, start, stop)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        i, start = self.items[index]
+        video = self.videos[i]
+        feats, present, frames = self._read(video, start, start + self.length)
+        if self.noise:
+            # The control: features replaced by noise of the same shape, fixed per frame.
+            rng = np.random.default_rng((self.seed, i, start))
+            feats = rng.standard_normal(feats.shape).astype(np.float32)
+        elif self.normaliser is not None:
+            feats = self.normaliser(feats)
+        feats = np.where(present[:, None], feats, 0.0).astype(np.float32)
+        va, expr, au = labels_at(self.labels.get(video), frames)
+        t, pad = len(frames), self.length - len(frames)
+        mask = np.concatenate([present, np.zeros(pad, bool)])
+        return {
+            "x": torch.from_numpy(np.pad(feats, ((0, pad), (0, 0)))),
+            "mask": torch.from_numpy(mask),
+            "va": torch.from_numpy(np.pad(va, ((0, pad), (0, 0)), constant_values=-5.0)),
+            "expr": torch.from_numpy(np.pad(expr, (0, pad), constant_values=-1)),
+            "au": torch.from_numpy(np.pad(au, ((0, pad), (0, 0)), constant_values=-1)),
+            "video": i,
+            "start": start,
+            "steps": t,
+        }
+
+
+def feature_paths(runs_dir: str | Path, data_name: str, extractors: Sequence[str]) -> list[Path]:
+    """Where the features stage wrote each extractor's cache for a data set."""
+    return [Path(runs_dir) / data_name / "features" / f"{name}.h5" for name in extractors]
