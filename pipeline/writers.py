@@ -1,0 +1,270 @@
+"""Per-frame predictions to files in the ABAW submission layouts, and back.
+
+Written predictions of one video are a mapping with optional ``frame`` (m,) int (default
+``0..m-1``) and any of ``va`` (m, 2) float, ``expr`` (m, 8) logits/probabilities or (m,) classes,
+``au`` (m, 12) probabilities. Valence and arousal are clipped to [-1, 1]; expressions become the
+arg-max class; AUs are thresholded (default 0.5) except in the plain csv, which keeps the
+probabilities so that thresholds can be tuned later.
+
+Layouts:
+
+- ``mtl``: one txt, header ``image,valence,arousal,expression,aus``, a row
+  ``video/00001.jpg,v,a,expr,au1,...,au12`` per predicted frame (the ABAW MTL submission).
+- ``tasks``: ``<folder>/VA_Estimation_Challenge/<video>.txt``, ``EXPR_Recognition_Challenge/``,
+  ``AU_Detection_Challenge/``, one row per frame from frame 0 under the per-task headers (the ABAW
+  uni-task submission; the same layout as the annotations). Frames without a prediction are
+  written as -5 / -1 with a warning, since row i must be frame i.
+- ``csv``: ``video,frame,valence,arousal,expression,AU1,...,AU12``.
+
+:func:`read_predictions` reads any of these into dense arrays per video, indexed by frame:
+``va`` (n, 2) float32 and ``au`` (n, 12) float32 with NaN, ``expr`` (n,) int64 with -1 where a
+frame has no prediction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.labels import (
+    AUS,
+    EXPRESSIONS,
+    INVALID,
+    TASK_DIRS,
+    TASK_HEADERS,
+    TASKS,
+    AnnotationError,
+    group_rows,
+    read_frame_csv,
+    read_mtl_file,
+    read_task_file,
+)
+from pipeline.metrics import binarise_au, dense_predictions
+from pipeline.runs import atomic_output
+
+log = logging.getLogger(__name__)
+
+Preds = Mapping[str, np.ndarray]
+MTL_HEADER_LINE = "image,valence,arousal,expression,aus"
+CSV_COLUMNS = ("valence", "arousal", "expression", *AUS)
+LAYOUTS = ("mtl", "tasks", "csv")
+
+
+def _frames(pred: Preds, video: str) -> np.ndarray:
+    n = next((len(pred[t]) for t in TASKS if pred.get(t) is not None), 0)
+    frames = np.asarray(pred["frame"], np.int64) if pred.get("frame") is not None else np.arange(n)
+    if len(frames) != n:
+        raise ValueError(f"{video}: {len(frames)} frame indices for {n} predictions")
+    if len(frames) and (frames.min() < 0 or len(np.unique(frames)) < len(frames)):
+        raise ValueError(f"{video}: frame indices must be distinct and >= 0")
+    return frames
+
+
+def _rows(
+    pred: Preds, video: str, au_thresholds: np.ndarray | None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(frames (m,), dense predictions over 0..max frame) with VA clipped and AUs binarised."""
+    frames = _frames(pred, video)
+    au = np.asarray(pred["au"], np.float64) if pred.get("au") is not None else np.zeros(0)
+    if ((au < 0) | (au > 1)).any():
+        raise ValueError(f"{video}: AU probabilities must lie in [0, 1] (NaN where there is none)")
+    dense = dense_predictions(pred, int(frames.max()) + 1 if len(frames) else 0)
+    dense["va"] = np.clip(dense["va"], -1.0, 1.0)
+    dense["au_bin"] = binarise_au(dense["au"], au_thresholds)
+    return frames, dense
+
+
+def _va_text(va: np.ndarray) -> str:
+    return "-5,-5" if np.isnan(va).any() else f"{va[0]:.6f},{va[1]:.6f}"
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    with atomic_output(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_mtl(path: str | Path, preds: Mapping[str, Preds], au_thresholds: np.ndarray | None = None) -> Path:
+    """All videos' predictions as one ABAW multi-task submission file; every task is needed.
+    A frame without a prediction for a task gets that task's -5 / -1."""
+    lines = [MTL_HEADER_LINE]
+    for video, pred in preds.items():
+        missing = [t for t in TASKS if pred.get(t) is None]
+        if missing:
+            raise ValueError(f"{video}: no {', '.join(missing)} predictions for the multi-task file")
+        frames, d = _rows(pred, video, au_thresholds)
+        for f in frames:
+            cells = [f"{video}/{f + 1:05d}.jpg", _va_text(d["va"][f]), str(d["expr"][f])]
+            lines.append(",".join(cells + [str(x) for x in d["au_bin"][f]]))
+    return _write_lines(Path(path), lines)
+
+
+def write_task_files(
+    folder: str | Path,
+    preds: Mapping[str, Preds],
+    tasks: tuple[str, ...] | None = None,
+    au_thresholds: np.ndarray | None = None,
+) -> list[Path]:
+    """One txt per video per task (default: those predicted) under ``folder/<task folder>/``.
+
+    Row i is frame i from 0 to the last predicted frame; frames without a prediction are -5 / -1.
+    Returns the files written.
+    """
+    written = []
+    for video, pred in preds.items():
+        frames, d = _rows(pred, video, au_thresholds)
+        if len(d["expr"]) > len(frames):
+            log.warning("%s: %d of %d frames lack a prediction; written as -5/-1", video,
+                        len(d["expr"]) - len(frames), len(d["expr"]))
+        for task in tasks or TASKS:
+            if pred.get(task) is None:
+                if tasks:
+                    raise ValueError(f"{video}: no {task} predictions to write")
+                continue
+            if task == "va":
+                body = [_va_text(r) for r in d["va"]]
+            elif task == "expr":
+                body = [str(x) for x in d["expr"]]
+            else:
+                body = [",".join(str(x) for x in r) for r in d["au_bin"]]
+            path = Path(folder) / TASK_DIRS[task][0] / f"{video}.txt"
+            written.append(_write_lines(path, [",".join(TASK_HEADERS[task]), *body]))
+    return written
+
+
+def _num(x: float) -> str:
+    return "" if np.isnan(x) else f"{x:.6f}"
+
+
+def write_csv(path: str | Path, preds: Mapping[str, Preds]) -> Path:
+    """All videos' predictions as ``video,frame,...`` rows; AU probabilities are kept and frames
+    without a prediction for a task have empty fields."""
+    lines = [",".join(("video", "frame", *CSV_COLUMNS))]
+    for video, pred in preds.items():
+        if "," in video:
+            raise ValueError(f"video name {video!r} contains a comma")
+        frames, d = _rows(pred, video, None)
+        for f in frames:
+            expr = "" if d["expr"][f] < 0 else str(d["expr"][f])
+            lines.append(",".join([video, str(f), *map(_num, d["va"][f]), expr, *map(_num, d["au"][f])]))
+    return _write_lines(Path(path), lines)
+
+
+def write_predictions(
+    path: str | Path, preds: Mapping[str, Preds], layout: str, au_thresholds: np.ndarray | None = None
+) -> Path:
+    """Write in ``layout`` ("mtl", "tasks" or "csv"); ``path`` is a file, or a folder for "tasks"."""
+    if layout == "mtl":
+        return write_mtl(path, preds, au_thresholds)
+    if layout == "tasks":
+        write_task_files(path, preds, au_thresholds=au_thresholds)
+        return Path(path)
+    if layout == "csv":
+        return write_csv(path, preds)
+    raise ValueError(f"prediction layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+def _empty(n: int) -> dict[str, np.ndarray]:
+    return {
+        "va": np.full((n, 2), np.nan, np.float32),
+        "expr": np.full(n, -1, np.int64),
+        "au": np.full((n, len(AUS)), np.nan, np.float32),
+    }
+
+
+def _from_sentinels(va: np.ndarray, expr: np.ndarray, au: np.ndarray) -> dict[str, np.ndarray]:
+    """Arrays with the annotation sentinels -> prediction arrays with NaN / -1 for missing."""
+    va = np.where((va == INVALID["va"]).any(1, keepdims=True), np.nan, va).astype(np.float32)
+    au = np.where((au == INVALID["au"]).any(1, keepdims=True), np.nan, au).astype(np.float32)
+    return {"va": va, "expr": np.asarray(expr, np.int64), "au": au}
+
+
+def read_tasks(folder: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """Per-task prediction txts under ``folder/<task folder>/`` (Train_Set/-style subfolders not
+    expected) -> dense predictions per video."""
+    folder = Path(folder)
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for task in TASKS:
+        for d in TASK_DIRS[task]:
+            for path in sorted((folder / d).glob("*.txt")):
+                parts.setdefault(path.stem, {})[task] = read_task_file(path, task)
+    out = {}
+    for video, arrays in parts.items():
+        pred = _empty(max(len(a) for a in arrays.values()))
+        dense = _from_sentinels(
+            arrays.get("va", np.full((0, 2), INVALID["va"])),
+            arrays.get("expr", np.full(0, INVALID["expr"])),
+            arrays.get("au", np.full((0, len(AUS)), INVALID["au"])),
+        )
+        for task in arrays:
+            pred[task][: len(dense[task])] = dense[task]
+        out[video] = pred
+    return out
+
+
+def read_mtl(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """An ABAW multi-task prediction file -> dense predictions per video."""
+    return {v: _from_sentinels(lab.va, lab.expr, lab.au) for v, lab in read_mtl_file(path).items()}
+
+
+def read_csv_predictions(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """A ``video,frame,...`` prediction csv -> dense predictions per video; empty fields are missing,
+    AU values are probabilities in [0, 1]."""
+    path = Path(path)
+    videos, frames, cols, line_no = read_frame_csv(path, CSV_COLUMNS)
+    k = len(EXPRESSIONS)
+    checks = [("valence", np.isfinite, "a finite number"), ("arousal", np.isfinite, "a finite number"),
+              ("expression", lambda x: np.isin(x, np.arange(k)), f"a class in 0..{k - 1}")]
+    checks += [(a, lambda x: (x >= 0) & (x <= 1), "a probability in [0, 1]") for a in AUS]
+    for name, ok, want in checks:
+        if name in cols:
+            x = cols[name]
+            bad = np.flatnonzero(~np.isnan(x) & ~ok(np.nan_to_num(x, nan=0.0)))
+            if len(bad):
+                raise AnnotationError(f"{path}:{int(line_no[bad[0]])}: {name} = {x[bad[0]]:g} is not {want}")
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for video, rows in group_rows(path, videos, frames, line_no).items():
+        f = frames[rows]
+        pred = _empty(int(f.max()) + 1)
+        for j, name in enumerate(("valence", "arousal")):
+            if name in cols:
+                pred["va"][f, j] = cols[name][rows]
+        pred["va"][np.isnan(pred["va"]).any(1)] = np.nan  # a frame needs both values
+        if "expression" in cols:
+            pred["expr"][f] = np.nan_to_num(cols["expression"][rows], nan=-1).astype(np.int64)
+        for j, name in enumerate(AUS):
+            if name in cols:
+                pred["au"][f, j] = cols[name][rows]
+        pred["au"][np.isnan(pred["au"]).any(1)] = np.nan
+        out[video] = pred
+    return out
+
+
+def detect_layout(path: str | Path) -> tuple[str, Path]:
+    """The layout of a prediction file or folder, and the file (or folder) to read."""
+    path = Path(path)
+    if path.is_file():
+        return ("csv" if path.suffix.lower() == ".csv" else "mtl"), path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such prediction file or folder")
+    if any((path / d).is_dir() for dirs in TASK_DIRS.values() for d in dirs):
+        return "tasks", path
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".txt", ".csv") and p.is_file())
+    if len(files) == 1:
+        return detect_layout(files[0])
+    raise AnnotationError(
+        f"{path}: expected per-task folders (VA_Estimation_Challenge/ ...) or a single .txt/.csv "
+        f"prediction file, found {len(files)} files"
+    )
+
+
+def read_predictions(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """Predictions in any layout (see the module docstring) -> dense arrays per video."""
+    layout, path = detect_layout(path)
+    return {"mtl": read_mtl, "tasks": read_tasks, "csv": read_csv_predictions}[layout](path)
