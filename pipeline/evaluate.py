@@ -1,6 +1,6 @@
 """Stage: score per-frame predictions against annotations with the ABAW metrics.
 
-    python -m pipeline.evaluate [configs/evaluate.yaml] predictions=<folder> annotations=<root> split=val
+    python -m pipeline.evaluate [configs/evaluate.yaml] predictions=<folder> [data=<name> | annotations=<root>] split=val
 
 Predictions may be in any layout of :mod:`pipeline.writers`. Prints the table of
 :func:`pipeline.metrics.format_table` and writes the scores as JSON.
@@ -46,7 +46,7 @@ def main(cfg: Config) -> int:
         if thresholds is not None and thresholds.shape != (len(AUS),):
             raise ConfigError(f"au_thresholds needs {len(AUS)} numbers, got {cfg.au_thresholds!r}")
         preds = read_predictions(cfg.predictions)
-        labels = load_annotations(cfg.annotations, cfg.split, cfg.format)
+        labels = load_annotations(cfg.annotations or cfg.data.annotations, cfg.split, cfg.format or cfg.data.format)
         scores = score_videos(preds, labels, thresholds, allow_missing=cfg.allow_missing)
     except (AnnotationError, ConfigError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
