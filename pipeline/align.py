@@ -1,0 +1,93 @@
+"""Five-point face alignment: templates, a batched least-squares similarity (Umeyama), a batched warp."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+# Landmark templates in a 112x112 crop, MTCNN order: left eye, right eye, nose, mouth left, mouth right.
+TEMPLATES: dict[str, np.ndarray] = {
+    # the ArcFace / insightface reference points
+    "arcface": np.array(
+        [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+        dtype=np.float32,
+    ),
+}
+
+
+def template(name: str = "arcface", size: int = 112) -> np.ndarray:
+    """The named template scaled to a ``size`` x ``size`` crop -> (5, 2) float32 pixels."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown alignment template {name!r}; choose one of {', '.join(TEMPLATES)}")
+    # pixel centres sit at integer coordinates, so scaling keeps the half-pixel offset right
+    return ((TEMPLATES[name] + 0.5) * (size / 112.0) - 0.5).astype(np.float32)
+
+
+def umeyama(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Least-squares similarity transforms mapping ``src`` onto ``dst`` (Umeyama 1991).
+
+    src: (b, k, 2) points; dst: (k, 2) or (b, k, 2). Returns (b, 2, 3) matrices ``[s R | t]`` with
+    ``dst ~ s R src + t``; float64 inside for stability.
+    """
+    src = src.double()
+    dst = dst.double().expand_as(src)
+    mu_s, mu_d = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
+    xs, xd = src - mu_s, dst - mu_d
+    cov = torch.einsum("bki,bkj->bij", xd, xs) / src.shape[1]  # (b, 2, 2)
+    u, sig, vh = torch.linalg.svd(cov)
+    d = torch.ones_like(sig)
+    d[:, 1] = torch.sign(torch.det(u) * torch.det(vh))  # no reflections
+    rot = u @ torch.diag_embed(d) @ vh
+    var_s = xs.pow(2).sum((1, 2)) / src.shape[1]
+    scale = (sig * d).sum(1) / var_s.clamp_min(1e-12)
+    a = scale[:, None, None] * rot
+    t = mu_d.transpose(1, 2) - a @ mu_s.transpose(1, 2)  # (b, 2, 1)
+    return torch.cat([a, t], dim=2).float()
+
+
+def apply_affine(mat: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
+    """Apply (b, 2, 3) affine matrices to (b, k, 2) points -> (b, k, 2)."""
+    return pts @ mat[:, :, :2].transpose(1, 2) + mat[:, None, :, 2]
+
+
+def _pixel_to_norm(size_hw: tuple[int, int]) -> torch.Tensor:
+    # grid_sample with align_corners=False: x_norm = (2 x + 1) / W - 1 for pixel centre x
+    h, w = size_hw
+    return torch.tensor([[2.0 / w, 0.0, 1.0 / w - 1.0], [0.0, 2.0 / h, 1.0 / h - 1.0], [0.0, 0.0, 1.0]],
+                        dtype=torch.float64)
+
+
+def warp(frames: torch.Tensor, mat: torch.Tensor, size: int) -> torch.Tensor:
+    """Warp frames into ``size`` x ``size`` crops with the source->crop affines ``mat``.
+
+    frames: (b, h, w, 3) uint8; mat: (b, 2, 3) pixel affine mapping frame points to crop points.
+    Returns (b, size, size, 3) uint8; outside the frame is black.
+    """
+    b, h, w, _ = frames.shape
+    full = torch.eye(3, dtype=torch.float64).repeat(b, 1, 1)
+    full[:, :2] = mat.double()
+    # the grid maps crop pixels back to frame pixels, both expressed in normalised coordinates
+    theta = _pixel_to_norm((h, w)) @ torch.linalg.inv(full) @ torch.linalg.inv(_pixel_to_norm((size, size)))
+    grid = F.affine_grid(theta[:, :2].float(), [b, 3, size, size], align_corners=False)
+    x = rearrange(frames, "b h w c -> b c h w").float()
+    out = F.grid_sample(x, grid.to(x.device), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return rearrange(out.round().clamp(0, 255).to(torch.uint8), "b c h w -> b h w c")
+
+
+def align_faces(
+    frames: np.ndarray | torch.Tensor, landmarks: np.ndarray, size: int = 112, name: str = "arcface",
+    batch: int = 16,
+) -> np.ndarray:
+    """Aligned crops of one face per frame.
+
+    frames: (b, h, w, 3) uint8 RGB; landmarks: (b, 5, 2) pixels. Returns (b, size, size, 3) uint8.
+    Warps ``batch`` frames at a time so that float copies of large frames stay small.
+    """
+    frames = torch.as_tensor(frames)
+    mats = umeyama(torch.as_tensor(np.asarray(landmarks, np.float32)), torch.from_numpy(template(name, size)))
+    out = torch.zeros((len(frames), size, size, 3), dtype=torch.uint8)
+    for s in range(0, len(frames), batch):
+        out[s : s + batch] = warp(frames[s : s + batch], mats[s : s + batch], size)
+    return out.numpy()

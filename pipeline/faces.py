@@ -1,0 +1,309 @@
+"""Stage 1, faces: decode, detect, track and align the subject's face in every video.
+
+``python -m pipeline.faces [config.yaml] [key=value ...]`` writes one HDF5 per video (or per
+person, for videos annotated as ``<video>_left`` / ``<video>_right``) under ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from einops import rearrange
+
+from pipeline.align import align_faces
+from pipeline.config import Config, ConfigError, parse_args
+from pipeline.runs import atomic_output, h5_is_done, list_inputs, run_each, setup_logging, shard_of
+from pipeline.track import SUBJECTS, Detections, Subject, choose_track, follow, link
+from pipeline.video import VideoInfo, iter_chunks, open_video
+
+log = logging.getLogger("pipeline")
+
+# Keys that change what a face file holds; the rest (device, batch size, paths) do not.
+HASH_KEYS = ("stride", "detect_size", "min_face", "thresholds", "subject", "max_gap", "track", "sizes",
+             "template", "compression", "compression_level", "import_cropped")
+SIDE = re.compile(r"^(?P<stem>.+)_(?P<side>left|right)$")
+
+
+class FaceDetector:
+    """MTCNN on frames shrunk to ``detect_size`` on the longest side; results in full-res pixels."""
+
+    def __init__(self, thresholds=(0.6, 0.7, 0.7), min_face: int = 32, detect_size: int = 640,
+                 device: str = "cpu", batch_size: int = 16):
+        from facenet_pytorch import MTCNN
+
+        self.mtcnn = MTCNN(keep_all=True, thresholds=list(thresholds), device=torch.device(device))
+        self.min_face, self.detect_size, self.batch_size = min_face, detect_size, batch_size
+        self.device = torch.device(device)
+
+    def __call__(self, frames: np.ndarray) -> list[Detections]:
+        """frames (t, h, w, 3) uint8 RGB -> per frame the faces found, in frame pixels."""
+        from torchvision.transforms.v2.functional import resize
+
+        t, h, w, _ = frames.shape
+        scale = min(1.0, self.detect_size / max(h, w))
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        sy, sx = size[0] / h, size[1] / w
+        # MTCNN's pyramid starts at 12 px faces; a smaller minimum would only upsample
+        self.mtcnn.min_face_size = max(12, int(self.min_face * min(sx, sy)))
+        out: list[Detections] = []
+        for s in range(0, t, self.batch_size):
+            x = rearrange(torch.from_numpy(frames[s : s + self.batch_size]), "b h w c -> b c h w")
+            x = x.to(self.device)
+            if scale < 1:
+                x = resize(x, list(size), antialias=True)
+            boxes, probs, points = self.mtcnn.detect(rearrange(x, "b c h w -> b h w c"), landmarks=True)
+            for i in range(x.shape[0]):
+                out.append(self._to_frame(boxes[i], probs[i], points[i], sx, sy))
+        return out
+
+    def _to_frame(self, box, prob, pts, sx: float, sy: float) -> Detections:
+        # under numpy 2 the per-frame results come back as object arrays, or None for no face
+        if box is None or len(box) == 0:
+            return Detections.empty()
+        box = np.asarray(box, np.float32).reshape(-1, 4)
+        pts = np.asarray(pts, np.float32).reshape(-1, 5, 2)
+        prob = np.asarray(prob, np.float32).reshape(-1)
+        # pixel centres at integers: x_full = (x_small + 0.5) / s - 0.5
+        box = (box + 0.5) / np.array([sx, sy, sx, sy], np.float32) - 0.5
+        pts = (pts + 0.5) / np.array([sx, sy], np.float32) - 0.5
+        keep = np.minimum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]) >= self.min_face
+        return Detections(box[keep], prob[keep], pts[keep])
+
+
+@dataclass
+class Output:
+    """One face file: where it goes and whose face it holds."""
+
+    name: str
+    path: Path
+    subject: str
+
+
+def outputs_for(video: Path, cfg: Config, annotated: set[str]) -> list[Output]:
+    """The face files a video yields: one per annotated person (``_left`` / ``_right``), else one."""
+    out_dir, stem = Path(cfg.out_dir), video.stem
+    mk = lambda name, subject: Output(name, out_dir / f"{name}.h5", subject)
+    if cfg.subject != "auto":
+        return [mk(stem, cfg.subject)]
+    m = SIDE.match(stem)
+    if m:  # the file itself is named after one person
+        return [mk(stem, m["side"])]
+    sides = [s for s in ("left", "right") if f"{stem}_{s}" in annotated]
+    return [mk(f"{stem}_{s}", s) for s in sides] or [mk(stem, "main")]
+
+
+def annotation_names(cfg: Config) -> set[str]:
+    """Stems of every annotation file under ``data.annotations`` (empty if there is none)."""
+    root = cfg.data.get("annotations") if isinstance(cfg.get("data"), dict) else None
+    if not root or not Path(root).is_dir():
+        return set()
+    return {p.stem for p in Path(root).rglob("*.txt")}
+
+
+def _new_h5(path: Path, n: int, cfg: Config, attrs: dict) -> h5py.File:
+    f = h5py.File(path, "w")
+    comp = dict(compression=cfg.compression or None)
+    if cfg.compression == "gzip":
+        comp["compression_opts"] = cfg.compression_level
+    for size in cfg.sizes:
+        # one frame per HDF5 chunk so that a reader can fetch any frame alone
+        f.create_dataset(f"crops_{size}", (n, size, size, 3), np.uint8, chunks=(1, size, size, 3), **comp)
+    for k, v in attrs.items():
+        f.attrs[k] = v
+    return f
+
+
+def _write_meta(f: h5py.File, index, timestamp, error, sub: Subject) -> None:
+    f["frame"] = index.astype(np.int64)
+    f["timestamp"] = timestamp.astype(np.float64)
+    f["present"] = sub.present
+    f["interpolated"] = sub.interpolated
+    f["decode_error"] = error
+    f["box"] = sub.box.astype(np.float32)
+    f["landmarks"] = sub.landmarks.astype(np.float32)
+    f["score"] = sub.score.astype(np.float32)
+    f["track"] = sub.track.astype(np.int32)
+
+
+def _attrs(info: VideoInfo, cfg: Config, subject: str) -> dict:
+    return {"video": info.path, "fps": info.fps, "n_frames": info.n_frames, "width": info.width,
+            "height": info.height, "stride": cfg.stride, "subject": subject, "template": cfg.template,
+            "config_hash": cfg.hash(HASH_KEYS), "config": json.dumps(cfg.to_dict())}
+
+
+def process_video(video: Path, outputs: list[Output], cfg: Config, detector: FaceDetector) -> None:
+    """Detect, track and align one video into each of ``outputs``; files appear only when complete."""
+    start = time.perf_counter()
+    vr, info = open_video(video)
+    # pass 1: detections on every kept frame (frames are not kept: memory stays bounded)
+    index, stamps, errors, dets = [], [], [], []
+    for ch in iter_chunks(vr, info, cfg.chunk, cfg.stride):
+        found = detector(ch.frames)
+        dets += [Detections.empty() if e else d for d, e in zip(found, ch.error, strict=True)]
+        index.append(ch.index)
+        stamps.append(ch.timestamp)
+        errors.append(ch.error)
+    index, stamps, errors = np.concatenate(index), np.concatenate(stamps), np.concatenate(errors)
+    if errors.all():
+        raise RuntimeError(f"{video}: none of its {len(index)} frames could be decoded")
+    ids = link(dets, cfg.track.max_lost, cfg.track.min_iou, cfg.track.max_landmark)
+    subjects = [follow(dets, ids, choose_track(dets, ids, o.subject), cfg.max_gap, ~errors) for o in outputs]
+
+    # pass 2: decode only the frames some subject is present in, and warp them
+    wanted = np.flatnonzero(np.any([s.present for s in subjects], axis=0))
+    with contextlib.ExitStack() as stack:
+        # every temporary file is closed before any is renamed, and all are renamed only on success
+        tmps = [stack.enter_context(atomic_output(o.path)) for o in outputs]
+        files = [stack.enter_context(_new_h5(t, len(index), cfg, _attrs(info, cfg, o.subject)))
+                 for t, o in zip(tmps, outputs, strict=True)]
+        for f, sub in zip(files, subjects, strict=True):
+            _write_meta(f, index, stamps, errors, sub)
+        pos = {int(fr): k for k, fr in enumerate(index)}
+        for ch in iter_chunks(vr, info, cfg.chunk, frames=index[wanted]):
+            rows = np.array([pos[int(fr)] for fr in ch.index])
+            for f, sub in zip(files, subjects, strict=True):
+                ok = sub.present[rows] & ~ch.error
+                lost = rows[sub.present[rows] & ch.error]
+                if len(lost):  # decoded once but not twice: no crop, so no face
+                    f["present"][lost], f["decode_error"][lost], f["track"][lost] = False, True, -1
+                if not ok.any():
+                    continue
+                for size in cfg.sizes:
+                    f[f"crops_{size}"][rows[ok]] = align_faces(
+                        ch.frames[ok], sub.landmarks[rows[ok]], size, cfg.template, cfg.batch_size)
+        for f in files:
+            f.attrs["complete"] = True
+    took = time.perf_counter() - start
+    share = ", ".join(f"{o.name}: {sub.present.mean():.0%} with face"
+                      for o, sub in zip(outputs, subjects, strict=True))
+    log.info("%s: %d frames in %.1fs (%.1f frames/s); %s", video.name, len(index), took,
+             len(index) / took, share)
+
+
+def export_cropped(h5_path: str | Path, out_dir: str | Path, size: int = 112, quality: int = 95) -> int:
+    """Write the present frames of a face file as ``out_dir/<video>/00001.jpg`` (frame 0 -> 00001).
+
+    Returns the number of JPEGs written.
+    """
+    from PIL import Image
+
+    h5_path = Path(h5_path)
+    folder = Path(out_dir) / h5_path.stem
+    folder.mkdir(parents=True, exist_ok=True)
+    with h5py.File(h5_path, "r") as f:
+        crops, frames = f[f"crops_{size}"], f["frame"][:]
+        present = np.flatnonzero(f["present"][:])
+        for k in present:
+            Image.fromarray(crops[k]).save(folder / f"{frames[k] + 1:05d}.jpg", quality=quality)
+    return len(present)
+
+
+def import_cropped(
+    folder: str | Path, out_path: str | Path, cfg: Config, info: VideoInfo | None = None
+) -> None:
+    """Turn an ABAW ``cropped_aligned/<video>/`` folder into a face file with no detection.
+
+    JPEG ``00001.jpg`` is frame 0; numbers that are missing become frames without a face. With the
+    source video's ``info`` the frame count, rate and size come from it, otherwise from the JPEGs.
+    """
+    from PIL import Image
+
+    folder = Path(folder)
+    jpegs = {int(p.stem) - 1: p for p in folder.glob("*.jpg") if p.stem.isdigit() and int(p.stem) > 0}
+    if not jpegs:
+        raise ValueError(f"{folder}: no numbered JPEGs such as 00001.jpg")
+    n = max(max(jpegs) + 1, info.n_frames if info else 0)
+    if info is None:
+        info = VideoInfo(str(folder), float(cfg.fps), n, 0, 0)
+    index = np.arange(n, dtype=np.int64)
+    present = np.isin(index, list(jpegs))
+    sub = Subject(np.full((n, 4), np.nan, np.float32), np.full((n, 5, 2), np.nan, np.float32),
+                  np.zeros(n, np.float32), np.where(present, 0, -1), present, np.zeros(n, bool))
+    sizes = [s for s in cfg.sizes if s == 112] or [112]  # ABAW crops are 112 px; larger would be upsampled
+    attrs = _attrs(info, cfg, "cropped_aligned") | {"source": str(folder)}
+    with atomic_output(out_path) as tmp, _new_h5(tmp, n, Config({**cfg, "sizes": sizes}), attrs) as f:
+        _write_meta(f, index, index / info.fps, np.zeros(n, bool), sub)
+        for k in np.flatnonzero(present):
+            img = Image.open(jpegs[k]).convert("RGB")
+            if img.size != (112, 112):
+                img = img.resize((112, 112), Image.BILINEAR)
+            f["crops_112"][k] = np.asarray(img)
+        f.attrs["complete"] = True
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the defaults that depend on other keys: ``out_dir`` and the video source."""
+    cfg = Config(cfg)
+    if cfg.subject not in ("auto", *SUBJECTS):
+        raise ConfigError(f"subject={cfg.subject!r}: choose auto, {', '.join(SUBJECTS)}")
+    name = cfg.data.get("name", "data") if isinstance(cfg.get("data"), dict) else str(cfg.get("data"))
+    cfg.out_dir = cfg.out_dir or f"runs/{name}/faces"
+    if not cfg.videos:
+        cfg.videos = cfg.data.get("videos", "") if isinstance(cfg.get("data"), dict) else ""
+    return cfg
+
+
+def main(cfg: Config) -> int:
+    """Run the face stage over every video of this shard; exit status 1 if any failed."""
+    setup_logging()
+    cfg = resolve(cfg)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(out_dir / "config.yaml")
+    chash = cfg.hash(HASH_KEYS)
+    failures = out_dir / "failures.jsonl"
+    try:
+        videos = list_inputs(cfg.videos) if cfg.videos else []
+    except FileNotFoundError as e:
+        if not cfg.import_cropped:  # imported crops only borrow frame rate and count from videos
+            log.error("%s", e)
+            return 1
+        videos = []
+
+    if cfg.import_cropped:
+        found = {v.stem: v for v in videos}
+        folders = sorted(p for p in Path(cfg.import_cropped).iterdir() if p.is_dir())
+        items = shard_of(folders, cfg.shard or None)
+
+        def work(folder: Path) -> None:
+            info = open_video(found[folder.name])[1] if folder.name in found else None
+            import_cropped(folder, out_dir / f"{folder.name}.h5", cfg, info)
+
+        summary = run_each(items, work, name=lambda p: p.name, failures_file=failures, desc="import",
+                           is_done=lambda p: h5_is_done(out_dir / f"{p.name}.h5", chash))
+    else:
+        if not videos:
+            log.error("no videos: set data.videos or videos=<folder|glob|list>")
+            return 1
+        annotated = annotation_names(cfg)
+        items = shard_of(videos, cfg.shard or None)
+        plan = {v: outputs_for(v, cfg, annotated) for v in items}
+        detector = FaceDetector(cfg.thresholds, cfg.min_face, cfg.detect_size, cfg.device, cfg.batch_size)
+        summary = run_each(
+            items, lambda v: process_video(v, plan[v], cfg, detector), name=str, failures_file=failures,
+            is_done=lambda v: all(h5_is_done(o.path, chash) for o in plan[v]), desc="faces",
+        )
+    if cfg.export_cropped:
+        for h5 in sorted(out_dir.glob("*.h5")):
+            export_cropped(h5, out_dir / "cropped_aligned", 112, cfg.jpeg_quality)
+    print(f"faces: {summary.line()} -> {out_dir}")
+    for key, reason in summary.failed.items():
+        print(f"  failed: {key}: {reason}")
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    try:
+        config = parse_args("faces")
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    raise SystemExit(main(config))

@@ -1,0 +1,155 @@
+"""Link per-frame face detections into tracks, choose the subject, bridge short gaps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SUBJECTS = ("main", "left", "right")
+
+
+@dataclass
+class Detections:
+    """Faces found in one kept frame: ``box`` (k, 4) x1,y1,x2,y2, ``score`` (k,), ``landmarks`` (k, 5, 2)."""
+
+    box: np.ndarray
+    score: np.ndarray
+    landmarks: np.ndarray
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
+
+    def __len__(self) -> int:
+        return len(self.box)
+
+
+@dataclass
+class Subject:
+    """The chosen face over the n kept frames; NaN / -1 where absent."""
+
+    box: np.ndarray  # (n, 4) float32
+    landmarks: np.ndarray  # (n, 5, 2) float32
+    score: np.ndarray  # (n,) float32, 0 where interpolated
+    track: np.ndarray  # (n,) int32
+    present: np.ndarray  # (n,) bool
+    interpolated: np.ndarray  # (n,) bool
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of (m, 4) and (k, 4) boxes -> (m, k)."""
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(hi - lo, 0, None).prod(-1)
+    area = lambda x: np.clip(x[:, 2:] - x[:, :2], 0, None).prod(-1)
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
+def _landmark_distance(a: np.ndarray, b: np.ndarray, box_a: np.ndarray) -> np.ndarray:
+    """Mean landmark distance of (m, 5, 2) vs (k, 5, 2), in units of the first boxes' size -> (m, k)."""
+    d = np.linalg.norm(a[:, None] - b[None], axis=-1).mean(-1)
+    size = np.sqrt(np.clip((box_a[:, 2:] - box_a[:, :2]).prod(-1), 1e-9, None))
+    return d / size[:, None]
+
+
+def link(
+    dets: list[Detections], max_lost: int = 15, min_iou: float = 0.3, max_landmark: float = 0.5
+) -> list[np.ndarray]:
+    """Greedy frame-to-frame linking; returns per kept frame the (k,) int track id of each face.
+
+    A detection joins the track whose last face it overlaps most (IoU >= ``min_iou``) or whose
+    landmarks are within ``max_landmark`` face sizes; a track stays open ``max_lost`` kept frames
+    without a face so that a blink of the detector or a passing hand does not split it.
+    """
+    ids: list[np.ndarray] = []
+    last_box, last_lm, last_seen = [], [], []  # per track
+    for t, d in enumerate(dets):
+        out = np.full(len(d), -1, np.int64)
+        open_ = [j for j, s in enumerate(last_seen) if t - s <= max_lost + 1]
+        if len(d) and open_:
+            boxes = np.stack([last_box[j] for j in open_])
+            lms = np.stack([last_lm[j] for j in open_])
+            overlap = iou(boxes, d.box)
+            near = _landmark_distance(lms, d.landmarks, boxes)
+            # one score that prefers overlap and falls back on landmark closeness
+            cost = np.where((overlap >= min_iou) | (near <= max_landmark), overlap - near, -np.inf)
+            while np.isfinite(cost).any():
+                r, c = np.unravel_index(np.argmax(cost), cost.shape)
+                out[c] = open_[r]
+                cost[r, :] = -np.inf
+                cost[:, c] = -np.inf
+        for c in range(len(d)):
+            if out[c] < 0:
+                out[c] = len(last_seen)
+                last_box.append(None)
+                last_lm.append(None)
+                last_seen.append(t)
+            j = out[c]
+            last_box[j], last_lm[j], last_seen[j] = d.box[c], d.landmarks[c], t
+        ids.append(out)
+    return ids
+
+
+def _track_stats(dets: list[Detections], ids: list[np.ndarray]) -> dict[int, dict[str, float]]:
+    stats: dict[int, dict[str, float]] = {}
+    for d, tid in zip(dets, ids, strict=True):
+        for c, j in enumerate(tid):
+            s = stats.setdefault(int(j), {"frames": 0, "size": 0.0, "x": 0.0})
+            w, h = d.box[c, 2:] - d.box[c, :2]
+            s["frames"] += 1
+            s["size"] += float(np.sqrt(max(w * h, 0.0)))
+            s["x"] += float(d.box[c, 0] + d.box[c, 2]) / 2
+    return stats
+
+
+def choose_track(
+    dets: list[Detections], ids: list[np.ndarray], subject: str = "main", min_share: float = 0.25
+) -> int:
+    """The subject's track id, or -1 if no face was found.
+
+    ``main``: the track with the largest sum of face sizes over frames (present longest and largest).
+    ``left`` / ``right``: among tracks present at least ``min_share`` as long as the longest, the
+    one whose mean centre is furthest left / right in the image.
+    """
+    if subject not in SUBJECTS:
+        raise ValueError(f"subject={subject!r}: choose one of {', '.join(SUBJECTS)}")
+    stats = _track_stats(dets, ids)
+    if not stats:
+        return -1
+    if subject == "main":
+        return max(stats, key=lambda j: stats[j]["size"])
+    longest = max(s["frames"] for s in stats.values())
+    cands = [j for j, s in stats.items() if s["frames"] >= min_share * longest]
+    side = -1 if subject == "left" else 1
+    return max(cands, key=lambda j: side * stats[j]["x"] / stats[j]["frames"])
+
+
+def follow(dets: list[Detections], ids: list[np.ndarray], track: int, max_gap: int = 5,
+           usable: np.ndarray | None = None) -> Subject:
+    """The subject's face per kept frame, with gaps of at most ``max_gap`` kept frames bridged by
+    linear interpolation of box and landmarks; ``usable`` (n,) bool marks frames that may be bridged
+    (not decode failures)."""
+    n = len(dets)
+    box = np.full((n, 4), np.nan, np.float32)
+    lm = np.full((n, 5, 2), np.nan, np.float32)
+    score = np.zeros(n, np.float32)
+    found = np.zeros(n, bool)
+    for t, (d, tid) in enumerate(zip(dets, ids, strict=True)):
+        hit = np.flatnonzero(tid == track)
+        if len(hit):
+            box[t], lm[t], score[t], found[t] = d.box[hit[0]], d.landmarks[hit[0]], d.score[hit[0]], True
+    interp = np.zeros(n, bool)
+    seen = np.flatnonzero(found)
+    usable = np.ones(n, bool) if usable is None else usable
+    for a, b in zip(seen[:-1], seen[1:], strict=True):
+        gap = b - a - 1
+        if 0 < gap <= max_gap:
+            w = (np.arange(a + 1, b) - a) / (b - a)  # (gap,)
+            box[a + 1 : b] = (1 - w)[:, None] * box[a] + w[:, None] * box[b]
+            lm[a + 1 : b] = (1 - w)[:, None, None] * lm[a] + w[:, None, None] * lm[b]
+            interp[a + 1 : b] = True
+    interp &= usable
+    present = found | interp
+    box[~present], lm[~present] = np.nan, np.nan
+    return Subject(box, lm, score, np.where(present, track, -1).astype(np.int32), present, interp)

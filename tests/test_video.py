@@ -1,0 +1,104 @@
+"""Streaming decode: chunks, stride, timestamps, damaged stretches and unreadable files."""
+
+from __future__ import annotations
+
+import av
+import decord
+import numpy as np
+import pytest
+
+from pipeline.video import VideoError, iter_chunks, open_video
+
+pytestmark = pytest.mark.real_video
+
+
+def _pyav_frames(path, n):
+    """The first n frames and their times as PyAV decodes them."""
+    with av.open(str(path)) as c:
+        out = []
+        for frame in c.decode(video=0):
+            out.append((frame.to_ndarray(format="rgb24"), float(frame.time)))
+            if len(out) == n:
+                break
+    return np.stack([f for f, _ in out]), np.array([t for _, t in out])
+
+
+def test_chunks_cover_video_with_stride(pyfeat_clips):
+    path = pyfeat_clips / "single_face.mp4"
+    vr, info = open_video(path)
+    assert (info.width, info.height, info.n_frames) == (640, 360, 72)
+    chunks = list(iter_chunks(vr, info, chunk=10, stride=3))
+    assert all(len(c.index) <= 10 for c in chunks)
+    index = np.concatenate([c.index for c in chunks])
+    np.testing.assert_array_equal(index, np.arange(0, 72, 3))
+    assert not np.concatenate([c.error for c in chunks]).any()
+    stamps = np.concatenate([c.timestamp for c in chunks])
+    assert np.all(np.diff(stamps) > 0)
+
+    ref, times = _pyav_frames(path, 7)
+    first = chunks[0]
+    np.testing.assert_allclose(first.timestamp[:3], times[[0, 3, 6]], atol=1e-3)
+    # two decoders may round colour conversion differently, not more
+    assert np.abs(first.frames[:3].astype(int) - ref[[0, 3, 6]]).mean() < 2
+
+
+def test_explicit_frames(pyfeat_clips):
+    vr, info = open_video(pyfeat_clips / "single_face.mp4")
+    (c,) = iter_chunks(vr, info, chunk=8, frames=[5, 40, 41])
+    np.testing.assert_array_equal(c.index, [5, 40, 41])
+    np.testing.assert_array_equal(c.frames[1], vr[40].asnumpy())
+
+
+class _Damaged:
+    """A real reader whose frames in ``bad`` fail as a damaged stream does."""
+
+    def __init__(self, vr, bad):
+        self.vr, self.bad = vr, set(bad)
+
+    def get_batch(self, index):
+        if self.bad & set(index):
+            raise decord.DECORDError("corrupt packet")
+        return self.vr.get_batch(index)
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            raise RuntimeError("corrupt packet")
+        return self.vr[i]
+
+    def get_frame_timestamp(self, index):
+        return self.vr.get_frame_timestamp(index)
+
+
+def test_damaged_stretch_costs_only_its_frames(pyfeat_clips):
+    vr, info = open_video(pyfeat_clips / "single_face.mp4")
+    chunks = list(iter_chunks(_Damaged(vr, {17, 18}), info, chunk=16))
+    error = np.concatenate([c.error for c in chunks])
+    np.testing.assert_array_equal(np.flatnonzero(error), [17, 18])
+    second = chunks[1]  # frames 16..31
+    assert not second.frames[1:3].any()
+    np.testing.assert_array_equal(second.frames[0], vr[16].asnumpy())
+    np.testing.assert_array_equal(second.frames[3], vr[19].asnumpy())
+
+
+def truncate(src, dst, keep=0.5):
+    """A copy of ``src`` with the index up front, cut to ``keep`` of its bytes, as a failed copy leaves it."""
+    whole = dst.with_name("whole_" + dst.name)
+    with av.open(str(src)) as inp, av.open(str(whole), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    data = whole.read_bytes()
+    dst.write_bytes(data[: int(len(data) * keep)])
+    whole.unlink()
+    return dst
+
+
+def test_unreadable_files_name_themselves(pyfeat_clips, tmp_path):
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n")
+    cut = truncate(pyfeat_clips / "single_face.mp4", tmp_path / "cut.mp4")
+    for bad in (text, cut, tmp_path / "missing.mp4"):
+        with pytest.raises(VideoError, match=bad.name):
+            open_video(bad)
