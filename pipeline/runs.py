@@ -87,10 +87,14 @@ def h5_is_done(path: str | Path, config_hash: str) -> bool:
         return False
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    path = Path(path)
+def write_text(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one."""
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 @dataclass

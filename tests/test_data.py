@@ -14,19 +14,7 @@ from pipeline.data import Normaliser, SequenceDataset, labels_at, window_starts
 from pipeline.feature_cache import FeatureCache
 from pipeline.inference import fill_missing, predict_features
 from pipeline.labels import Labels
-
-
-def write_cache(path: Path, videos: dict[str, tuple[np.ndarray, np.ndarray]], frame_step: int = 1) -> Path:
-    """A feature cache in the stage's layout: one group per video, written directly."""
-    dim = next(iter(videos.values()))[0].shape[1]
-    with h5py.File(path, "w") as f:
-        f.attrs.update(extractor="test", dim=dim, config_hash="x", complete=True)
-        for name, (feats, present) in videos.items():
-            g = f.create_group(name)
-            g["features"] = feats.astype(np.float16)
-            g["present"] = present
-            g["frame"] = np.arange(len(feats), dtype=np.int64) * frame_step
-    return path
+from tests.synthetic import write_cache
 
 
 def make_labels(n: int, seed: int = 0) -> Labels:

@@ -1,0 +1,263 @@
+"""Stage 3: train a temporal encoder with multi-task heads on cached features, pick the epoch with
+the best validation P_MTL, and score it.
+
+    python -m pipeline.train [configs/train.yaml] [key=value ...]
+
+Writes to ``runs/<data>/train/<encoder>/`` (or ``out_dir``): ``config.yaml``, ``last.pt`` and
+``best.pt`` (each rebuilds the model alone), ``metrics.jsonl`` (one line per epoch),
+``curves.png``, ``scores.json`` and the validation predictions in ABAW's per-task layout under
+``predictions/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from models import MultiTaskLoss, MultiTaskModel
+from models.cross_task import au_cooccurrence
+from pipeline import metrics
+from pipeline.config import Config, parse_args
+from pipeline.data import Normaliser, SequenceDataset, feature_paths
+from pipeline.feature_cache import FeatureCache
+from pipeline.inference import load_checkpoint, predict_features, save_checkpoint
+from pipeline.labels import load_annotations
+from pipeline.runs import setup_logging, write_json, write_text
+from pipeline.writers import write_task_files
+
+log = logging.getLogger("pipeline")
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.out_dir) if cfg.out_dir else Path(cfg.runs_dir) / cfg.data.name / "train" / cfg.encoder.name
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - seeds the legacy global generator that user code may use
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up, then cosine or linear decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+
+
+def class_balance(labels: dict, videos: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-frequency expression weights (mean 1 over present classes) and AU positive weights
+    (negatives / positives, capped at 10), from the training split's valid labels."""
+    expr = np.concatenate([labels[v].expr for v in videos])
+    au = np.concatenate([labels[v].au for v in videos])
+    counts = np.bincount(expr[expr >= 0], minlength=8).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max(1, (counts > 0).sum()), 0.0)
+    pos = ((au == 1).sum(0)).astype(np.float64)
+    neg = ((au == 0).sum(0)).astype(np.float64)
+    pos_weight = np.clip(neg / np.maximum(pos, 1), 1.0, 10.0)
+    return torch.tensor(weights, dtype=torch.float32), torch.tensor(pos_weight, dtype=torch.float32)
+
+
+def evaluate(
+    model: MultiTaskModel,
+    cache: FeatureCache,
+    labels: dict,
+    videos: list[str],
+    normaliser: Normaliser | None,
+    cfg: Config,
+    au_thresholds: np.ndarray | None = None,
+) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """Scores over all validation frames pooled, and the per-frame predictions of each video."""
+    preds = {}
+    for video in videos:
+        feats, present, frames = cache.read(video)
+        if cfg.noise_features:
+            feats = np.random.default_rng((cfg.seed, len(video))).standard_normal(feats.shape).astype(np.float32)
+            norm = None
+        else:
+            norm = normaliser
+        out = predict_features(model, feats, present, norm, cfg.window, cfg.eval_stride, cfg.device)
+        preds[video] = {"frame": frames, **out}
+    return metrics.score_videos(preds, labels, au_thresholds=au_thresholds), preds
+
+
+def selection_score(scores: dict, tasks: list[str]) -> float:
+    """What early stopping maximises: P_MTL's terms for the tasks trained (P_MTL for all three)."""
+    terms = {"va": "p_va", "expr": "f1_expr", "au": "f1_au"}
+    return float(sum(scores[terms[t]] for t in tasks))
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend()
+    for key in ("p_mtl", "ccc_v", "ccc_a", "f1_expr", "f1_au"):
+        values = [h["val"].get(key) for h in history]
+        if any(v is not None and not math.isnan(v) for v in values):
+            ax2.plot(epochs, values, label=key)
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("validation"), ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(cfg: Config) -> int:
+    setup_logging()
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = torch.device(cfg.device)
+
+    cache = FeatureCache(feature_paths(cfg.runs_dir, cfg.data.name, cfg.extractors))
+    train_labels = load_annotations(cfg.data.annotations, cfg.data.train_split, cfg.data.format)
+    val_labels = load_annotations(cfg.data.annotations, cfg.data.val_split, cfg.data.format)
+    train_videos = sorted(v for v in train_labels if v in cache.videos)
+    val_videos = sorted(v for v in val_labels if v in cache.videos)
+    for split, labelled, kept in (("train", train_labels, train_videos), ("val", val_labels, val_videos)):
+        if len(kept) < len(labelled):
+            log.warning("%d %s videos have labels but no features, e.g. %s", len(labelled) - len(kept), split,
+                        sorted(set(labelled) - set(kept))[:3])
+        if not kept:
+            raise SystemExit(f"no {split} video has both labels ({cfg.data.annotations}) and features ({cache.paths})")
+    log.info("%d train and %d validation videos, %d-d features from %s", len(train_videos), len(val_videos),
+             cache.dim, ", ".join(cfg.extractors))
+    if cfg.noise_features:
+        log.warning("noise_features=true: every feature is replaced by Gaussian noise (the control run)")
+
+    normaliser = None if cfg.noise_features else Normaliser.fit(cache, train_videos)
+    train_set = SequenceDataset(cache, train_labels, train_videos, cfg.window, cfg.stride, normaliser,
+                                train=True, noise=cfg.noise_features, cache_in_memory=cfg.cache_in_memory,
+                                seed=cfg.seed)
+    shuffle = torch.Generator()
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                        drop_last=len(train_set) > cfg.batch_size, generator=shuffle)
+
+    model_args = dict(cfg.model)
+    if model_args["au_graph"] == "cooccurrence":
+        model_args["au_graph"] = au_cooccurrence(np.concatenate([train_labels[v].au for v in train_videos])).tolist()
+    model = MultiTaskModel(d_in=cache.dim, encoder=dict(cfg.encoder), **model_args).to(device)
+    expr_w, au_pw = class_balance(train_labels, train_videos)
+    loss_fn = MultiTaskLoss(
+        va=cfg.loss.va,
+        weighting=cfg.loss.weighting,
+        task_weights=dict(cfg.loss.task_weights),
+        label_smoothing=cfg.loss.label_smoothing,
+        expr_class_weights=expr_w if cfg.loss.expr_class_weights == "auto" else None,
+        au_pos_weight=au_pw if cfg.loss.au_pos_weight == "auto" else None,
+    ).to(device)
+    params = list(model.parameters()) + list(loss_fn.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * len(loader)
+    warmup = int(cfg.warmup * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule))
+    log.info("model: %s encoder, %s structure, %.2f M parameters, %d steps", cfg.encoder.name,
+             cfg.model.structure, sum(p.numel() for p in model.parameters()) / 1e6, total_steps)
+
+    history: list[dict] = []
+    start_epoch, best, stale = 0, -math.inf, 0
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if cfg.resume and last_path.is_file():
+        _, ckpt = load_checkpoint(last_path, device)
+        if ckpt.get("config_hash") == cfg.hash(_TRAINING_KEYS):
+            model.load_state_dict(ckpt["state_dict"])
+            loss_fn.load_state_dict(ckpt["loss_state"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            history, best, stale = ckpt["history"], ckpt["best"], ckpt["stale"]
+            start_epoch = ckpt["epoch"] + 1
+            log.info("resuming from %s at epoch %d", last_path, start_epoch)
+        else:
+            log.warning("%s was trained with another config: starting afresh", last_path)
+
+    use_amp = cfg.amp and device.type == "cuda"
+    extra = {"config": cfg.to_dict(), "config_hash": cfg.hash(_TRAINING_KEYS), "extractors": list(cfg.extractors),
+             "normaliser": normaliser.state() if normaliser else None,
+             "window": cfg.window, "eval_stride": cfg.eval_stride, "feature_attrs": cache.attrs}
+    for epoch in range(start_epoch, cfg.epochs):
+        if stale >= cfg.patience > 0:
+            log.info("no better validation P_MTL for %d epochs: stopping early", stale)
+            break
+        tick = time.perf_counter()
+        # Every random draw of an epoch follows from (seed, epoch), so a resumed run repeats it.
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        shuffle.manual_seed(cfg.seed * 100_003 + epoch)
+        model.train()
+        train_set.set_epoch(epoch)
+        losses = []
+        for batch in loader:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                outputs = model(batch["x"], batch["mask"])
+            loss, parts = loss_fn({k: v.float() for k, v in outputs.items()}, batch, batch["mask"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        val_scores, _ = evaluate(model, cache, val_labels, val_videos, normaliser, cfg)
+        score = selection_score(val_scores, cfg.model.tasks)
+        improved = not math.isnan(score) and score > best
+        best, stale = (score, 0) if improved else (best, stale + 1)
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
+                  "seconds": round(time.perf_counter() - tick, 2), "val": val_scores}
+        history.append(record)
+        log.info("epoch %3d  loss %.4f  val %s %.4f%s", epoch, record["train_loss"],
+                 "P_MTL" if len(cfg.model.tasks) == 3 else "score", score, "  *" if improved else "")
+        state = {**extra, "loss_state": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "history": history, "best": best, "stale": stale,
+                 "epoch": epoch}
+        if improved:
+            save_checkpoint(best_path, model, **state)
+        save_checkpoint(last_path, model, **state)
+        write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+
+    plot_curves(history, out / "curves.png")
+    model, ckpt = load_checkpoint(best_path, device)
+    scores, preds = evaluate(model, cache, val_labels, val_videos, normaliser, cfg)
+    if cfg.tune_au_thresholds and "au" in cfg.model.tasks:
+        probs = np.concatenate([metrics.dense_predictions(preds[v], len(val_labels[v]))["au"] for v in val_videos])
+        thresholds = metrics.tune_au_thresholds(probs, np.concatenate([val_labels[v].au for v in val_videos]))
+        kept = {k: v for k, v in ckpt.items() if k not in ("model_args", "state_dict")}
+        save_checkpoint(best_path, model, **{**kept, "au_thresholds": thresholds.tolist()})
+        scores["f1_au_tuned"] = metrics.score_videos(preds, val_labels, au_thresholds=thresholds)["f1_au"]
+    write_task_files(out / "predictions", preds, tasks=tuple(cfg.model.tasks))
+    scores.update({"encoder": cfg.encoder.name, "extractors": list(cfg.extractors), "epoch": ckpt["epoch"],
+                   "noise_features": cfg.noise_features,
+                   "videos": {"train": len(train_videos), "val": len(val_videos)}})
+    write_json(out / "scores.json", scores)
+    print(f"\nValidation scores ({cfg.data.name}, {'+'.join(cfg.extractors)} features, {cfg.encoder.name}, "
+          f"best epoch {ckpt['epoch']}){' -- NOISE CONTROL' if cfg.noise_features else ''}")
+    print(metrics.format_table(scores))
+    print(f"written to {out / 'scores.json'}")
+    return 0
+
+
+# What must match for a saved run to be continued rather than restarted.
+_TRAINING_KEYS = ("data", "extractors", "encoder", "model", "loss", "window", "stride", "batch_size", "epochs",
+                  "lr", "weight_decay", "warmup", "schedule", "clip", "seed", "noise_features")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(parse_args("train")))

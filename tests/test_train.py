@@ -1,0 +1,132 @@
+"""The training stage on small learnable features: it learns, the noise control does not, its
+checkpoints rebuild the model alone, and a killed run resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import metrics, train
+from pipeline.config import Config, load_config
+from pipeline.data import Normaliser
+from pipeline.feature_cache import FeatureCache
+from pipeline.inference import load_checkpoint, predict_features
+from pipeline.labels import load_annotations
+from pipeline.writers import read_predictions
+from tests.synthetic import learnable_set
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["encoder.hidden=32", "encoder.layers=1", "window=24", "stride=8", "eval_stride=12", "batch_size=4",
+        "lr=0.005", "patience=0", "extractors=[syn]"]
+
+
+def syn_config(paths: dict[str, Path], out: Path, *overrides: str) -> Config:
+    cfg = load_config("train", overrides=[*FAST, f"runs_dir={paths['runs']}", f"out_dir={out}", *overrides])
+    cfg.data.update(name="syn", annotations=str(paths["annotations"]), format="abaw_tasks")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return learnable_set(tmp_path_factory.mktemp("syn"))
+
+
+@pytest.fixture(scope="module")
+def trained(syn: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    assert train.main(syn_config(syn, out, "epochs=25")) == 0
+    return out
+
+
+def test_run_writes_every_output_and_learns(trained: Path) -> None:
+    for name in ("config.yaml", "best.pt", "last.pt", "metrics.jsonl", "curves.png", "scores.json"):
+        assert (trained / name).is_file(), name
+    history = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(25))
+    scores = json.loads((trained / "scores.json").read_text())
+    assert scores["p_mtl"] > 2.0, scores
+    assert scores["p_mtl"] == pytest.approx(scores["p_va"] + scores["f1_expr"] + scores["f1_au"])
+    assert (trained / "predictions" / "EXPR_Recognition_Challenge" / "v4.txt").is_file()
+
+
+def test_noise_control_stays_near_chance(syn: dict[str, Path], tmp_path: Path) -> None:
+    assert train.main(syn_config(syn, tmp_path, "epochs=10", "noise_features=true")) == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["noise_features"] is True
+    assert scores["p_mtl"] < 1.0, scores
+
+
+def test_written_predictions_rescore_to_the_same_scores(trained: Path, syn: dict[str, Path]) -> None:
+    # The ABAW files hold classes and 0/1 AUs at 0.5, exactly what the stage scored.
+    labels = load_annotations(syn["annotations"], "val")
+    rescored = metrics.score_videos(read_predictions(trained / "predictions"), labels)
+    scores = json.loads((trained / "scores.json").read_text())
+    for key in ("f1_expr", "f1_au"):
+        assert rescored[key] == pytest.approx(scores[key], abs=1e-9)
+    for key in ("ccc_v", "ccc_a"):  # VA is written with 4 decimals
+        assert rescored[key] == pytest.approx(scores[key], abs=1e-3)
+
+
+def test_checkpoint_alone_rebuilds_the_model(trained: Path, syn: dict[str, Path]) -> None:
+    model, ckpt = load_checkpoint(trained / "best.pt")
+    assert len(ckpt["au_thresholds"]) == 12
+    assert ckpt["extractors"] == ["syn"] and ckpt["window"] == 24
+    cache = FeatureCache([syn["cache"]])
+    feats, present, _ = cache.read("v4")
+    norm = Normaliser.from_state(ckpt["normaliser"])
+    first = predict_features(model, feats, present, norm, ckpt["window"], ckpt["eval_stride"])
+    again, _ = load_checkpoint(trained / "best.pt")
+    second = predict_features(again, feats, present, norm, ckpt["window"], ckpt["eval_stride"])
+    for task in ("va", "expr", "au"):
+        np.testing.assert_array_equal(first[task], second[task])
+
+
+@pytest.mark.parametrize("tasks", [["expr"], ["va", "au"]])
+def test_uni_and_two_task_runs_score_only_their_tasks(syn: dict[str, Path], tmp_path: Path, tasks: list) -> None:
+    assert train.main(syn_config(syn, tmp_path, "epochs=3", f"model.tasks={json.dumps(tasks)}")) == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert np.isnan(scores["p_mtl"]) or scores["p_mtl"] is None
+    for task, key in (("va", "p_va"), ("expr", "f1_expr"), ("au", "f1_au")):
+        value = scores[key]
+        assert (value is not None and not np.isnan(value)) == (task in tasks), (task, value)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(syn: dict[str, Path], tmp_path: Path) -> None:
+    epochs = 40
+    args = [*FAST, f"runs_dir={syn['runs']}", f"epochs={epochs}", "deterministic=true",
+            f"data.annotations={syn['annotations']}", "data.name=syn"]
+    whole = syn_config(syn, tmp_path / "whole", f"epochs={epochs}", "deterministic=true")
+    assert train.main(whole) == 0
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pipeline.train", *args, f"out_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    _, ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] < epochs - 1
+
+    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr
+    a = torch.load(tmp_path / "whole" / "best.pt", weights_only=False)
+    b = torch.load(out / "best.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"]
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "scores.json").read_text())["p_mtl"] == pytest.approx(
+        json.loads((tmp_path / "whole" / "scores.json").read_text())["p_mtl"], abs=1e-5)
