@@ -1,6 +1,6 @@
 """Stage: score per-frame predictions against annotations with the ABAW metrics.
 
-    python -m pipeline.evaluate [configs/evaluate.yaml] predictions=<folder> [data=<name> | annotations=<root>] split=val
+    python -m pipeline.evaluate [configs/evaluate.yaml] predictions=<folder> [data=<name> | annotations=<root>]
 
 Predictions may be in any layout of :mod:`pipeline.writers`. Prints the table of
 :func:`pipeline.metrics.format_table` and writes the scores as JSON.
