@@ -38,6 +38,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model.to(device).eval(), ckpt
 
 
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average of (n, c) values over ``window`` frames (1 or less: unchanged)."""
+    if window <= 1 or len(values) == 0:
+        return values
+    half = window // 2
+    padded = np.pad(values, ((half, half), (0, 0)), mode="edge")
+    kernel = np.ones(2 * half + 1) / (2 * half + 1)
+    return np.stack([np.convolve(padded[:, j], kernel, mode="valid") for j in range(values.shape[1])], 1)
+
+
 def fill_missing(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Copy each invalid frame's value from the nearest valid frame (earlier one on ties).
 

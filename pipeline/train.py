@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader
 from models import MultiTaskLoss, MultiTaskModel
 from models.cross_task import au_cooccurrence
 from pipeline import metrics
-from pipeline.config import Config, parse_args
+from pipeline.config import Config, parse_args, read_yaml
 from pipeline.data import Normaliser, SequenceDataset, feature_paths
 from pipeline.feature_cache import FeatureCache
-from pipeline.inference import load_checkpoint, predict_features, save_checkpoint
+from pipeline.inference import load_checkpoint, predict_features, save_checkpoint, smooth
 from pipeline.labels import load_annotations
 from pipeline.runs import setup_logging, write_json, write_text
 from pipeline.writers import write_task_files
@@ -91,6 +91,26 @@ def evaluate(
         out = predict_features(model, feats, present, norm, cfg.window, cfg.eval_stride, cfg.device)
         preds[video] = {"frame": frames, **out}
     return metrics.score_videos(preds, labels, au_thresholds=au_thresholds), preds
+
+
+def stage_configs(cfg: Config) -> dict:
+    """The resolved configs of the faces and features runs behind this run's features, so that
+    prediction on a new video repeats them (crop sizes, template, extractor weights)."""
+    runs = Path(cfg.runs_dir) / cfg.data.name
+    paths = {"faces": runs / "faces" / "config.yaml",
+             **{f"features:{name}": runs / "features" / f"{name}.yaml" for name in cfg.extractors}}
+    return {key: read_yaml(path) for key, path in paths.items() if path.is_file()}
+
+
+def choose_va_smoothing(preds: dict, labels: dict, windows: list[int]) -> tuple[int, float]:
+    """The moving-average window (frames) for valence/arousal that maximises validation P_VA."""
+    best = (1, -math.inf)
+    for window in sorted(set(windows) | {1}):
+        smoothed = {v: {**p, "va": smooth(p["va"], window)} for v, p in preds.items()}
+        p_va = metrics.score_videos(smoothed, labels)["p_va"]
+        if p_va > best[1] + 1e-6:
+            best = (window, p_va)
+    return best
 
 
 def selection_score(scores: dict, tasks: list[str]) -> float:
@@ -192,7 +212,8 @@ def main(cfg: Config) -> int:
     use_amp = cfg.amp and device.type == "cuda"
     extra = {"config": cfg.to_dict(), "config_hash": cfg.hash(_TRAINING_KEYS), "extractors": list(cfg.extractors),
              "normaliser": normaliser.state() if normaliser else None,
-             "window": cfg.window, "eval_stride": cfg.eval_stride, "feature_attrs": cache.attrs}
+             "window": cfg.window, "eval_stride": cfg.eval_stride, "feature_attrs": cache.attrs,
+             "stage_configs": stage_configs(cfg)}
     for epoch in range(start_epoch, cfg.epochs):
         if stale >= cfg.patience > 0:
             log.info("no better validation P_MTL for %d epochs: stopping early", stale)
@@ -236,12 +257,20 @@ def main(cfg: Config) -> int:
     plot_curves(history, out / "curves.png")
     model, ckpt = load_checkpoint(best_path, device)
     scores, preds = evaluate(model, cache, val_labels, val_videos, normaliser, cfg)
+    # Chosen on validation and stored with the model for prediction; the headline scores stay
+    # those of the official 0.5 threshold and unsmoothed outputs.
+    chosen = {}
     if cfg.tune_au_thresholds and "au" in cfg.model.tasks:
         probs = np.concatenate([metrics.dense_predictions(preds[v], len(val_labels[v]))["au"] for v in val_videos])
         thresholds = metrics.tune_au_thresholds(probs, np.concatenate([val_labels[v].au for v in val_videos]))
-        kept = {k: v for k, v in ckpt.items() if k not in ("model_args", "state_dict")}
-        save_checkpoint(best_path, model, **{**kept, "au_thresholds": thresholds.tolist()})
+        chosen["au_thresholds"] = thresholds.tolist()
         scores["f1_au_tuned"] = metrics.score_videos(preds, val_labels, au_thresholds=thresholds)["f1_au"]
+    if "va" in cfg.model.tasks:
+        chosen["va_smoothing"], scores["p_va_smoothed"] = choose_va_smoothing(preds, val_labels, cfg.va_smoothing)
+        scores["va_smoothing"] = chosen["va_smoothing"]
+    if chosen:
+        kept = {k: v for k, v in ckpt.items() if k not in ("model_args", "state_dict")}
+        save_checkpoint(best_path, model, **kept, **chosen)
     write_task_files(out / "predictions", preds, tasks=tuple(cfg.model.tasks))
     scores.update({"encoder": cfg.encoder.name, "extractors": list(cfg.extractors), "epoch": ckpt["epoch"],
                    "noise_features": cfg.noise_features,

@@ -1,0 +1,129 @@
+"""Run a trained model on one new video: faces, features and the model, as in training.
+
+    python -m pipeline.predict video=clip.mp4 checkpoint=runs/sample/train/gru/best.pt
+
+The face and feature settings come from the checkpoint (the configs of the runs its training
+features came from), so crops, template and extractor weights match what the model learnt on.
+Writes under ``runs/predict/<video>/`` (or ``out_dir``): ``predictions.csv`` (per frame: valence,
+arousal, expression probabilities and class, AU probabilities and 0/1 at the checkpoint's
+thresholds), the ABAW layouts (``mtl.txt`` and one txt per task) and ``timeline.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import yaml
+
+from pipeline import faces, features
+from pipeline.config import Config, load_config, parse_args
+from pipeline.data import Normaliser
+from pipeline.feature_cache import FeatureCache
+from pipeline.inference import load_checkpoint, predict_features, smooth
+from pipeline.labels import AUS, EXPRESSIONS
+from pipeline.runs import setup_logging
+from pipeline.writers import write_csv, write_mtl, write_task_files
+
+log = logging.getLogger("pipeline")
+
+
+def stage_config(stage: str, saved: dict | None, path: Path, overrides: list[str]) -> Config:
+    """The training run's config of ``stage`` (saved to ``path``) or the defaults, overridden."""
+    if saved is None:
+        return load_config(stage, overrides=overrides)
+    path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    return load_config(stage, path, overrides)
+
+
+def plot_timeline(preds: dict[str, np.ndarray], timestamps: np.ndarray, present: np.ndarray, path: Path,
+                  title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [t for t in ("va", "expr", "au") if t in preds]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 2.2 * len(rows) + 0.6), sharex=True, squeeze=False)
+    extent = (timestamps[0], timestamps[-1] if len(timestamps) > 1 else timestamps[0] + 1)
+    for ax, task in zip(axes[:, 0], rows, strict=True):
+        if task == "va":
+            ax.plot(timestamps, preds["va"][:, 0], label="valence")
+            ax.plot(timestamps, preds["va"][:, 1], label="arousal")
+            ax.set_ylim(-1.05, 1.05), ax.axhline(0, color="grey", lw=0.5), ax.legend(loc="upper right", fontsize=8)
+        else:
+            names = EXPRESSIONS if task == "expr" else AUS
+            ax.imshow(preds[task].T, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1,
+                      extent=(*extent, len(names) - 0.5, -0.5))
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.fill_between(timestamps, *ax.get_ylim(), where=~present, color="red", alpha=0.15, step="mid")
+    axes[0, 0].set_title(f"{title} (red: no face)")
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(cfg: Config) -> int:
+    setup_logging()
+    video = Path(cfg.video)
+    if not cfg.video or not video.is_file():
+        log.error("video=%r: no such file", cfg.video)
+        return 2
+    model, ckpt = load_checkpoint(cfg.checkpoint, cfg.device)
+    out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / "predict" / video.stem
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    saved = ckpt.get("stage_configs", {})
+    if not saved:
+        log.warning("%s records no face/feature settings: using the defaults in configs/", cfg.checkpoint)
+
+    face_cfg = faces.resolve(stage_config("faces", saved.get("faces"), out / "faces.yaml", [
+        f"videos={video}", f"out_dir={out / 'faces'}", f"subject={cfg.subject}", f"device={cfg.device}",
+        "data.name=predict", "data.annotations=", "shard="]))
+    if faces.main(face_cfg) != 0:
+        log.error("%s: the faces stage failed; see %s", video, out / "faces" / "failures.jsonl")
+        return 1
+    paths = []
+    for name in ckpt["extractors"]:
+        saved_features = saved.get(f"features:{name}")
+        feat_cfg = stage_config("features", saved_features, out / f"features_{name}.yaml", [
+            *([] if saved_features else [f"extractor={name}"]),
+            f"faces_dir={out / 'faces'}", f"out_dir={out / 'features'}", f"device={cfg.device}", "shard="])
+        if features.main(feat_cfg) != 0:
+            log.error("%s: the features stage failed for %s", video, name)
+            return 1
+        paths.append(out / "features" / f"{name}.h5")
+    trained_sha = [a.get("weights_sha256") for a in ckpt.get("feature_attrs", [])]
+    cache = FeatureCache(paths)
+    if trained_sha and [a.get("weights_sha256") for a in cache.attrs] != trained_sha:
+        log.warning("the extractor weights differ from those the model was trained on: predictions may be poor")
+
+    results = {}
+    for key in cache.videos:
+        feats, present, frames = cache.read(key)
+        norm = Normaliser.from_state(ckpt["normaliser"]) if ckpt.get("normaliser") else None
+        preds = predict_features(model, feats, present, norm, ckpt["window"], ckpt["eval_stride"], cfg.device)
+        if "va" in preds:
+            preds["va"] = smooth(preds["va"], cfg.smooth or ckpt.get("va_smoothing", 1))
+        results[key] = {"frame": frames, **preds}
+        if not present.any():
+            log.warning("%s: no face found in any frame; predictions are empty", key)
+    thresholds = np.asarray(ckpt["au_thresholds"]) if ckpt.get("au_thresholds") else None
+    write_csv(out / "predictions.csv", results)
+    write_task_files(out / "abaw", results, tasks=tuple(model.tasks), au_thresholds=thresholds)
+    if set(model.tasks) == {"va", "expr", "au"}:
+        write_mtl(out / "abaw" / "mtl.txt", results, au_thresholds=thresholds)
+    for key, preds in results.items():
+        with h5py.File(out / "faces" / f"{key}.h5", "r") as f:
+            stamps, present = f["timestamp"][:], f["present"][:]
+        name = "timeline.png" if len(results) == 1 else f"timeline_{key}.png"
+        plot_timeline({t: v for t, v in preds.items() if t != "frame"}, stamps, present, out / name, key)
+    print(f"predictions for {len(results)} face track(s) of {video} written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(parse_args("predict")))
