@@ -1,0 +1,587 @@
+"""The built-in labelled sample: short face videos in the Aff-Wild2 / ABAW layout, made offline.
+
+Every frame is scikit-image's public-domain ``astronaut`` photo, warped: head motion, then facial
+deformations whose intensities are the labels, so the labels hold by construction. Each action
+unit (AU) owns a displacement field (sums of Gaussian bumps around hand-placed landmarks) and, for
+AU4 and AU10, some shading; the mouth opens by a jaw drop plus a painted cavity. Expressions are
+fixed AU combinations with a valence/arousal target. Frames where the face leaves the picture or is
+covered are labelled invalid from the generator's own flags, which are saved in ``truth/``.
+
+    python -m pipeline.sample [configs/sample.yaml] [key=value ...]
+
+writes ``<out>/videos/<video>.mp4``, ``<out>/annotations/<task>/<split>/<video>.txt``,
+``<out>/truth/<video>.npz``, ``<out>/sample.yaml`` (the resolved config) and ``<out>/manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+
+from pipeline.config import Config, ConfigError, parse_args
+from pipeline.runs import setup_logging, write_json
+
+log = logging.getLogger("pipeline")
+
+EXPRESSIONS = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other")
+AUS = ("AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "AU24", "AU25", "AU26")
+# AU5 (lids wide) and AU20 (lips stretched) shape Fear and Surprise but are not ABAW labels.
+CHANNELS = AUS + ("AU5", "AU20")
+SPLITS = ("Train_Set", "Validation_Set")
+TASKS = {  # label key -> (ABAW folder, header line)
+    "va": ("VA_Estimation_Challenge", "valence,arousal"),
+    "expr": ("EXPR_Recognition_Challenge", ",".join(EXPRESSIONS)),
+    "au": ("AU_Detection_Challenge", ",".join(AUS)),
+}
+
+# Expression -> AUs it is made of, and its valence/arousal at full intensity.
+TEMPLATES = {
+    1: ("AU4", "AU7", "AU23", "AU24"),
+    2: ("AU10", "AU15"),
+    3: ("AU1", "AU2", "AU4", "AU5", "AU20", "AU25"),
+    4: ("AU6", "AU12", "AU25"),
+    5: ("AU1", "AU4", "AU15"),
+    6: ("AU1", "AU2", "AU5", "AU25", "AU26"),
+    7: ("AU2", "AU12", "AU24"),
+}
+TARGET_VA = {1: (-0.6, 0.65), 2: (-0.65, 0.35), 3: (-0.55, 0.75), 4: (0.75, 0.4),
+             5: (-0.65, -0.35), 6: (0.25, 0.8), 7: (0.2, -0.4)}
+# An AU shown on its own on a neutral face nudges valence/arousal this much.
+AU_VA = {"AU1": (0.0, 0.25), "AU2": (0.05, 0.25), "AU4": (-0.3, 0.15), "AU6": (0.3, 0.1),
+         "AU7": (-0.15, 0.15), "AU10": (-0.3, 0.1), "AU12": (0.4, 0.15), "AU15": (-0.35, -0.1),
+         "AU23": (-0.2, 0.2), "AU24": (-0.15, 0.0), "AU25": (0.0, 0.15), "AU26": (0.0, 0.3)}
+
+VERSION = 1  # bump when a change to this file changes the output, so finished samples are redone
+ACTIVE = 0.35  # intensity from which an AU, or an expression event, counts as present
+MIN_VISIBLE = 0.75  # share of the face box inside the picture for a frame to be labelled
+MAX_OCCLUDED = 0.3  # share of the face box an occluder may cover for a frame to be labelled
+
+# --- the photo's geometry, in pixels of the 512x512 image ---------------------------------------
+# MTCNN (facenet-pytorch) on skimage.data.astronaut(): box and 5 points (eyes, nose, mouth corners).
+FACE_BOX = (181.1, 62.2, 267.7, 172.1)
+KEYPOINTS = np.array([[205.0, 101.7], [246.8, 103.7], [224.7, 129.0], [201.7, 139.2], [245.3, 141.9]])
+# Read off the photo by eye: brows, lids, lips. The neutral face smiles with the upper teeth showing.
+L_BROW_IN, L_BROW_MID, L_BROW_OUT = (213.0, 91.0), (203.0, 90.0), (193.0, 91.0)
+R_BROW_IN, R_BROW_MID, R_BROW_OUT = (238.0, 93.0), (248.0, 93.0), (258.0, 95.0)
+L_LID_UP, L_LID_LOW = (205.0, 97.5), (205.0, 105.5)
+R_LID_UP, R_LID_LOW = (246.8, 99.5), (246.8, 107.5)
+L_CHEEK, R_CHEEK = (204.0, 121.0), (246.0, 123.0)
+L_MOUTH, R_MOUTH = tuple(KEYPOINTS[3]), tuple(KEYPOINTS[4])
+UPPER_LIP, LOWER_LIP = (223.5, 140.0), (223.5, 152.0)
+MOUTH_X, MOUTH_HALF = 223.5, 21.5
+EYE_TO_MOUTH = float(np.linalg.norm(KEYPOINTS[:2].mean(0) - KEYPOINTS[3:].mean(0)))  # ~37 px
+VIEW_CENTER, VIEW_SIDE = (224.0, 122.0), 200.0  # the photo square shown at rest
+WINDOW = (150.0, 55.0, 300.0, 205.0)  # x0, y0, x1, y1: where deformation fields are non-zero
+WINDOW_STEP = 1.0
+BACKGROUND = (0.5, 0.5, 0.5)
+CAVITY = (0.16, 0.06, 0.07)
+
+
+def _teeth_bottom(x: torch.Tensor) -> torch.Tensor:
+    """Lower edge of the upper teeth, which follows the smile: y at each x (photo px)."""
+    u = ((x - MOUTH_X) / MOUTH_HALF).clamp(-1, 1)
+    return 149.5 - 8.5 * u**2
+
+
+def _teeth_top(x: torch.Tensor) -> torch.Tensor:
+    u = ((x - MOUTH_X) / MOUTH_HALF).clamp(-1, 1)
+    return 142.5 - 2.5 * u**2
+
+
+def _lens(x: torch.Tensor) -> torch.Tensor:
+    """How far the mouth can open at each x: 1 in the middle, 0 at the corners."""
+    return (1 - ((x - MOUTH_X) / MOUTH_HALF) ** 2).clamp(min=0).sqrt()
+
+
+def _step(z: torch.Tensor) -> torch.Tensor:
+    z = z.clamp(0, 1)
+    return z * z * (3 - 2 * z)
+
+
+def _pair(left, right, sx, sy, inward, down):
+    """Two mirrored bumps; displacements in eye-to-mouth units, inward = towards the midline."""
+    return [(*left, sx, sy, inward, down), (*right, sx, sy, -inward, down)]
+
+
+# Channel -> bumps (cx, cy, sigma_x, sigma_y, dx, dy): forward displacement of the photo.
+# Amplitudes stay below ~1.3 sigma so the warp does not fold and its inverse converges.
+BUMPS = {
+    "AU1": _pair(L_BROW_IN, R_BROW_IN, 8, 10, 0.04, -0.21),
+    "AU2": _pair(L_BROW_OUT, R_BROW_OUT, 8, 10, -0.03, -0.21),
+    "AU4": _pair(L_BROW_MID, R_BROW_MID, 10, 6.5, 0.1, 0.22) + _pair(L_BROW_IN, R_BROW_IN, 5, 5, 0.1, 0.06),
+    "AU5": _pair(L_LID_UP, R_LID_UP, 8, 3.5, 0, -0.05),
+    "AU6": _pair(L_CHEEK, R_CHEEK, 11, 7, 0, -0.16) + _pair(L_LID_LOW, R_LID_LOW, 8, 2.5, 0, -0.03),
+    "AU7": _pair(L_LID_UP, R_LID_UP, 8, 2.5, 0, 0.06) + _pair(L_LID_LOW, R_LID_LOW, 8, 2.5, 0, -0.07),
+    "AU10": [(*UPPER_LIP, 12, 5, 0, -0.16)] + _pair((213.0, 130.0), (236.0, 131.0), 4, 4, 0, -0.06),
+    "AU12": _pair(L_MOUTH, R_MOUTH, 6.5, 6.5, -0.08, -0.18),
+    "AU15": _pair(L_MOUTH, R_MOUTH, 7.5, 7.5, 0.03, 0.24),
+    "AU20": _pair(L_MOUTH, R_MOUTH, 7, 6, -0.15, 0.03),
+    "AU23": _pair(L_MOUTH, R_MOUTH, 6.5, 5, 0.16, 0.0)
+    + [(*UPPER_LIP, 12, 2.5, 0, 0.04), (*LOWER_LIP, 12, 2.5, 0, -0.04)],
+    "AU24": [(*UPPER_LIP, 14, 3, 0, 0.08), (*LOWER_LIP, 14, 3, 0, -0.08)],
+}
+JAW = {"AU25": 0.13, "AU26": 0.26}  # mouth opening in eye-to-mouth units
+# Dark creases (segment from, segment to, width px, darkening): frown furrows, nasolabial folds and
+# nose wrinkles; geometry alone leaves AU4 and AU10 too subtle to learn.
+CREASES = {
+    "AU4": [((219.5, 86.0), (220.5, 100.0), 1.2, 0.3), ((228.5, 87.0), (227.5, 101.0), 1.2, 0.3)],
+    "AU10": [((213.0, 129.0), (202.0, 143.0), 1.5, 0.22), ((236.0, 131.0), (247.0, 145.0), 1.5, 0.22),
+             ((219.0, 113.0), (231.0, 113.5), 1.0, 0.15), ((219.5, 116.5), (230.5, 117.0), 1.0, 0.15)],
+}
+
+
+@dataclass
+class FaceRig:
+    """The photo and every per-channel field, sampled on a grid over ``WINDOW``."""
+
+    photo: torch.Tensor  # (1, 4, 512, 512): RGB in [0, 1] and an all-ones coverage channel
+    bumps: torch.Tensor  # (k, 2, y, x) forward displacement per channel at intensity 1, photo px
+    static: torch.Tensor  # (5, y, x): jaw drop for AU25, AU26; creases for AU4, AU10; lip band
+    lip: torch.Tensor  # (3,) colour painted over the teeth when the lips press together
+    strength: float
+
+
+def build_rig(strength: float) -> FaceRig:
+    """Load the photo and precompute the deformation fields, scaled by ``strength``."""
+    from skimage.data import astronaut
+
+    rgb = torch.from_numpy(astronaut()).float().div(255)
+    photo = rearrange(torch.cat([rgb, torch.ones_like(rgb[..., :1])], -1), "h w c -> 1 c h w")
+    x0, y0, x1, y1 = WINDOW
+    ys = torch.arange(y0, y1 + 1e-6, WINDOW_STEP)
+    xs = torch.arange(x0, x1 + 1e-6, WINDOW_STEP)
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    unit = EYE_TO_MOUTH * strength
+
+    bumps = torch.zeros(len(CHANNELS), 2, *x.shape)
+    for k, name in enumerate(CHANNELS):
+        for cx, cy, sx, sy, dx, dy in BUMPS.get(name, []):
+            g = torch.exp(-0.5 * (((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2))
+            bumps[k, 0] += unit * dx * g
+            bumps[k, 1] += unit * dy * g
+
+    # Jaw drop as a backward map: below the teeth line content comes from higher up. Inside the
+    # mouth the step is sharp (the cavity hides it); beside it the cheeks stretch softly.
+    rise = y - _teeth_bottom(x)
+    sharp, soft, lens = _step(rise / 1.5), _step(rise / 15), _lens(x)
+    below_lip = torch.exp(-0.5 * ((y - 156).clamp(min=0) / 6) ** 2)
+    below_chin = torch.exp(-0.5 * ((y - 176).clamp(min=0) / 14) ** 2)
+    jaw_width = 0.5 + 0.5 * torch.cos(math.pi * (((x - MOUTH_X).abs() - 30) / 18).clamp(0, 1))
+    lips_part = unit * JAW["AU25"] * lens * sharp * below_lip
+    jaw_drop = unit * JAW["AU26"] * (lens * sharp + (1 - lens) * soft) * jaw_width * below_chin
+
+    creases = []
+    for name in ("AU4", "AU10"):
+        dark = torch.zeros_like(x)
+        for a, b, width, depth in CREASES[name]:
+            a, b = torch.tensor(a), torch.tensor(b)
+            p = torch.stack([x, y], -1)
+            t = ((p - a) @ (b - a) / (b - a).dot(b - a)).clamp(0, 1)
+            dist = (p - a - t[..., None] * (b - a)).norm(dim=-1)
+            dark = torch.maximum(dark, depth * torch.exp(-0.5 * (dist / width) ** 2))
+        creases.append((dark * strength).clamp(max=0.9))
+
+    band = torch.sigmoid((y - _teeth_top(x)) / 0.4) * torch.sigmoid((_teeth_bottom(x) - y) / 0.4)
+    band = band * (lens > 0) * strength
+    static = torch.stack([lips_part, jaw_drop, *creases, band])
+    lip = photo[0, :3, 151:154, 218:230].mean((1, 2))  # lower lip colour
+    return FaceRig(photo, bumps, static, lip, strength)
+
+
+def _to_window(q: torch.Tensor) -> torch.Tensor:
+    """Photo px (..., 2) -> grid_sample coordinates over ``WINDOW`` (align_corners=True)."""
+    x0, y0, x1, y1 = WINDOW
+    lo, hi = q.new_tensor([x0, y0]), q.new_tensor([x1, y1])
+    return (q - lo) / (hi - lo) * 2 - 1
+
+
+def _photo_grid(q: torch.Tensor, side: int = 512) -> torch.Tensor:
+    return q / (side - 1) * 2 - 1
+
+
+def _sample_static(field: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """One (c, y, x) field at every point of q (b, h, w, 2) -> (b, c, h, w); frames share the field."""
+    b = q.shape[0]
+    grid = rearrange(_to_window(q), "b h w two -> 1 (b h) w two")
+    out = F.grid_sample(field[None], grid, align_corners=True, padding_mode="zeros")
+    return rearrange(out, "1 c (b h) w -> b c h w", b=b)
+
+
+def pose_matrices(pose: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Head pose (n, 4: dx, dy px, angle deg, scale) -> photo px to output px map: A (n, 2, 2), t (n, 2)."""
+    k = size / VIEW_SIDE
+    ang = np.deg2rad(pose[:, 2])
+    cos, sin = np.cos(ang), np.sin(ang)
+    rot = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
+    a = rot * (k * pose[:, 3])[:, None, None]
+    centre = np.array([(size - 1) / 2, (size - 1) / 2]) + pose[:, :2]
+    t = centre - einsum(a, np.array(VIEW_CENTER), "n i j, j -> n i")
+    return a, t
+
+
+def render(rig: FaceRig, intensity: np.ndarray, pose: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames before occluder, lighting and noise.
+
+    intensity (b, k) per channel, pose (b, 4) -> rgb (b, 3, h, w) in [0, 1], and the forward
+    displacement of the five keypoints (b, 5, 2) in photo px.
+    """
+    b = len(pose)
+    a, t = (torch.from_numpy(m).float() for m in pose_matrices(pose, size))
+    pix = torch.arange(size, dtype=torch.float32)
+    out = torch.stack(torch.meshgrid(pix, pix, indexing="xy"), -1)  # (h, w, 2) as x, y
+    # Output px -> photo px through the inverse head pose.
+    p = einsum(torch.linalg.inv(a), out[None] - t[:, None, None], "b i j, b h w j -> b h w i")
+
+    inten = torch.from_numpy(intensity).float()
+    field = einsum(inten, rig.bumps, "b k, k c y x -> b c y x")
+    q = p  # invert the forward warp x -> x + d(x) by fixed-point steps q = p - d(q)
+    for _ in range(6):
+        d = F.grid_sample(field, _to_window(q), align_corners=True, padding_mode="zeros")
+        q = p - rearrange(d, "b two h w -> b h w two")
+    kp = torch.from_numpy(KEYPOINTS).float()[None].expand(b, -1, -1)
+    kp_move = F.grid_sample(field, _to_window(kp)[:, None], align_corners=True)  # (b, 2, 1, 5)
+
+    st = _sample_static(rig.static, q)  # (b, 5, h, w)
+    a25, a26, a4, a10, a24 = (inten[:, CHANNELS.index(c), None, None]
+                              for c in ("AU25", "AU26", "AU4", "AU10", "AU24"))
+    drop = a25 * st[:, 0] + a26 * st[:, 1]
+    src = torch.stack([q[..., 0], q[..., 1] - drop], -1)
+    grid = rearrange(_photo_grid(src), "b h w two -> 1 (b h) w two")
+    img = F.grid_sample(rig.photo, grid, align_corners=True, padding_mode="zeros")
+    img = rearrange(img, "1 c (b h) w -> b c h w", b=b)
+    cover = img[:, 3:]
+    bg = torch.tensor(BACKGROUND)[None, :, None, None]
+    rgb = img[:, :3] + (1 - cover) * bg  # zero padding: outside the photo is flat background
+
+    rgb = rgb * (1 - (a4 * st[:, 2] + a10 * st[:, 3]).clamp(max=0.9))[:, None]
+    press = (a24 * st[:, 4]).clamp(0, 1)[:, None]
+    mid = 0.5 * (_teeth_top(q[..., 0]) + _teeth_bottom(q[..., 0]))
+    seam = torch.exp(-0.5 * ((q[..., 1] - mid) / 0.6) ** 2)
+    lip = rig.lip[None, :, None, None] * (1 - 0.5 * seam[:, None])
+    rgb = rgb * (1 - press) + lip * press
+
+    # The cavity spans from the teeth line down to where the lower lip has dropped to.
+    depth = _lens(q[..., 0]) * (a25 * EYE_TO_MOUTH * JAW["AU25"] + a26 * EYE_TO_MOUTH * JAW["AU26"])
+    depth = depth * rig.strength
+    y_b = _teeth_bottom(q[..., 0])
+    hole = torch.sigmoid((q[..., 1] - y_b) / 0.4) * torch.sigmoid((y_b + depth - q[..., 1]) / 0.4)
+    hole = (hole * depth.clamp(0, 1))[:, None]
+    rgb = rgb * (1 - hole) + torch.tensor(CAVITY)[None, :, None, None] * hole
+    return rgb, rearrange(kp_move, "b two 1 k -> b k two")
+
+
+# --- what happens when --------------------------------------------------------------------------
+@dataclass
+class Slot:
+    kind: str  # "expr", "au", "occlude" or "leave"
+    expr: int = 0  # expression shown (the one underneath for occlude / leave)
+    aus: tuple[str, ...] = ()  # for "au": the AUs shown on a neutral face
+
+
+@dataclass
+class Timeline:
+    intensity: np.ndarray  # (n, k) float32 per channel
+    expr: np.ndarray  # (n,) int64
+    va: np.ndarray  # (n, 2) float32
+    pose: np.ndarray  # (n, 4) dx, dy, angle, scale
+    occluder: np.ndarray  # (n, 4) x1, y1, x2, y2 output px, NaN when absent
+    occluder_rgb: np.ndarray  # (3,)
+    light: np.ndarray  # (n, 3) per-channel gain
+    bias: np.ndarray  # (n,)
+
+
+def split_names(cfg: Config) -> dict[str, list[str]]:
+    """Video names per split: the last ``val_videos`` validate, unless ``val_list`` names them."""
+    names = [f"sample_{i:02d}" for i in range(cfg.n_videos)]
+    if cfg.val_list:
+        unknown = sorted(set(cfg.val_list) - set(names))
+        if unknown:
+            raise ConfigError(f"val_list names unknown videos {unknown}; videos are {names[0]}..{names[-1]}")
+        val = [n for n in names if n in cfg.val_list]
+    else:
+        val = names[len(names) - cfg.val_videos:] if cfg.val_videos > 0 else []
+    train = [n for n in names if n not in val]
+    if not train or not val:
+        raise ConfigError(f"both splits need a video: n_videos={cfg.n_videos}, val_videos={cfg.val_videos}, "
+                          f"val_list={cfg.val_list}")
+    return {"Train_Set": train, "Validation_Set": val}
+
+
+def plan_split(videos: list[str], cfg: Config, rng: np.random.Generator) -> dict[str, list[Slot]]:
+    """Deal events to a split's videos so that every expression (hence every AU) occurs in it."""
+    per_video = max(cfg.events_per_video, math.ceil(len(TEMPLATES) / len(videos)))
+    if cfg.n_frames // per_video < 10:
+        raise ConfigError(f"n_frames={cfg.n_frames} is too short for {per_video} events per video "
+                          f"({len(videos)} videos in a split); use at least {10 * per_video} frames")
+    slots = [Slot("expr", e) for e in TEMPLATES]
+    spare = len(videos) * per_video - len(slots)
+    n_occ = min(spare, math.ceil(cfg.occlusion * spare))
+    n_leave = min(spare - n_occ, math.ceil(cfg.leave_frame * spare))
+    slots += [Slot("occlude", int(rng.integers(1, 8))) for _ in range(n_occ)]
+    slots += [Slot("leave", int(rng.integers(1, 8))) for _ in range(n_leave)]
+    au_cycle = list(rng.permutation(AUS))
+    for i in range(spare - n_occ - n_leave):
+        if i % 2:
+            slots.append(Slot("expr", int(rng.integers(1, 8))))
+        else:
+            au = str(au_cycle[(i // 2) % len(AUS)])
+            slots.append(Slot("au", aus=("AU25", "AU26") if au == "AU26" else (au,)))
+    order = rng.permutation(len(slots))
+    slots = [slots[i] for i in order]
+    return {v: slots[i * per_video:(i + 1) * per_video] for i, v in enumerate(videos)}
+
+
+def envelope(n: int, start: int, length: int, ramp: int) -> np.ndarray:
+    """(n,) raised-cosine onset, plateau, offset over [start, start + length)."""
+    t = np.arange(n) - start
+    up = np.clip((t + 1) / (ramp + 1), 0, 1)
+    down = np.clip((length - t) / (ramp + 1), 0, 1)
+    return (0.5 - 0.5 * np.cos(np.pi * np.minimum(up, down))) * ((t >= 0) & (t < length))
+
+
+def _wander(n: int, fps: float, amp: float, rng: np.random.Generator) -> np.ndarray:
+    """(n,) slow random motion: two sinusoids of random frequency and phase, peak ~amp."""
+    t = np.arange(n) / fps
+    f = rng.uniform(0.1, 0.6, 2)
+    ph = rng.uniform(0, 2 * np.pi, 2)
+    return amp * 0.5 * (np.sin(2 * np.pi * f[0] * t + ph[0]) + np.sin(2 * np.pi * f[1] * t + ph[1]))
+
+
+def face_boxes(pose: np.ndarray, size: int) -> np.ndarray:
+    """(n, 4) axis-aligned face box in output px for head poses (n, 4)."""
+    a, t = pose_matrices(pose, size)
+    x1, y1, x2, y2 = FACE_BOX
+    corners = np.array([[x1, y1], [x2, y1], [x1, y2], [x2, y2]])
+    pts = einsum(a, corners, "n i j, c j -> n c i") + t[:, None]
+    return np.concatenate([pts.min(1), pts.max(1)], -1)
+
+
+def _overlap(box: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Share of each box (n, 4) covered by other (n, 4); NaN in other counts as no overlap."""
+    w = np.clip(np.minimum(box[:, 2], other[:, 2]) - np.maximum(box[:, 0], other[:, 0]), 0, None)
+    h = np.clip(np.minimum(box[:, 3], other[:, 3]) - np.maximum(box[:, 1], other[:, 1]), 0, None)
+    area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
+    return np.nan_to_num(w * h / area)
+
+
+def make_timeline(slots: list[Slot], cfg: Config, rng: np.random.Generator) -> Timeline:
+    """Per-frame channel intensities, labels, head pose, occluder and lighting for one video."""
+    n, size = cfg.n_frames, cfg.size
+    inten = np.zeros((n, len(CHANNELS)))
+    expr = np.zeros(n, np.int64)
+    va = np.zeros((n, 2))
+    px = size / 256
+    pose = np.stack([_wander(n, cfg.fps, rng.uniform(2, 6) * px, rng),
+                     _wander(n, cfg.fps, rng.uniform(2, 6) * px, rng),
+                     _wander(n, cfg.fps, rng.uniform(1, 4), rng),
+                     1 + _wander(n, cfg.fps, rng.uniform(0.01, 0.04), rng)], -1)
+    occluder = np.full((n, 4), np.nan)
+    edges = np.linspace(0, n, len(slots) + 1).round().astype(int)
+    for slot, a, b in zip(slots, edges[:-1], edges[1:], strict=True):
+        span = b - a
+        length = max(4, round(span * rng.uniform(0.6, 0.8)))
+        start = a + int(rng.integers(1, max(2, span - length)))
+        env = envelope(n, start, length, max(1, length // 5)) * rng.uniform(0.75, 1.0)
+        if slot.kind == "au":
+            for au in slot.aus:
+                inten[:, CHANNELS.index(au)] = np.maximum(inten[:, CHANNELS.index(au)], env)
+                va += env[:, None] * np.array(AU_VA[au]) / len(slot.aus)
+        else:
+            for au in TEMPLATES[slot.expr]:
+                k = CHANNELS.index(au)
+                inten[:, k] = np.maximum(inten[:, k], env * rng.uniform(0.8, 1.0))
+            expr[env >= ACTIVE] = slot.expr
+            va += env[:, None] * np.array(TARGET_VA[slot.expr]) * rng.uniform(0.85, 1.15, 2)
+        whole = envelope(n, a + 1, span - 2, max(1, (span - 2) // 3))
+        if slot.kind == "leave":  # slide sideways until the face is out of the picture and back
+            pose[:, 0] += rng.choice([-1, 1]) * 0.9 * size * whole
+        elif slot.kind == "occlude":  # a card slides in from one side over the upper or lower face
+            side = rng.choice([-1, 1])
+            box = face_boxes(pose[a:b], size)
+            cx = (box[:, 0] + box[:, 2]) / 2
+            cy = (box[:, 1] + box[:, 3]) / 2 + rng.choice([-0.2, 0.2]) * (box[:, 3] - box[:, 1])
+            w, h = 0.5 * size, 0.45 * size
+            off = size + w / 2 if side > 0 else -w / 2
+            x = off + (cx - off) * whole[a:b]
+            card = np.stack([x - w / 2, cy - h / 2, x + w / 2, cy + h / 2], -1)
+            card[whole[a:b] <= 0] = np.nan
+            occluder[a:b] = card
+    light = 1 + np.stack([_wander(n, cfg.fps, 0.08, rng)] * 3, -1) + rng.uniform(-0.04, 0.04, 3)
+    bias = _wander(n, cfg.fps, 0.03, rng)
+    return Timeline(inten.astype(np.float32), expr, np.clip(va, -1, 1).astype(np.float32), pose,
+                    occluder, rng.uniform(0.15, 0.75, 3), light, bias)
+
+
+def render_video(rig: FaceRig, tl: Timeline, cfg: Config, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (n, h, w, 3) uint8 and keypoints (n, 5, 2) output px, rendered in batches."""
+    gen = torch.Generator().manual_seed(seed)
+    size = cfg.size
+    pix = torch.arange(size, dtype=torch.float32)
+    frames, kps = [], []
+    for s in range(0, cfg.n_frames, cfg.batch):
+        sl = slice(s, s + cfg.batch)
+        rgb, kp_move = render(rig, tl.intensity[sl], tl.pose[sl], size)
+        occ = torch.from_numpy(np.nan_to_num(tl.occluder[sl], nan=-1e4)).float()
+        inside_x = torch.sigmoid(pix - occ[:, 0, None]) * torch.sigmoid(occ[:, 2, None] - pix)  # (b, w)
+        inside_y = torch.sigmoid(pix - occ[:, 1, None]) * torch.sigmoid(occ[:, 3, None] - pix)  # (b, h)
+        card = einsum(inside_y, inside_x, "b h, b w -> b h w")[:, None]
+        shade = 1 - 0.25 * (pix / size)[None, None, :, None]  # lit from above
+        colour = torch.from_numpy(tl.occluder_rgb).float()[None, :, None, None] * shade
+        rgb = rgb * (1 - card) + colour * card
+        gain = torch.from_numpy(tl.light[sl]).float()[:, :, None, None]
+        bias = torch.from_numpy(tl.bias[sl]).float()[:, None, None, None]
+        rgb = rgb * gain + bias + cfg.noise * torch.randn(rgb.shape, generator=gen)
+        frames.append(rearrange((rgb.clamp(0, 1) * 255).round().byte(), "b c h w -> b h w c").numpy())
+        a, t = pose_matrices(tl.pose[sl], size)
+        moved = KEYPOINTS[None] + kp_move.double().numpy()
+        kps.append(einsum(a, moved, "b i j, b k j -> b k i") + t[:, None])
+    return np.concatenate(frames), np.concatenate(kps).astype(np.float32)
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int, crf: int) -> None:
+    """Encode RGB frames (n, h, w, 3) uint8 as H.264 mp4."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "medium"}
+        stream.codec_context.thread_count = 1
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _spans(n: int, share: float, rng: np.random.Generator) -> np.ndarray:
+    """(n,) bool: a few short spans covering about ``share`` of the frames."""
+    length = max(2, round(n / 30))
+    mask = np.zeros(n, bool)
+    for s in rng.integers(0, n - length + 1, round(share * n / length)):
+        mask[s:s + length] = True
+    return mask
+
+
+def labels_of(tl: Timeline, face_ok: np.ndarray, unlabelled: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """ABAW label arrays with the sentinels where the face is unusable or the task is unlabelled."""
+    va = tl.va.round(4)
+    expr = tl.expr.copy()
+    au = (tl.intensity[:, : len(AUS)] >= ACTIVE).astype(np.int64)
+    va[~face_ok | unlabelled["va"]] = -5
+    expr[~face_ok | unlabelled["expr"]] = -1
+    au[~face_ok | unlabelled["au"]] = -1
+    return {"va": va, "expr": expr, "au": au}
+
+
+def write_annotations(root: Path, split: str, video: str, labels: dict[str, np.ndarray]) -> None:
+    """One ABAW txt per task: the header, then row i = frame i."""
+    rows = {
+        "va": [",".join("-5" if v == -5 else f"{v:.4f}" for v in r) for r in labels["va"]],
+        "expr": [str(int(e)) for e in labels["expr"]],
+        "au": [",".join(str(int(a)) for a in r) for r in labels["au"]],
+    }
+    for task, (folder, header) in TASKS.items():
+        path = root / "annotations" / folder / split / f"{video}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join([header, *rows[task]]) + "\n")
+
+
+def _coverage_gaps(labels: list[dict[str, np.ndarray]]) -> list[str]:
+    expr = np.concatenate([lab["expr"] for lab in labels])
+    au = np.concatenate([lab["au"] for lab in labels])
+    missing = [EXPRESSIONS[e] for e in range(len(EXPRESSIONS)) if not (expr == e).any()]
+    return missing + [name for k, name in enumerate(AUS) if not (au[:, k] == 1).any()]
+
+
+def output_hash(cfg: Config) -> str:
+    """Hash of every key that changes the written files (not ``out`` or ``batch``), and the version."""
+    return f"{cfg.hash([k for k in cfg if k not in ('out', 'batch')])}-v{VERSION}"
+
+
+def generate(cfg: Config, root: Path) -> dict:
+    """Write the whole sample under ``root``; returns the manifest."""
+    rig = build_rig(cfg.strength)
+    splits = split_names(cfg)
+    manifest = {"config_hash": output_hash(cfg), "fps": cfg.fps, "n_frames": cfg.n_frames,
+                "size": cfg.size, "splits": splits, "expressions": list(EXPRESSIONS), "aus": list(AUS)}
+    for split, videos in splits.items():
+        plan = plan_split(videos, cfg, np.random.default_rng([cfg.seed, SPLITS.index(split)]))
+        written = []
+        for video in videos:
+            index = int(video.rsplit("_", 1)[1])
+            rng = np.random.default_rng([cfg.seed, 100 + index])
+            tl = make_timeline(plan[video], cfg, rng)
+            frames, kps = render_video(rig, tl, cfg, seed=cfg.seed * 1000 + index)
+            box = face_boxes(tl.pose, cfg.size)
+            visible = _overlap(box, np.array([[0, 0, cfg.size, cfg.size]] * len(box)))
+            occluded = _overlap(box, tl.occluder)
+            face_ok = (visible >= MIN_VISIBLE) & (occluded <= MAX_OCCLUDED)
+            unlabelled = {task: _spans(cfg.n_frames, cfg.unlabelled, rng) for task in TASKS}
+            labels = labels_of(tl, face_ok, unlabelled)
+            write_video(root / "videos" / f"{video}.mp4", frames, cfg.fps, cfg.crf)
+            write_annotations(root, split, video, labels)
+            (root / "truth").mkdir(exist_ok=True)
+            np.savez_compressed(
+                root / "truth" / f"{video}.npz", split=split, fps=cfg.fps,
+                face_ok=face_ok, face_visible=visible.astype(np.float32),
+                occluded=occluded.astype(np.float32),
+                **{f"unlabelled_{task}": m for task, m in unlabelled.items()},
+                intensity=tl.intensity, channels=np.array(CHANNELS), expr=tl.expr, va=tl.va,
+                au=(tl.intensity[:, : len(AUS)] >= ACTIVE).astype(np.int64),
+                pose=tl.pose.astype(np.float32), box=box.astype(np.float32), landmarks=kps,
+                occluder=tl.occluder.astype(np.float32),
+            )
+            written.append(labels)
+            log.info("%s/%s: %d frames, %d usable", split, video, cfg.n_frames, face_ok.sum())
+        gaps = _coverage_gaps(written)
+        if gaps:  # the plan guarantees coverage; failing here means the plan is broken
+            raise RuntimeError(f"{split} has no labelled frame of {', '.join(gaps)}")
+    return manifest
+
+
+def main(cfg: Config) -> int:
+    """Generate the sample at ``cfg.out`` unless an output made with the same settings is there."""
+    out = Path(cfg.out)
+    digest = output_hash(cfg)
+    done = out / "manifest.json"
+    if done.is_file():
+        if json.loads(done.read_text()).get("config_hash") == digest:
+            log.info("%s: already generated with this config (%s), skipping", out, digest)
+            return 0
+    elif out.exists() and any(out.iterdir()):
+        log.error("%s exists but holds no sample manifest; refusing to overwrite it", out)
+        return 1
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = generate(cfg, tmp)
+        cfg.save(tmp / "sample.yaml")
+        write_json(tmp / "manifest.json", manifest)
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("sample written to %s (%d videos)", out, cfg.n_videos)
+    return 0
+
+
+if __name__ == "__main__":
+    setup_logging()
+    raise SystemExit(main(parse_args("sample")))
