@@ -5,8 +5,8 @@
 The face and feature settings come from the checkpoint (the configs of the runs its training
 features came from), so crops, template and extractor weights match what the model learnt on.
 Writes under ``runs/predict/<video>/`` (or ``out_dir``): ``predictions.csv`` (per frame: valence,
-arousal, expression probabilities and class, AU probabilities and 0/1 at the checkpoint's
-thresholds), the ABAW layouts (``mtl.txt`` and one txt per task) and ``timeline.png``.
+arousal, expression class and AU probabilities), the ABAW layouts with AUs at the checkpoint's
+thresholds (``abaw/mtl.txt`` and one txt per task) and ``timeline.png``.
 """
 
 from __future__ import annotations

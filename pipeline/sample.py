@@ -62,7 +62,7 @@ AU_VA = {"AU1": (0.0, 0.25), "AU2": (0.05, 0.25), "AU4": (-0.3, 0.15), "AU6": (0
          "AU7": (-0.15, 0.15), "AU10": (-0.3, 0.1), "AU12": (0.4, 0.15), "AU15": (-0.35, -0.1),
          "AU23": (-0.2, 0.2), "AU24": (-0.15, 0.0), "AU25": (0.0, 0.15), "AU26": (0.0, 0.3)}
 
-VERSION = 1  # bump when a change to this file changes the output, so finished samples are redone
+VERSION = 2  # bump when a change to this file changes the output, so finished samples are redone
 ACTIVE = 0.35  # intensity from which an AU, or an expression event, counts as present
 MIN_VISIBLE = 0.75  # share of the face box inside the picture for a frame to be labelled
 MAX_OCCLUDED = 0.3  # share of the face box an occluder may cover for a frame to be labelled
@@ -387,7 +387,11 @@ def make_timeline(slots: list[Slot], cfg: Config, rng: np.random.Generator) -> T
                      _wander(n, cfg.fps, rng.uniform(1, 4), rng),
                      1 + _wander(n, cfg.fps, rng.uniform(0.01, 0.04), rng)], -1)
     occluder = np.full((n, 4), np.nan)
-    edges = np.linspace(0, n, len(slots) + 1).round().astype(int)
+    # Slots of random widths (each at least half the mean), so that when events happen differs from
+    # video to video and a model cannot score from a frame's position alone.
+    widths = 0.5 / len(slots) + 0.5 * rng.dirichlet(np.full(len(slots), 2.0))
+    edges = np.concatenate([[0], np.cumsum(widths)]) * n
+    edges = edges.round().astype(int)
     for slot, a, b in zip(slots, edges[:-1], edges[1:], strict=True):
         span = b - a
         length = max(4, round(span * rng.uniform(0.6, 0.8)))
