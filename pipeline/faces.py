@@ -22,7 +22,7 @@ from einops import rearrange
 from pipeline.align import align_faces
 from pipeline.config import Config, ConfigError, parse_args
 from pipeline.runs import atomic_output, h5_is_done, list_inputs, run_each, setup_logging, shard_of
-from pipeline.track import SUBJECTS, Detections, Subject, choose_track, follow, link
+from pipeline.track import SUBJECTS, Detections, Subject, follow, link, subject_tracks
 from pipeline.video import VideoInfo, iter_chunks, open_video
 
 log = logging.getLogger("pipeline")
@@ -156,7 +156,7 @@ def process_video(video: Path, outputs: list[Output], cfg: Config, detector: Fac
     if errors.all():
         raise RuntimeError(f"{video}: none of its {len(index)} frames could be decoded")
     ids = link(dets, cfg.track.max_lost, cfg.track.min_iou, cfg.track.max_landmark)
-    subjects = [follow(dets, ids, choose_track(dets, ids, o.subject), cfg.max_gap, ~errors) for o in outputs]
+    subjects = [follow(dets, ids, subject_tracks(dets, ids, o.subject), cfg.max_gap, ~errors) for o in outputs]
 
     # pass 2: decode only the frames some subject is present in, and warp them
     wanted = np.flatnonzero(np.any([s.present for s in subjects], axis=0))

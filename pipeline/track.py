@@ -125,20 +125,50 @@ def choose_track(
     return max(cands, key=lambda j: side * stats[j]["x"] / stats[j]["frames"])
 
 
-def follow(dets: list[Detections], ids: list[np.ndarray], track: int, max_gap: int = 5,
+def subject_tracks(dets: list[Detections], ids: list[np.ndarray], subject: str = "main") -> list[int]:
+    """Every track of the subject: the one :func:`choose_track` picks, then, largest first, each
+    track that never shares a frame with those already taken (the subject left the picture for
+    longer than a track survives and came back). For ``left`` / ``right`` such a track must also
+    be the leftmost / rightmost face in most of its frames."""
+    first = choose_track(dets, ids, subject)
+    if first < 0:
+        return []
+    stats = _track_stats(dets, ids)
+    frames = {j: np.array([j in tid for tid in ids]) for j in stats}
+    taken, chosen = frames[first].copy(), [first]
+    side = {"left": -1, "right": 1}.get(subject)
+    for j in sorted(stats, key=lambda k: -stats[k]["size"]):
+        if j == first or (frames[j] & taken).any():
+            continue
+        if side is not None:
+            extreme = [
+                (side * (d.box[tid == j, 0] + d.box[tid == j, 2]) >= (side * (d.box[:, 0] + d.box[:, 2])).max()).any()
+                for d, tid in zip(dets, ids, strict=True) if j in tid
+            ]
+            if np.mean(extreme) <= 0.5:
+                continue
+        chosen.append(j)
+        taken |= frames[j]
+    return chosen
+
+
+def follow(dets: list[Detections], ids: list[np.ndarray], track: int | list[int], max_gap: int = 5,
            usable: np.ndarray | None = None) -> Subject:
-    """The subject's face per kept frame, with gaps of at most ``max_gap`` kept frames bridged by
-    linear interpolation of box and landmarks; ``usable`` (n,) bool marks frames that may be bridged
-    (not decode failures)."""
+    """The subject's face per kept frame, from one track id or several that never share a frame,
+    with gaps of at most ``max_gap`` kept frames bridged by linear interpolation of box and
+    landmarks; ``usable`` (n,) bool marks frames that may be bridged (not decode failures)."""
     n = len(dets)
+    tracks = [track] if isinstance(track, int | np.integer) else list(track)
     box = np.full((n, 4), np.nan, np.float32)
     lm = np.full((n, 5, 2), np.nan, np.float32)
     score = np.zeros(n, np.float32)
     found = np.zeros(n, bool)
+    which = np.full(n, -1, np.int32)
     for t, (d, tid) in enumerate(zip(dets, ids, strict=True)):
-        hit = np.flatnonzero(tid == track)
+        hit = np.flatnonzero(np.isin(tid, tracks))
         if len(hit):
             box[t], lm[t], score[t], found[t] = d.box[hit[0]], d.landmarks[hit[0]], d.score[hit[0]], True
+            which[t] = tid[hit[0]]
     interp = np.zeros(n, bool)
     seen = np.flatnonzero(found)
     usable = np.ones(n, bool) if usable is None else usable
@@ -149,7 +179,8 @@ def follow(dets: list[Detections], ids: list[np.ndarray], track: int, max_gap: i
             box[a + 1 : b] = (1 - w)[:, None] * box[a] + w[:, None] * box[b]
             lm[a + 1 : b] = (1 - w)[:, None, None] * lm[a] + w[:, None, None] * lm[b]
             interp[a + 1 : b] = True
+            which[a + 1 : b] = which[a]
     interp &= usable
     present = found | interp
     box[~present], lm[~present] = np.nan, np.nan
-    return Subject(box, lm, score, np.where(present, track, -1).astype(np.int32), present, interp)
+    return Subject(box, lm, score, np.where(present, which, -1).astype(np.int32), present, interp)

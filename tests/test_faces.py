@@ -15,7 +15,7 @@ from test_video import truncate
 from pipeline.config import load_config
 from pipeline.faces import HASH_KEYS, export_cropped, main, outputs_for
 from pipeline.runs import h5_is_done
-from pipeline.track import Detections, choose_track, follow, link
+from pipeline.track import Detections, choose_track, follow, link, subject_tracks
 
 FAST = ["stride=8", "detect_size=320", "chunk=16", "min_face=40"]
 
@@ -236,3 +236,25 @@ def test_tracks_and_subject_choice():
     assert choose_track(dets, ids, "right") == main_id
     assert choose_track(dets, ids, "left") == ids[0][0]
     assert choose_track([_frame()] * 3, [np.zeros(0, int)] * 3) == -1
+
+
+def test_subject_who_leaves_and_returns_is_followed_on_both_sides_of_the_absence():
+    # one face, gone for 20 frames (longer than a track survives), back as a new track
+    dets = [_frame(_face(100 + t)) if not 10 <= t < 30 else _frame() for t in range(40)]
+    ids = link(dets, max_lost=5)
+    assert len({int(i[0]) for i in ids if len(i)}) == 2
+    sub = follow(dets, ids, subject_tracks(dets, ids), max_gap=3)
+    assert sub.present.tolist() == [not 10 <= t < 30 for t in range(40)]
+
+
+def test_left_subject_returning_is_not_confused_with_the_right_one():
+    # right face throughout; left face leaves for 20 frames and returns (a new track)
+    right = lambda t: _face(400, size=100)
+    left = lambda t: _face(50, size=60)
+    dets = [_frame(left(t), right(t)) if not 10 <= t < 30 else _frame(right(t)) for t in range(40)]
+    ids = link(dets, max_lost=5)
+    sub_left = follow(dets, ids, subject_tracks(dets, ids, "left"), max_gap=3)
+    sub_right = follow(dets, ids, subject_tracks(dets, ids, "right"), max_gap=3)
+    assert sub_left.present.tolist() == [not 10 <= t < 30 for t in range(40)]
+    assert (sub_left.box[sub_left.present, 0] < 100).all()
+    assert sub_right.present.all() and (sub_right.box[:, 0] > 300).all()
