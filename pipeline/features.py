@@ -204,8 +204,8 @@ def resolve(cfg: Config) -> Config:
     """Fill the defaults that depend on the data set and check the choices."""
     cfg = Config(cfg)
     name = cfg.data.get("name", "data") if isinstance(cfg.get("data"), dict) else str(cfg.get("data"))
-    cfg.faces_dir = cfg.faces_dir or f"runs/{name}/faces"
-    cfg.out_dir = cfg.out_dir or f"runs/{name}/features"
+    cfg.faces_dir = cfg.faces_dir or str(Path(cfg.runs_dir) / name / "faces")
+    cfg.out_dir = cfg.out_dir or str(Path(cfg.runs_dir) / name / "features")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
     if cfg.batch_size < 1:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
+from einops import rearrange
 
 from features import EXTRACTORS, build_extractor
 from pipeline.config import component_names, load_component
@@ -208,3 +210,20 @@ def test_onet_features_are_the_hidden_layer_mtcnn_uses():
         torch.testing.assert_close(n.dense6_2(h), boxes)
         torch.testing.assert_close(n.dense6_3(h), points)
         torch.testing.assert_close(n.softmax6_1(n.dense6_1(h)), probs)
+
+
+def test_resizing_matches_pil_on_8_bit_images():
+    """ViT crops stored at 112 are upsampled to 224 as PIL's bicubic would (timm's own pipeline)."""
+    from PIL import Image
+
+    model = build_extractor("vit_tiny", random_init=True)
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (2, 14, 14, 3), dtype=np.uint8)
+    crops = np.stack([np.asarray(Image.fromarray(c).resize((112, 112), Image.BILINEAR)) for c in coarse])
+    expected = np.stack([np.asarray(Image.fromarray(c).resize((224, 224), Image.BICUBIC)) for c in crops])
+    x = model.preprocess(torch.from_numpy(crops))
+    std, mean = torch.tensor(model.std).view(1, 3, 1, 1), torch.tensor(model.mean).view(1, 3, 1, 1)
+    pixels = np.round(rearrange(x * std + mean, "b c h w -> b h w c").numpy())
+    # 8-bit kernels follow PIL's fixed-point sums; resizing floats would miss about a fifth of the pixels
+    assert np.abs(pixels - expected).max() <= 1 and (pixels != expected).mean() < 0.01
+    assert model.describe()["resize_precision"] == "uint8"

@@ -216,3 +216,11 @@ def test_reader_survives_pickling_for_workers(run):
     cache.read("clip_a")
     clone = pickle.loads(pickle.dumps(cache))
     np.testing.assert_array_equal(clone.read("clip_a", 1, 3)[0], cache.read("clip_a", 1, 3)[0])
+
+
+def test_runs_dir_roots_the_default_folders():
+    """What ``make features RUNS=...`` passes: the inputs and outputs follow ``runs_dir``."""
+    from pipeline.features import resolve
+
+    cfg = resolve(load_config("features", None, ["data=sample", "runs_dir=/scratch/runs"]))
+    assert (cfg.faces_dir, cfg.out_dir) == ("/scratch/runs/sample/faces", "/scratch/runs/sample/features")
