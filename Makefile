@@ -23,7 +23,7 @@ DATA_INPUTS   := $(if $(filter sample,$(DATA)),$(SAMPLE_DONE)) configs/data/$(DA
 args_for       = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint demo sample faces features train evaluate predict bench clean
+.PHONY: help setup test lint demo sample faces features train evaluate predict bench bench-features clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -79,6 +79,9 @@ predict: setup ## one new video through all stages: make predict VIDEO=clip.mp4 
 
 bench: setup $(FEATURES_DONE) ## encoders side by side: parameters, throughput, memory, validation P_MTL
 	$(PY) -m pipeline.bench data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(ARGS)
+
+bench-features: setup ## features stage against the bare model forward, and cache window reads
+	$(PY) -m pipeline.bench_features $(ARGS)
 
 clean: ## remove runs/ and the generated sample (keeps the virtual environment)
 	rm -rf $(RUNS) data/sample
