@@ -23,7 +23,7 @@ DATA_INPUTS   := $(if $(filter sample,$(DATA)),$(SAMPLE_DONE)) configs/data/$(DA
 args_for       = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint demo sample faces features train evaluate predict bench bench-features clean
+.PHONY: help setup test lint demo sample faces features train evaluate predict bench bench-features bench-pipeline clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -82,6 +82,9 @@ bench: setup $(FEATURES_DONE) ## encoders side by side: parameters, throughput, 
 
 bench-features: setup ## features stage against the bare model forward, and cache window reads
 	$(PY) -m pipeline.bench_features $(ARGS)
+
+bench-pipeline: setup ## where the time goes in the whole pipeline, and the projected Aff-Wild2 time
+	$(PY) -m pipeline.bench_pipeline $(ARGS)
 
 clean: ## remove runs/ and the generated sample (keeps the virtual environment)
 	rm -rf $(RUNS) data/sample
