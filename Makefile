@@ -23,7 +23,7 @@ DATA_INPUTS   := $(if $(filter sample,$(DATA)),$(SAMPLE_DONE)) configs/data/$(DA
 args_for       = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint demo sample faces features train evaluate predict bench bench-features bench-pipeline clean
+.PHONY: help setup test lint demo sample faces features train experiments evaluate predict bench bench-features bench-pipeline clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -66,9 +66,17 @@ $(FEATURES_DONE): $(FACES_DONE) configs/features.yaml $(wildcard configs/feature
 
 train: setup $(TRAIN_DONE) ## stage 3: train and score an encoder (runs/$(DATA)/train/$(RUN)/)
 
-$(TRAIN_DONE): $(FEATURES_DONE) $(CONFIG) configs/encoders/$(ENCODER).yaml
-	$(PY) -m pipeline.train $(CONFIG) data=$(DATA) extractors=[$(EXTRACTOR)] encoder=$(ENCODER) \
+# An experiment config names its own encoder and extractors; the variables apply to train.yaml.
+DEFAULT_CONFIG := $(filter configs/train.yaml,$(CONFIG))
+TRAIN_CHOICES   = $(if $(DEFAULT_CONFIG),extractors=[$(EXTRACTOR)] encoder=$(ENCODER))
+
+$(TRAIN_DONE): $(FEATURES_DONE) $(CONFIG) $(if $(DEFAULT_CONFIG),configs/encoders/$(ENCODER).yaml)
+	$(PY) -m pipeline.train $(CONFIG) data=$(DATA) $(TRAIN_CHOICES) \
 		runs_dir=$(RUNS) out_dir=$(RUNS)/$(DATA)/train/$(RUN) $(call args_for,train)
+
+EXPERIMENTS ?= mtl_gru mtl_lstm mtl_transformer va_only expr_only au_only
+experiments: setup $(FEATURES_DONE) ## train configs/experiments/*.yaml named in EXPERIMENTS, one run folder each
+	@for x in $(EXPERIMENTS); do $(MAKE) --no-print-directory train CONFIG=configs/experiments/$$x.yaml || exit 1; done
 
 evaluate: setup ## score a predictions folder: make evaluate PRED=folder [DATA=...]
 	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(or $(PRED),$(RUNS)/$(DATA)/train/$(RUN)/predictions) $(ARGS)

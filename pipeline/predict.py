@@ -6,12 +6,15 @@ The face and feature settings come from the checkpoint (the configs of the runs 
 features came from), so crops, template and extractor weights match what the model learnt on.
 Writes under ``runs/predict/<video>/`` (or ``out_dir``): ``predictions.csv`` (per frame: valence,
 arousal, expression class and AU probabilities), the ABAW layouts with AUs at the checkpoint's
-thresholds (``abaw/mtl.txt`` and one txt per task) and ``timeline.png``.
+thresholds (``abaw/mtl.txt`` and one txt per task), ``timeline.png`` and, with ``overlay=true``,
+``overlay.mp4``: the video with the face box, valence/arousal bars, the expression and the active
+AUs drawn on every frame.
 """
 
 from __future__ import annotations
 
 import logging
+from fractions import Fraction
 from pathlib import Path
 
 import h5py
@@ -24,7 +27,8 @@ from pipeline.data import Normaliser
 from pipeline.feature_cache import FeatureCache
 from pipeline.inference import load_checkpoint, predict_features, smooth
 from pipeline.labels import AUS, EXPRESSIONS
-from pipeline.runs import setup_logging
+from pipeline.runs import atomic_output, setup_logging
+from pipeline.video import iter_chunks, open_video
 from pipeline.writers import write_csv, write_mtl, write_task_files
 
 log = logging.getLogger("pipeline")
@@ -64,6 +68,74 @@ def plot_timeline(preds: dict[str, np.ndarray], timestamps: np.ndarray, present:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+BOX_COLOUR = (0, 255, 0)
+PANEL = (8, 8, 236, 118)  # x1, y1, x2, y2 of the text and bars, top left
+
+
+def draw_frame(frame: np.ndarray, box: np.ndarray | None, preds: dict[str, np.ndarray],
+               au_thresholds: np.ndarray | None = None) -> np.ndarray:
+    """One frame (h, w, 3) uint8 RGB with the face ``box`` (x1, y1, x2, y2; None or NaN: no face)
+    and one row of predictions: ``va`` (2,), ``expr`` (8,) probabilities, ``au`` (12,)
+    probabilities, each optional. Returns a new array."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.fromarray(frame)
+    draw = ImageDraw.Draw(image, "RGBA")
+    font = ImageFont.load_default(size=14)
+    if box is not None and np.isfinite(box).all():
+        draw.rectangle([float(v) for v in box], outline=BOX_COLOUR, width=3)
+    draw.rectangle(PANEL, fill=(0, 0, 0, 150))
+    x1, y, x2 = PANEL[0] + 6, PANEL[1] + 4, PANEL[2] - 6
+    if "va" in preds and np.isfinite(preds["va"]).all():
+        bar_left, bar_right = x1 + 70, x2
+        centre = (bar_left + bar_right) / 2
+        for name, value in zip(("valence", "arousal"), preds["va"], strict=True):
+            draw.text((x1, y), f"{name[:3]} {value:+.2f}", fill="white", font=font)
+            end = centre + float(np.clip(value, -1, 1)) * (bar_right - centre)
+            draw.rectangle([bar_left, y + 3, bar_right, y + 13], outline=(160, 160, 160))
+            draw.rectangle([min(centre, end), y + 4, max(centre, end), y + 12],
+                           fill=(60, 200, 60) if value >= 0 else (220, 60, 60))
+            y += 20
+    if "expr" in preds and np.isfinite(preds["expr"]).all():
+        k = int(np.argmax(preds["expr"]))
+        draw.text((x1, y), f"{EXPRESSIONS[k]} {preds['expr'][k]:.0%}", fill="white", font=font)
+        y += 20
+    if "au" in preds and np.isfinite(preds["au"]).all():
+        cut = np.full(len(AUS), 0.5) if au_thresholds is None else au_thresholds
+        active = [name for name, p, c in zip(AUS, preds["au"], cut, strict=True) if p >= c]
+        for line in [" ".join(active[i : i + 6]) for i in range(0, len(active), 6)] or ["no AU"]:
+            draw.text((x1, y), line, fill="white", font=font)
+            y += 18
+    return np.asarray(image)
+
+
+def write_overlay(video: Path, preds: dict[str, np.ndarray], faces_h5: Path, path: Path,
+                  au_thresholds: np.ndarray | None = None, chunk: int = 64) -> Path:
+    """Draw the per-frame predictions of one face track (``frame`` (n,) and a row per kept frame)
+    over every frame of ``video`` and write an H.264 mp4 at ``path`` atomically. Frames between
+    kept frames (stride > 1) show the last kept frame's predictions."""
+    import av
+
+    with h5py.File(faces_h5, "r") as f:
+        face_frames, boxes, present = f["frame"][:], f["box"][:], f["present"][:]
+    vr, info = open_video(video)
+    width, height = info.width - info.width % 2, info.height - info.height % 2  # yuv420p needs even sizes
+    tasks = [t for t in ("va", "expr", "au") if t in preds]
+    with atomic_output(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(info.fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "20", "preset": "veryfast"}
+        for part in iter_chunks(vr, info, chunk=chunk):
+            rows = np.clip(np.searchsorted(preds["frame"], part.index, side="right") - 1, 0, None)
+            face_rows = np.clip(np.searchsorted(face_frames, part.index, side="right") - 1, 0, None)
+            for frame, row, face_row in zip(part.frames, rows, face_rows, strict=True):
+                box = boxes[face_row] if present[face_row] else None
+                drawn = draw_frame(frame[:height, :width], box, {t: preds[t][row] for t in tasks}, au_thresholds)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(drawn, format="rgb24")))
+        container.mux(stream.encode())
+    return path
 
 
 def main(cfg: Config) -> int:
@@ -121,6 +193,10 @@ def main(cfg: Config) -> int:
             stamps, present = f["timestamp"][:], f["present"][:]
         name = "timeline.png" if len(results) == 1 else f"timeline_{key}.png"
         plot_timeline({t: v for t, v in preds.items() if t != "frame"}, stamps, present, out / name, key)
+        if cfg.overlay:
+            name = "overlay.mp4" if len(results) == 1 else f"overlay_{key}.mp4"
+            write_overlay(video, preds, out / "faces" / f"{key}.h5", out / name, thresholds)
+            log.info("%s: predictions drawn over the video in %s", key, out / name)
     print(f"predictions for {len(results)} face track(s) of {video} written to {out}")
     return 0
 

@@ -7,6 +7,15 @@ Writes to ``runs/<data>/train/<encoder>/`` (or ``out_dir``): ``config.yaml``, ``
 ``best.pt`` (each rebuilds the model alone), ``metrics.jsonl`` (one line per epoch),
 ``curves.png``, ``scores.json`` and the validation predictions in ABAW's per-task layout under
 ``predictions/``.
+
+Several processes or machines (DDP; gloo on CPU, NCCL on GPU)::
+
+    torchrun --nproc_per_node=2 -m pipeline.train [configs/train.yaml] [key=value ...]
+
+``batch_size`` is the global batch: every optimiser step takes the same windows as one process
+would, split over the ranks. The loss is computed on the whole global batch (outputs and labels
+are all-gathered), because 1 - CCC over a batch is not a mean of per-window terms; so W processes
+follow the single-process run up to float noise and dropout draws. Rank 0 evaluates and writes.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from models import MultiTaskLoss, MultiTaskModel
@@ -27,6 +38,7 @@ from models.cross_task import au_cooccurrence
 from pipeline import metrics
 from pipeline.config import Config, parse_args, read_yaml
 from pipeline.data import Normaliser, SequenceDataset, feature_paths
+from pipeline.distributed import GlobalBatches, Shares, gather_batch, init_world
 from pipeline.feature_cache import FeatureCache
 from pipeline.inference import load_checkpoint, predict_features, save_checkpoint, smooth
 from pipeline.labels import load_annotations
@@ -37,7 +49,10 @@ log = logging.getLogger("pipeline")
 
 
 def run_dir(cfg: Config) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else Path(cfg.runs_dir) / cfg.data.name / "train" / cfg.encoder.name
+    """``out_dir``, else ``<runs_dir>/<data>/train/<name or encoder>``."""
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    return Path(cfg.runs_dir) / cfg.data.name / "train" / (cfg.get("name") or cfg.encoder.name)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -140,12 +155,13 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def main(cfg: Config) -> int:
-    setup_logging()
+    world, device = init_world(cfg.device)
+    setup_logging(logging.INFO if world.main else logging.WARNING)
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
+    if world.main:
+        cfg.save(out / "config.yaml")
     seed_everything(cfg.seed, cfg.deterministic)
-    device = torch.device(cfg.device)
 
     cache = FeatureCache(feature_paths(cfg.runs_dir, cfg.data.name, cfg.extractors))
     train_labels = load_annotations(cfg.data.annotations, cfg.data.train_split, cfg.data.format)
@@ -168,8 +184,11 @@ def main(cfg: Config) -> int:
                                 train=True, noise=cfg.noise_features, cache_in_memory=cfg.cache_in_memory,
                                 seed=cfg.seed)
     shuffle = torch.Generator()
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                        drop_last=len(train_set) > cfg.batch_size, generator=shuffle)
+    batches = GlobalBatches(train_set, cfg.batch_size, len(train_set) > cfg.batch_size, shuffle, world)
+    loader = DataLoader(Shares(train_set), batch_sampler=batches, num_workers=cfg.num_workers, generator=shuffle)
+    if cfg.batch_size % world.size:
+        log.warning("batch_size=%d does not split evenly over %d processes: shares are padded",
+                    cfg.batch_size, world.size)
 
     model_args = dict(cfg.model)
     if model_args["au_graph"] == "cooccurrence":
@@ -208,6 +227,10 @@ def main(cfg: Config) -> int:
             log.info("resuming from %s at epoch %d", last_path, start_epoch)
         else:
             log.warning("%s was trained with another config: starting afresh", last_path)
+    world.barrier()  # every rank has read last.pt before rank 0 may replace it
+    net = model
+    if world.size > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     use_amp = cfg.amp and device.type == "cuda"
     extra = {"config": cfg.to_dict(), "config_hash": cfg.hash(_TRAINING_KEYS), "extractors": list(cfg.extractors),
@@ -222,14 +245,15 @@ def main(cfg: Config) -> int:
         # Every random draw of an epoch follows from (seed, epoch), so a resumed run repeats it.
         torch.manual_seed(cfg.seed * 100_003 + epoch)
         shuffle.manual_seed(cfg.seed * 100_003 + epoch)
-        model.train()
+        net.train()
         train_set.set_epoch(epoch)
         losses = []
         for batch in loader:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                outputs = model(batch["x"], batch["mask"])
-            loss, parts = loss_fn({k: v.float() for k, v in outputs.items()}, batch, batch["mask"])
+                outputs = net(batch["x"], batch["mask"])
+            outputs, targets = gather_batch({k: v.float() for k, v in outputs.items()}, batch, world)
+            loss, parts = loss_fn(outputs, targets, targets["mask"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip > 0:
@@ -237,10 +261,18 @@ def main(cfg: Config) -> int:
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
+        if not world.main:
+            # rank 0 evaluates; the others learn its verdict, so that all stop together
+            verdict = [None, None]
+            dist.broadcast_object_list(verdict, src=0)
+            best, stale = verdict
+            continue
         val_scores, _ = evaluate(model, cache, val_labels, val_videos, normaliser, cfg)
         score = selection_score(val_scores, cfg.model.tasks)
         improved = not math.isnan(score) and score > best
         best, stale = (score, 0) if improved else (best, stale + 1)
+        if world.size > 1:
+            dist.broadcast_object_list([best, stale], src=0)
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
                   "seconds": round(time.perf_counter() - tick, 2), "val": val_scores}
         history.append(record)
@@ -254,7 +286,21 @@ def main(cfg: Config) -> int:
         save_checkpoint(last_path, model, **state)
         write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
+    if world.main:
+        finish(cfg, out, history, cache, val_labels, val_videos, normaliser, device,
+               {"train": len(train_videos), "val": len(val_videos)})
+    world.barrier()
+    if world.size > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, val_labels: dict, val_videos: list[str],
+           normaliser: Normaliser | None, device: torch.device, counts: dict[str, int]) -> None:
+    """Score the best checkpoint, store the thresholds and smoothing chosen on validation with it,
+    and write the curves, predictions and ``scores.json``."""
     plot_curves(history, out / "curves.png")
+    best_path = out / "best.pt"
     model, ckpt = load_checkpoint(best_path, device)
     scores, preds = evaluate(model, cache, val_labels, val_videos, normaliser, cfg)
     # Chosen on validation and stored with the model for prediction; the headline scores stay
@@ -274,13 +320,12 @@ def main(cfg: Config) -> int:
     write_task_files(out / "predictions", preds, tasks=tuple(cfg.model.tasks))
     scores.update({"encoder": cfg.encoder.name, "extractors": list(cfg.extractors), "epoch": ckpt["epoch"],
                    "noise_features": cfg.noise_features,
-                   "videos": {"train": len(train_videos), "val": len(val_videos)}})
+                   "videos": counts})
     write_json(out / "scores.json", scores)
     print(f"\nValidation scores ({cfg.data.name}, {'+'.join(cfg.extractors)} features, {cfg.encoder.name}, "
           f"best epoch {ckpt['epoch']}){' -- NOISE CONTROL' if cfg.noise_features else ''}")
     print(metrics.format_table(scores))
     print(f"written to {out / 'scores.json'}")
-    return 0
 
 
 # What must match for a saved run to be continued rather than restarted.

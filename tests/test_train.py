@@ -130,3 +130,43 @@ def test_killed_run_resumes_to_the_uninterrupted_result(syn: dict[str, Path], tm
         torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-6)
     assert json.loads((out / "scores.json").read_text())["p_mtl"] == pytest.approx(
         json.loads((tmp_path / "whole" / "scores.json").read_text())["p_mtl"], abs=1e-5)
+
+
+EXPERIMENTS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    return {k for key, value in tree.items()
+            for k in ([f"{prefix}{key}"] if not isinstance(value, dict) else _keys(value, f"{prefix}{key}."))}
+
+
+def test_there_are_experiments_for_each_encoder_task_and_structure() -> None:
+    configs = [load_config("train", path) for path in EXPERIMENTS]
+    assert {c.encoder.name for c in configs} >= {"transformer", "lstm", "gru"}
+    assert {tuple(c.model.tasks) for c in configs} >= {("va",), ("expr",), ("au",), ("va", "expr", "au")}
+    assert {(c.model.structure, c.model.au_graph) for c in configs} >= {
+        ("shared", None), ("task_specific", None), ("feedback", None), ("cross_attention", "learned"),
+        ("cross_attention", "cooccurrence")}
+    assert any(len(c.extractors) > 1 for c in configs)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_config_loads_and_builds_its_model(path: Path) -> None:
+    cfg = load_config("train", path)
+    # a full training config: the same keys as configs/train.yaml, so `make train CONFIG=...` needs no other file
+    default = load_config("train", overrides=[f"encoder={cfg.encoder.name}"])
+    assert _keys(cfg) == _keys(default)
+    assert cfg.name == path.stem and train.run_dir(cfg) == Path(cfg.runs_dir) / cfg.data.name / "train" / path.stem
+    args = dict(cfg.model)
+    if args["au_graph"] == "cooccurrence":
+        au = np.random.default_rng(0).integers(0, 2, (200, 12))
+        args["au_graph"] = train.au_cooccurrence(au).tolist()
+    model = train.MultiTaskModel(d_in=40, encoder=dict(cfg.encoder), **args).eval()
+    x = torch.randn(2, 16, 40)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 10:] = False
+    out = model(x, mask)
+    widths = {"va": 2, "expr": 8, "au": 12}
+    assert set(out) == set(cfg.model.tasks)
+    for task, value in out.items():
+        assert value.shape == (2, 16, widths[task]) and torch.isfinite(value).all(), task

@@ -1,0 +1,120 @@
+"""Training over several processes or machines with torchrun: who this process is, how a global
+batch is split over ranks, and how the ranks' outputs are put back together for the loss."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.data import SequenceDataset
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among torchrun's processes (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    group: object = None  # a process group of its own for the loss's collectives
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+
+def init_world(device: str) -> tuple[World, torch.device]:
+    """Join torchrun's process group when WORLD_SIZE > 1: NCCL with one GPU per local rank for
+    a CUDA ``device``, else gloo."""
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    if size == 1:
+        return World(), torch.device(device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        # the other ranks wait while rank 0 evaluates, which can outlast the default timeout
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    # The loss's all-gathers run inside backward next to DDP's gradient all-reduces; a group of
+    # their own keeps each group's collectives in the same order on every rank.
+    group = dist.new_group()
+    return World(rank, size, local_rank, group), torch.device(f"cuda:{local_rank}" if cuda else device)
+
+
+class GlobalBatches(Sampler[list[tuple[int, bool]]]):
+    """Batches of a seeded permutation of the windows, each split into contiguous equal shares,
+    one per rank; so the ranks together take exactly the batches of a single process.
+
+    Yields this rank's share as ``(index, real)`` pairs: a share of a short last batch is padded
+    with copies of its first window marked ``real=False``, which carry no labels.
+    """
+
+    def __init__(self, data: Dataset, batch_size: int, drop_last: bool, generator: torch.Generator,
+                 world: World) -> None:
+        self.data, self.batch_size, self.drop_last = data, batch_size, drop_last
+        self.generator, self.world = generator, world
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        # randperm with the shared generator, as RandomSampler draws it, so one process is unchanged
+        order = torch.randperm(len(self.data), generator=self.generator).tolist()
+        for i in range(0, len(order), self.batch_size):
+            batch = order[i : i + self.batch_size]
+            if len(batch) < self.batch_size and self.drop_last:
+                return
+            share = -(-len(batch) // self.world.size)
+            mine = [(j, True) for j in batch[self.world.rank * share : (self.world.rank + 1) * share]]
+            yield mine + [(batch[0], False)] * (share - len(mine))
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+class Shares(Dataset):
+    """The training windows addressed by ``(index, real)``; padding windows lose their labels."""
+
+    def __init__(self, windows: SequenceDataset) -> None:
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, key: tuple[int, bool]) -> dict:
+        index, real = key
+        item = self.windows[index]
+        if not real:
+            item = {**item, "va": torch.full_like(item["va"], -5.0), "expr": torch.full_like(item["expr"], -1),
+                    "au": torch.full_like(item["au"], -1)}
+        return item
+
+
+def gather_batch(outputs: dict[str, torch.Tensor], batch: dict, world: World) -> tuple[dict, dict]:
+    """All ranks' outputs {task: (b, t, k)} and targets (with ``mask``) stacked along ``b``, in
+    rank order, which is the single-process batch order. Outputs keep their graph: the backward
+    of the all-gather sums every rank's gradient for this rank's outputs, W times the gradient
+    of the global loss, which DDP's average over W then makes exact."""
+    if world.size == 1:
+        return outputs, batch
+    with warnings.catch_warnings():  # its suggested successor is private API
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather", FutureWarning)
+        outs = {k: torch.cat(dist_nn.all_gather(v, group=world.group)) for k, v in outputs.items()}
+    targets = {}
+    for key in ("va", "expr", "au", "mask"):
+        local = batch[key].to(torch.uint8) if key == "mask" else batch[key]  # gloo has no bool
+        parts = [torch.empty_like(local) for _ in range(world.size)]
+        dist.all_gather(parts, local.contiguous(), group=world.group)
+        targets[key] = torch.cat(parts).bool() if key == "mask" else torch.cat(parts)
+    return outs, targets

@@ -1,0 +1,78 @@
+"""Prediction with the overlay video: drawing on one frame, and the whole stage on a real clip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import predict, train
+from pipeline.config import load_config
+from tests.synthetic import learnable_set
+from tests.test_train import FAST, syn_config
+
+
+def test_draw_frame_marks_the_box_and_signed_bars() -> None:
+    frame = np.zeros((360, 640, 3), np.uint8)
+    box = np.array([400, 150, 500, 300], np.float32)
+    row = {"va": np.array([0.8, -0.8]), "expr": np.eye(8)[4], "au": np.linspace(0, 1, 12)}
+    drawn = predict.draw_frame(frame, box, row)
+    assert drawn.shape == frame.shape and not np.shares_memory(drawn, frame)
+    assert tuple(drawn[150, 450]) == predict.BOX_COLOUR and tuple(drawn[225, 400]) == predict.BOX_COLOUR
+    assert not drawn[200:290, 420:490].any(), "the inside of the box stays untouched"
+    x1, x2 = predict.PANEL[0] + 6 + 70, predict.PANEL[2] - 6
+    centre = (x1 + x2) // 2
+    valence_row, arousal_row = predict.PANEL[1] + 4 + 8, predict.PANEL[1] + 24 + 8
+
+    def coloured(y: int, xs: slice) -> np.ndarray:
+        return np.abs(drawn[y, xs].astype(int) - drawn[y, xs].mean(-1, keepdims=True)).sum(-1) > 60
+
+    # positive valence grows right of the centre in green, negative arousal left in red
+    assert coloured(valence_row, slice(centre + 5, x2 - 20)).all()
+    assert not coloured(valence_row, slice(x1 + 5, centre - 5)).any()
+    assert coloured(arousal_row, slice(x1 + 20, centre - 5)).all()
+    assert not coloured(arousal_row, slice(centre + 5, x2 - 5)).any()
+    assert drawn[valence_row, centre + 10, 1] > drawn[valence_row, centre + 10, 0]
+    assert drawn[arousal_row, centre - 10, 0] > drawn[arousal_row, centre - 10, 1]
+    no_face = predict.draw_frame(frame, np.full(4, np.nan, np.float32), row)
+    assert not no_face[140:310, 390:510].any()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small model trained on learnable features of ONet's size, cached under ONet's name, so
+    that prediction runs the real ONet extractor on the clip."""
+    root = tmp_path_factory.mktemp("ckpt")
+    syn = learnable_set(root, dim=256)
+    onet = syn["cache"].rename(syn["cache"].with_name("onet.h5"))
+    with h5py.File(onet, "r+") as f:
+        f.attrs["extractor"] = "onet"
+    out = root / "run"
+    assert train.main(syn_config(syn, out, *FAST, "extractors=[onet]", "epochs=2")) == 0
+    return out / "best.pt"
+
+
+@pytest.mark.slow
+@pytest.mark.real_video
+def test_overlay_video_of_a_real_clip(checkpoint: Path, pyfeat_clips: Path, tmp_path: Path) -> None:
+    clip = pyfeat_clips / "single_face.mp4"
+    cfg = load_config("predict", overrides=[f"video={clip}", f"checkpoint={checkpoint}", f"out_dir={tmp_path}",
+                                            "overlay=true"])
+    assert predict.main(cfg) == 0
+    path = tmp_path / "overlay.mp4"
+    assert not list(tmp_path.glob(".*partial"))
+    with av.open(str(clip)) as src, av.open(str(path)) as ours:
+        stream = ours.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert float(stream.average_rate) == pytest.approx(float(src.streams.video[0].average_rate), rel=1e-3)
+        before = [f.to_ndarray(format="rgb24") for f in src.decode(video=0)]
+        after = [f.to_ndarray(format="rgb24") for f in ours.decode(video=0)]
+    assert len(after) == len(before) and after[0].shape == before[0].shape
+    px1, py1, px2, py2 = predict.PANEL
+    for a, b in zip(before, after, strict=True):
+        diff = np.abs(a.astype(int) - b.astype(int)).mean(-1)
+        assert diff[py1:py2, px1:px2].mean() > 20, "the prediction panel is drawn"
+        assert np.median(diff[200:, 300:]) < 8, "away from the drawings the frame is the source's"
