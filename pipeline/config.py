@@ -58,8 +58,11 @@ class Config(dict):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        try:
+            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written copy behind
 
 
 def _wrap(obj: Any) -> Any:
@@ -139,6 +142,16 @@ def _unknown(key: str, where: Mapping, prefix: str) -> ConfigError:
     return ConfigError(f"unknown config key {prefix + key.split('.')[-1]!r}{hint}")
 
 
+def check_keys(given: Mapping, known: Mapping, where: str = "", prefix: str = "") -> None:
+    """Refuse keys of a stage YAML that its default (``known``) lacks, e.g. a misspelling that
+    would otherwise be silently ignored; sections named by component groups are not checked."""
+    for key, value in given.items():
+        if key not in known:
+            raise ConfigError(where + str(_unknown(str(key), known, prefix)))
+        if isinstance(value, Mapping) and isinstance(known[key], Mapping) and not (not prefix and key in GROUPS):
+            check_keys(value, known[key], where, f"{prefix}{key}.")
+
+
 def apply_override(cfg: dict, key: str, value: Any) -> None:
     """Set ``a.b.c = value`` in place, refusing unknown keys and type changes."""
     parts = key.split(".")
@@ -165,8 +178,11 @@ def load_config(
     Overrides that select a component (``encoder=lstm``) are applied before field overrides, so
     ``encoder.hidden=64 encoder=lstm`` sets the LSTM's hidden size whatever the order.
     """
-    path = Path(path) if path else CONFIG_DIR / f"{stage}.yaml"
+    default = CONFIG_DIR / f"{stage}.yaml"
+    path = Path(path) if path else default
     cfg = read_yaml(path)
+    if path.resolve() != default.resolve() and default.is_file():
+        check_keys(cfg, read_yaml(default), f"{path}: ")
     pairs = []
     for item in overrides:
         if "=" not in item:

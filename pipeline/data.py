@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -85,6 +86,22 @@ def labels_at(labels: Labels | None, frames: np.ndarray) -> tuple[np.ndarray, np
     return va, expr, au
 
 
+def check_label_length(video: str, n_labels: int, frames: np.ndarray) -> None:
+    """``frames`` (k,) the last cached frame indices, k >= 1. Warn, naming ``video``, when its
+    label rows do not span them: fewer rows leave the last frames unlabelled, more rows than
+    frames are never used. Aff-Wild2 files are often a frame or two off, so this only warns."""
+    if not len(frames):
+        return
+    last = int(frames[-1])
+    step = int(frames[-1] - frames[-2]) if len(frames) > 1 else 1  # the face stage's stride
+    if n_labels <= last:
+        log.warning("%s: %d label rows but features up to frame %d: the last %d frames have no label",
+                    video, n_labels, last, last + 1 - n_labels)
+    elif n_labels > last + step:
+        log.warning("%s: %d label rows but features end at frame %d: %d rows are past the video's end",
+                    video, n_labels, last, n_labels - last - step)
+
+
 class SequenceDataset(Dataset):
     """Fixed-length windows over cached features of ``videos``.
 
@@ -115,6 +132,9 @@ class SequenceDataset(Dataset):
         self.length, self.stride, self.train = length, stride, train
         self.normaliser, self.noise, self.seed = normaliser, noise, seed
         self.lengths = [cache.length(v) for v in self.videos]
+        for video, n in zip(self.videos, self.lengths, strict=True):
+            if video in labels and n:
+                check_label_length(video, len(labels[video]), cache.read(video, max(0, n - 2), n)[2])
         self._memory = {v: cache.read(v) for v in self.videos} if cache_in_memory else None
         self.set_epoch(0)
 
@@ -164,5 +184,16 @@ class SequenceDataset(Dataset):
 
 
 def feature_paths(runs_dir: str | Path, data_name: str, extractors: Sequence[str]) -> list[Path]:
-    """Where the features stage wrote each extractor's cache for a data set."""
-    return [Path(runs_dir) / data_name / "features" / f"{name}.h5" for name in extractors]
+    """Where the features stage wrote each extractor's cache for a data set; a cache there that
+    another extractor wrote (copied or renamed) is refused rather than fed to the wrong model."""
+    paths = [Path(runs_dir) / data_name / "features" / f"{name}.h5" for name in extractors]
+    for name, path in zip(extractors, paths, strict=True):
+        try:
+            with h5py.File(path, "r") as f:
+                made_by = f.attrs.get("extractor", name)
+        except OSError:
+            continue  # missing or unreadable: FeatureCache says which
+        made_by = made_by.decode() if isinstance(made_by, bytes) else str(made_by)
+        if made_by != name:
+            raise ValueError(f"{path}: written by extractor {made_by!r}, not {name!r}; re-run the features stage")
+    return paths

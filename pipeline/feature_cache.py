@@ -114,6 +114,11 @@ class FeatureCache:
             g = self._group(i, video)
             feats.append(g["features"][start:stop].astype(np.float32))
             p, fr = g["present"][start:stop].astype(bool), g["frame"][start:stop].astype(np.int64)
+            bad = ~np.isfinite(feats[-1][p]).all(1)
+            if bad.any():  # one NaN would spread through the normaliser to every prediction
+                row = int(np.flatnonzero(p)[np.flatnonzero(bad)[0]]) + start
+                raise ValueError(f"{self._where[i][video][0]}: video {video!r} has non-finite features "
+                                 f"(NaN or inf) at row {row}, frame {int(fr[row - start])}; re-run the features stage")
             if frame is None:
                 present, frame = p, fr
             elif not np.array_equal(frame, fr):

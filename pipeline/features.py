@@ -24,7 +24,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from features import Extractor, build_extractor
 from pipeline.config import Config, ConfigError, parse_args
-from pipeline.runs import atomic_output, h5_is_done, list_inputs, run_each, setup_logging, shard_of
+from pipeline.runs import (
+    RunLocked,
+    atomic_output,
+    h5_is_done,
+    list_inputs,
+    run_each,
+    setup_logging,
+    shard_of,
+    stage_lock,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -234,7 +243,8 @@ def _face_hash(path: Path) -> str:
 
 
 def main(cfg: Config) -> int:
-    """Extract features for every face source of this shard; exit status 1 if any video failed."""
+    """Extract features for every face source of this shard; exit status 1 if any video failed,
+    2 if the run could not go on (output folder locked by another run, unwritable or full)."""
     setup_logging()
     cfg = resolve(cfg)
     name = cfg.extractor.name
@@ -249,6 +259,18 @@ def main(cfg: Config) -> int:
     attrs = cache_attrs(cfg, extractor)
 
     out_dir = Path(cfg.out_dir)
+    try:
+        with stage_lock(out_dir, cfg.shard or None):
+            return extract_all(cfg, extractor, attrs, device, out_dir)
+    except (RunLocked, OSError) as e:  # the whole run cannot go on: say why, keep what is done
+        log.error("%s", e)
+        print(f"features: stopped: {e}")
+        return 2
+
+
+def extract_all(cfg: Config, extractor: Extractor, attrs: dict, device: torch.device, out_dir: Path) -> int:
+    """Every video of this shard into ``out_dir``, then the cache of links; 1 if a video failed."""
+    name = cfg.extractor.name
     parts_dir, cache = out_dir / name, out_dir / f"{name}.h5"
     parts_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / f"{name}.yaml")
@@ -284,4 +306,8 @@ def main(cfg: Config) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(parse_args("features")))
+    try:
+        config = parse_args("features")
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    raise SystemExit(main(config))

@@ -4,10 +4,13 @@ outputs atomically, skip finished ones, and keep going past a failure while reco
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import glob
 import json
 import logging
 import os
+import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -47,8 +50,8 @@ def list_inputs(source: str | Path, suffixes: Sequence[str] = VIDEO_SUFFIXES) ->
     return sorted(set(found))
 
 
-def shard_of(items: Sequence, shard: str | None = None) -> list:
-    """The items of worker ``i`` of ``n``: from ``shard="i/n"``, else torchrun's RANK/WORLD_SIZE."""
+def shard_index(shard: str | None = None) -> tuple[int, int]:
+    """``(i, n)`` from ``shard="i/n"``, else from torchrun's RANK/WORLD_SIZE, else ``(0, 1)``."""
     if shard:
         try:
             i, n = (int(x) for x in str(shard).split("/"))
@@ -58,6 +61,12 @@ def shard_of(items: Sequence, shard: str | None = None) -> list:
         i, n = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if not 0 <= i < n:
         raise ValueError(f"shard {i}/{n}: index must be in [0, {n})")
+    return i, n
+
+
+def shard_of(items: Sequence, shard: str | None = None) -> list:
+    """The items of worker ``i`` of ``n``: from ``shard="i/n"``, else torchrun's RANK/WORLD_SIZE."""
+    i, n = shard_index(shard)
     return list(items[i::n])
 
 
@@ -97,6 +106,45 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+class RunLocked(RuntimeError):
+    """Another live run holds the output folder; the message names it and its holder."""
+
+
+@contextlib.contextmanager
+def stage_lock(out_dir: str | Path, shard: str | None = None) -> Iterator[Path]:
+    """Hold ``<out_dir>/.lock`` for the block, or raise ``RunLocked`` naming the holder's pid and host.
+
+    Shards of one run (``shard="i/n"``, else torchrun's RANK/WORLD_SIZE) split the work without
+    overlap, so each takes its own lock, ``.lock.<i>of<n>``. ``flock`` is dropped by the kernel
+    when its holder dies, even by SIGKILL, so a lock file left by a killed run never blocks the
+    next one; the file stays, only its lock matters.
+    """
+    out_dir = Path(out_dir)
+    i, n = shard_index(shard)
+    path = out_dir / (".lock" if n == 1 else f".lock.{i}of{n}")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OSError(e.errno, f"{out_dir}: cannot write to the output folder ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = Path(path).read_text().strip() or "a process that has not written its name yet"
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise RunLocked(f"{out_dir}: another run is writing here ({holder}); wait for it to finish, "
+                        f"or give this run another out_dir (shards of one data set need one each)") from None
+    try:
+        os.ftruncate(fd, 0)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode())
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
 @dataclass
 class RunSummary:
     done: list[str] = field(default_factory=list)
@@ -109,6 +157,16 @@ class RunSummary:
 
     def line(self) -> str:
         return f"{len(self.done)} done, {len(self.skipped)} already done, {len(self.failed)} failed"
+
+
+def _record_failure(path: Path, key: str, reason: str) -> None:
+    # a full disk or read-only folder must not turn one item's failure into the whole run's
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"item": key, "error": reason, "time": time.time()}) + "\n")
+    except OSError as e:
+        log.error("%s: cannot record the failure of %s there (%s)", path, key, e)
 
 
 def run_each(
@@ -140,9 +198,7 @@ def run_each(
             log.error("%s failed: %s", key, reason)
             log.debug("%s", traceback.format_exc())
             if failures_file:
-                Path(failures_file).parent.mkdir(parents=True, exist_ok=True)
-                with open(failures_file, "a") as fh:
-                    fh.write(json.dumps({"item": key, "error": reason, "time": time.time()}) + "\n")
+                _record_failure(Path(failures_file), key, reason)
         else:
             summary.done.append(key)
             log.debug("%s done in %.1fs", key, time.perf_counter() - start)
