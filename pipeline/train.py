@@ -20,6 +20,7 @@ follow the single-process run up to float noise and dropout draws. Rank 0 evalua
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -38,11 +39,11 @@ from models.cross_task import au_cooccurrence
 from pipeline import metrics
 from pipeline.config import Config, parse_args, read_yaml
 from pipeline.data import Normaliser, SequenceDataset, feature_paths
-from pipeline.distributed import GlobalBatches, Shares, gather_batch, init_world
+from pipeline.distributed import GlobalBatches, Shares, World, gather_batch, init_world
 from pipeline.feature_cache import FeatureCache
 from pipeline.inference import load_checkpoint, predict_features, save_checkpoint, smooth
 from pipeline.labels import load_annotations
-from pipeline.runs import setup_logging, write_json, write_text
+from pipeline.runs import RunLocked, setup_logging, stage_lock, write_json, write_text
 from pipeline.writers import write_task_files
 
 log = logging.getLogger("pipeline")
@@ -155,10 +156,20 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def main(cfg: Config) -> int:
+    """Train, or resume, the run of ``cfg``; 0 when done, 2 when its folder is locked or unwritable."""
     world, device = init_world(cfg.device)
     setup_logging(logging.INFO if world.main else logging.WARNING)
     out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(stage_lock(out))
+        except (RunLocked, OSError) as e:
+            log.error("%s", e)
+            return 2
+        return run(cfg, world, device, out)
+
+
+def run(cfg: Config, world: World, device: torch.device, out: Path) -> int:
     if world.main:
         cfg.save(out / "config.yaml")
     seed_everything(cfg.seed, cfg.deterministic)
@@ -315,7 +326,7 @@ def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, val
         chosen["va_smoothing"], scores["p_va_smoothed"] = choose_va_smoothing(preds, val_labels, cfg.va_smoothing)
         scores["va_smoothing"] = chosen["va_smoothing"]
     if chosen:
-        kept = {k: v for k, v in ckpt.items() if k not in ("model_args", "state_dict")}
+        kept = {k: v for k, v in ckpt.items() if k not in ("model_args", "state_dict", *chosen)}
         save_checkpoint(best_path, model, **kept, **chosen)
     write_task_files(out / "predictions", preds, tasks=tuple(cfg.model.tasks))
     scores.update({"encoder": cfg.encoder.name, "extractors": list(cfg.extractors), "epoch": ckpt["epoch"],

@@ -98,8 +98,6 @@ def test_faces_stage_refuses_a_folder_another_run_holds(pyfeat_clips, tmp_path):
     assert status != 0 and not list(out.glob("*.h5"))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="pipeline/train.py main does not take stage_lock(out_dir) yet")
 def test_train_stage_refuses_a_folder_another_run_holds(tmp_path):
     syn = learnable_set(tmp_path / "syn", videos=6, frames=24)
     out = tmp_path / "train"
@@ -118,8 +116,6 @@ def test_train_stage_refuses_a_folder_another_run_holds(tmp_path):
     assert status != 0 and not (out / "last.pt").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="pipeline/train.py finish(): best.pt already holds "
-                   "au_thresholds/va_smoothing, so save_checkpoint(**kept, **chosen) gets them twice")
 def test_rerun_of_a_finished_training_run_succeeds(tmp_path):
     """A run killed after its last epoch, while scoring, is re-run from a last.pt at the final epoch."""
     syn = learnable_set(tmp_path / "syn", videos=6, frames=24)
