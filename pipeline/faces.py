@@ -30,6 +30,8 @@ log = logging.getLogger("pipeline")
 # Keys that change what a face file holds; the rest (device, batch size, paths) do not.
 HASH_KEYS = ("stride", "detect_size", "min_face", "thresholds", "subject", "max_gap", "track", "sizes",
              "template", "compression", "compression_level", "import_cropped")
+# bump when a change to this stage changes what its files hold, so that finished files are redone
+VERSION = 1
 SIDE = re.compile(r"^(?P<stem>.+)_(?P<side>left|right)$")
 
 
@@ -109,6 +111,11 @@ def annotation_names(cfg: Config) -> set[str]:
     return {p.stem for p in Path(root).rglob("*.txt")}
 
 
+def config_hash(cfg: Config) -> str:
+    """The hash stored in and checked against face files: the output-changing keys and ``VERSION``."""
+    return f"{cfg.hash(HASH_KEYS)}-v{VERSION}"
+
+
 def _new_h5(path: Path, n: int, cfg: Config, attrs: dict) -> h5py.File:
     f = h5py.File(path, "w")
     comp = dict(compression=cfg.compression or None)
@@ -137,16 +144,16 @@ def _write_meta(f: h5py.File, index, timestamp, error, sub: Subject) -> None:
 def _attrs(info: VideoInfo, cfg: Config, subject: str) -> dict:
     return {"video": info.path, "fps": info.fps, "n_frames": info.n_frames, "width": info.width,
             "height": info.height, "stride": cfg.stride, "subject": subject, "template": cfg.template,
-            "config_hash": cfg.hash(HASH_KEYS), "config": json.dumps(cfg.to_dict())}
+            "config_hash": config_hash(cfg), "config": json.dumps(cfg.to_dict())}
 
 
 def process_video(video: Path, outputs: list[Output], cfg: Config, detector: FaceDetector) -> None:
     """Detect, track and align one video into each of ``outputs``; files appear only when complete."""
     start = time.perf_counter()
-    vr, info = open_video(video)
+    info = open_video(video)[1]  # its reader is dropped at once: iter_chunks opens one per chunk
     # pass 1: detections on every kept frame (frames are not kept: memory stays bounded)
     index, stamps, errors, dets = [], [], [], []
-    for ch in iter_chunks(vr, info, cfg.chunk, cfg.stride):
+    for ch in iter_chunks(None, info, cfg.chunk, cfg.stride):
         found = detector(ch.frames)
         dets += [Detections.empty() if e else d for d, e in zip(found, ch.error, strict=True)]
         index.append(ch.index)
@@ -168,7 +175,7 @@ def process_video(video: Path, outputs: list[Output], cfg: Config, detector: Fac
         for f, sub in zip(files, subjects, strict=True):
             _write_meta(f, index, stamps, errors, sub)
         pos = {int(fr): k for k, fr in enumerate(index)}
-        for ch in iter_chunks(vr, info, cfg.chunk, frames=index[wanted]):
+        for ch in iter_chunks(None, info, cfg.chunk, frames=index[wanted]):
             rows = np.array([pos[int(fr)] for fr in ch.index])
             for f, sub in zip(files, subjects, strict=True):
                 ok = sub.present[rows] & ~ch.error
@@ -259,7 +266,7 @@ def main(cfg: Config) -> int:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
-    chash = cfg.hash(HASH_KEYS)
+    chash = config_hash(cfg)
     failures = out_dir / "failures.jsonl"
     try:
         videos = list_inputs(cfg.videos) if cfg.videos else []

@@ -47,15 +47,19 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
     return (RuntimeError, decord.DECORDError)
 
 
-def open_video(path: str | Path):
-    """Open ``path`` with decord (CPU, RGB) -> ``(reader, VideoInfo)``; raises VideoError."""
+def _reader(path: str | Path):
     import decord
 
+    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+
+
+def open_video(path: str | Path):
+    """Open ``path`` with decord (CPU, RGB) -> ``(reader, VideoInfo)``; raises VideoError."""
     path = Path(path)
     if not path.is_file():
         raise VideoError(f"{path}: no such file")
     try:
-        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        vr = _reader(path)
         n = len(vr)
         fps = float(vr.get_avg_fps())
         h, w = vr[0].shape[:2] if n else (0, 0)
@@ -110,7 +114,8 @@ def iter_chunks(
 ) -> Iterator[Chunk]:
     """Yield the video in chunks of at most ``chunk`` kept frames.
 
-    Kept frames are ``0, stride, 2*stride, ...`` or, if given, exactly ``frames``.
+    Kept frames are ``0, stride, 2*stride, ...`` or, if given, exactly ``frames``. With ``vr=None``
+    each chunk is read by a reader of its own, opened from ``info.path`` and freed straight after.
     """
     if frames is None:
         index = np.arange(0, info.n_frames, max(1, stride), dtype=np.int64)
@@ -118,8 +123,13 @@ def iter_chunks(
         index = np.asarray(frames, np.int64)
     for start in range(0, len(index), chunk):
         part = index[start : start + chunk]
-        data, err = _read(vr, part, (info.height, info.width))
+        # a decord 0.6 reader left idle keeps decoding ahead into memory, without bound on a long
+        # video, so no reader outlives the chunk it reads
+        reader = _reader(info.path) if vr is None else vr
+        data, err = _read(reader, part, (info.height, info.width))
+        stamps = _timestamps(reader, part, info.fps)
+        del reader
         if err.any():
             log.warning("%s: %d of %d frames from frame %d could not be decoded",
                         info.path, err.sum(), len(part), part[0])
-        yield Chunk(data, part, _timestamps(vr, part, info.fps), err)
+        yield Chunk(data, part, stamps, err)

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import av
 import h5py
 import numpy as np
 import pytest
-from test_video import truncate
+from test_video import decodable, garble, truncate
 
+from pipeline import faces
 from pipeline.config import load_config
-from pipeline.faces import HASH_KEYS, export_cropped, main, outputs_for
+from pipeline.faces import config_hash, export_cropped, main, outputs_for
 from pipeline.runs import h5_is_done
 from pipeline.track import Detections, choose_track, follow, link, subject_tracks
 
@@ -26,18 +32,18 @@ def faces_cfg(videos, out_dir, *extra, annotations=""):
 
 
 def side_by_side(left: Path, right: Path, dst: Path, n: int = 17) -> Path:
-    """A clip of two real people: the first frame of ``left`` beside that of ``right``, drifting."""
-    frames = []
+    """A clip of two real people: the first ``n`` frames of ``left`` beside those of ``right``."""
+    clips = []
     for src in (left, right):
         with av.open(str(src)) as c:
-            frames.append(next(c.decode(video=0)).to_ndarray(format="rgb24")[:360, :640])
-    both = np.concatenate(frames, axis=1)
+            frames = (f.to_ndarray(format="rgb24")[:360, :640] for f in c.decode(video=0))
+            clips.append([f for _, f in zip(range(n), frames, strict=False)])
     with av.open(str(dst), "w") as out:
         stream = out.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = both.shape[1], both.shape[0], "yuv420p"
-        for k in range(n):
-            img = np.roll(both, 2 * k, axis=1)
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")))
+        stream.width, stream.height, stream.pix_fmt = 1280, 360, "yuv420p"
+        for a, b in zip(*clips, strict=True):
+            both = np.ascontiguousarray(np.concatenate([a, b], axis=1))
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(both, format="rgb24")))
         out.mux(stream.encode())
     return dst
 
@@ -53,6 +59,7 @@ def run(pyfeat_clips, tmp_path_factory):
         shutil.copy(pyfeat_clips / name, videos / name)
     truncate(pyfeat_clips / "single_face.mp4", videos / "cut.mp4")
     (videos / "notes.mp4").write_text("not a video\n")
+    garble(pyfeat_clips / "single_face.mp4", videos / "garbled.mp4", first=60)
     side_by_side(pyfeat_clips / "single_face.mp4", pyfeat_clips / "WolfgangLanger_Pexels.mp4",
                  videos / "two.mp4")
     for side in ("left", "right"):
@@ -74,8 +81,8 @@ def test_bad_files_fail_alone(run):
     assert sorted(Path(r["item"]).name for r in failed) == ["cut.mp4", "notes.mp4"]
     for r in failed:
         assert Path(r["item"]).name in r["error"]
-    chash = run["cfg"].hash(HASH_KEYS)
-    for name in ("single_face", "no_face", "face_noface", "noface_face", "two_left", "two_right"):
+    chash = config_hash(run["cfg"])
+    for name in ("single_face", "no_face", "face_noface", "noface_face", "two_left", "two_right", "garbled"):
         assert h5_is_done(run["out"] / f"{name}.h5", chash), name
     assert not (run["out"] / "cut.h5").exists() and not (run["out"] / "two.h5").exists()
     assert not list(run["out"].glob("*.partial"))
@@ -114,6 +121,20 @@ def test_no_face_anywhere(run, pyfeat_clips, tmp_path):
 
 
 @pytest.mark.real_video
+def test_header_promising_more_frames_than_decode(run):
+    d = read(run["out"] / "garbled.h5")
+    header, good = decodable(run["videos"] / "garbled.mp4")
+    assert d["attrs"]["n_frames"] == header > len(good)
+    np.testing.assert_array_equal(d["frame"], np.arange(0, header, 8))
+    err = d["decode_error"]
+    assert err[d["frame"] >= len(good)].all() and not err[0]
+    # frames that did not decode hold no face, no crop and are not bridged over
+    assert not d["present"][err].any() and not d["interpolated"][err].any() and (d["track"][err] == -1).all()
+    assert not d["crops_112"][err].any() and np.isnan(d["box"][err]).all()
+    assert d["present"][~err].all()
+
+
+@pytest.mark.real_video
 @pytest.mark.parametrize("name, first", [("face_noface", True), ("noface_face", False)])
 def test_face_appears_or_leaves(run, name, first):
     present = read(run["out"] / f"{name}.h5")["present"]
@@ -143,7 +164,59 @@ def test_rerun_skips_finished_and_redoes_changed(run):
     changed = faces_cfg(run["videos"], run["out"], "max_gap=2", annotations=run["root"] / "annotations")
     changed.videos = str(run["videos"] / "single_face.mp4")
     assert main(changed) == 0
-    assert path.stat().st_mtime_ns != before and h5_is_done(path, changed.hash(HASH_KEYS))
+    assert path.stat().st_mtime_ns != before and h5_is_done(path, config_hash(changed))
+
+
+@pytest.mark.real_video
+def test_new_stage_version_redoes_finished_files(run, monkeypatch):
+    path = run["out"] / "no_face.h5"
+    cfg = faces_cfg(run["videos"] / "no_face.mp4", run["out"])
+    before, old = path.stat().st_mtime_ns, config_hash(cfg)
+    assert main(cfg) == 0 and path.stat().st_mtime_ns == before
+    monkeypatch.setattr(faces, "VERSION", faces.VERSION + 1)
+    assert config_hash(cfg) != old and not h5_is_done(path, config_hash(cfg))
+    assert main(cfg) == 0
+    assert path.stat().st_mtime_ns != before and h5_is_done(path, config_hash(cfg))
+
+
+def _stage(videos: Path, out: Path) -> subprocess.Popen:
+    args = [f"data.videos={videos}", "data.annotations=", f"out_dir={out}", *FAST, "stride=4"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # the same arithmetic in every run, so results compare exactly
+    return subprocess.Popen([sys.executable, "-m", "pipeline.faces", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(faces.__file__).parents[1])
+
+
+@pytest.mark.real_video
+def test_resume_after_sigkill_equals_an_uninterrupted_run(pyfeat_clips, tmp_path):
+    videos = tmp_path / "v"
+    videos.mkdir()
+    names = ("single_face.mp4", "face_noface.mov", "noface_face.mov", "no_face.mp4")
+    for k, name in enumerate(names):
+        shutil.copy(pyfeat_clips / name, videos / f"{k}_{name}")
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    proc = _stage(videos, killed)
+    deadline = time.monotonic() + 120
+    while not list(killed.glob("*.h5")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed part-way, not finished
+    finished = {p.name: p.stat().st_mtime_ns for p in killed.glob("*.h5")}
+    assert 1 <= len(finished) < len(names)
+    chash = read(next(killed.glob("*.h5")))["attrs"]["config_hash"]
+    for name in finished:
+        assert h5_is_done(killed / name, chash), name
+
+    assert _stage(videos, killed).wait() == 0  # resumed
+    assert _stage(videos, whole).wait() == 0  # uninterrupted
+    assert {p.name: p.stat().st_mtime_ns for p in killed.glob("*.h5") if p.name in finished} == finished
+    for k, name in enumerate(names):
+        h5 = f"{k}_{Path(name).stem}.h5"
+        a, b = read(killed / h5), read(whole / h5)
+        assert h5_is_done(killed / h5, chash) and a.keys() == b.keys()
+        for key in a:
+            if key != "attrs":
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{h5}: {key}")
 
 
 @pytest.mark.real_video

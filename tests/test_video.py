@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import av
 import decord
 import numpy as np
@@ -93,6 +95,53 @@ def truncate(src, dst, keep=0.5):
     dst.write_bytes(data[: int(len(data) * keep)])
     whole.unlink()
     return dst
+
+
+def garble(src, dst, first: int):
+    """A copy of ``src`` whose video packets from ``first`` on carry random bytes of the same size:
+    the container still lists every frame, but the decoder cannot make frames of the tail."""
+    rng = np.random.default_rng(0)
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        packets = (p for p in inp.demux(inp.streams.video[0]) if p.dts is not None)
+        for k, packet in enumerate(packets):
+            if k >= first:
+                junk = av.Packet(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
+                junk.pts, junk.dts, junk.time_base = packet.pts, packet.dts, packet.time_base
+                junk.is_keyframe = packet.is_keyframe
+                packet = junk
+            packet.stream = stream
+            out.mux(packet)
+    return dst
+
+
+def decodable(path):
+    """(header frame count, frames PyAV decodes before the stream breaks)."""
+    with av.open(str(path)) as c:
+        header, frames = c.streams.video[0].frames, []
+        with contextlib.suppress(av.error.InvalidDataError):
+            for frame in c.decode(video=0):
+                frames.append(frame.to_ndarray(format="rgb24"))
+    return header, np.stack(frames)
+
+
+def test_header_promising_more_frames_than_decode(pyfeat_clips, tmp_path):
+    path = garble(pyfeat_clips / "single_face.mp4", tmp_path / "garbled.mp4", first=60)
+    header, good = decodable(path)
+    assert header == 72 and len(good) < header
+    vr, info = open_video(path)
+    assert info.n_frames == header
+    chunks = list(iter_chunks(vr, info, chunk=16))
+    error = np.concatenate([c.error for c in chunks])
+    frames = np.concatenate([c.frames for c in chunks])
+    assert len(error) == header
+    # everything PyAV cannot decode is flagged, and what is flagged is one stretch reaching the end
+    assert error[len(good):].all()
+    first_bad = np.argmax(error)
+    assert error[first_bad:].all() and not error[:first_bad].any() and first_bad > 0
+    assert not frames[error].any()
+    # the frames that are not flagged are the real ones
+    assert np.abs(frames[:first_bad].astype(int) - good[:first_bad]).mean() < 2
 
 
 def test_unreadable_files_name_themselves(pyfeat_clips, tmp_path):
