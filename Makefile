@@ -23,7 +23,7 @@ DATA_INPUTS   := $(if $(filter sample,$(DATA)),$(SAMPLE_DONE)) configs/data/$(DA
 args_for       = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint demo sample faces features train experiments evaluate predict bench bench-features bench-pipeline clean
+.PHONY: help setup test lint demo sample faces features train experiments evaluate predict bench bench-faces bench-features bench-pipeline test-faults clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,6 +42,9 @@ lint: setup ## ruff over the project
 
 test: setup lint ## lint, then the whole test suite (one end-to-end run on a reduced sample included)
 	$(VENV)/bin/pytest -q
+
+test-faults: setup ## the fault-injection and bad-input suites alone (kills, locks, full disk, bad files)
+	$(VENV)/bin/pytest -q tests/test_faults.py tests/test_bad_inputs.py tests/test_feature_kill.py
 
 demo: setup $(TRAIN_DONE) ## the whole pipeline on the built-in sample; prints the validation scores
 	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(RUNS)/$(DATA)/train/$(RUN)/predictions
@@ -87,6 +90,9 @@ predict: setup ## one new video through all stages: make predict VIDEO=clip.mp4 
 
 bench: setup $(FEATURES_DONE) ## encoders side by side: parameters, throughput, memory, validation P_MTL
 	$(PY) -m pipeline.bench data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(ARGS)
+
+bench-faces: setup ## faces stage against the plain facenet-pytorch loop, and peak memory on a long video
+	$(PY) -m pipeline.bench_faces $(ARGS)
 
 bench-features: setup ## features stage against the bare model forward, and cache window reads
 	$(PY) -m pipeline.bench_features $(ARGS)

@@ -21,7 +21,16 @@ from einops import rearrange
 
 from pipeline.align import align_faces
 from pipeline.config import Config, ConfigError, parse_args
-from pipeline.runs import atomic_output, h5_is_done, list_inputs, run_each, setup_logging, shard_of
+from pipeline.runs import (
+    RunLocked,
+    atomic_output,
+    h5_is_done,
+    list_inputs,
+    run_each,
+    setup_logging,
+    shard_of,
+    stage_lock,
+)
 from pipeline.track import SUBJECTS, Detections, Subject, follow, link, subject_tracks
 from pipeline.video import VideoInfo, iter_chunks, open_video
 
@@ -260,12 +269,22 @@ def resolve(cfg: Config) -> Config:
 
 
 def main(cfg: Config) -> int:
-    """Run the face stage over every video of this shard; exit status 1 if any failed."""
+    """Run the face stage over every video of this shard; exit status 1 if any failed, 2 if the
+    output folder is locked by another run or cannot be written."""
     setup_logging()
     cfg = resolve(cfg)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(out_dir / "config.yaml")
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(stage_lock(out_dir, cfg.shard or None))
+            cfg.save(out_dir / "config.yaml")
+        except (RunLocked, OSError) as e:
+            log.error("faces: stopped: %s", e)
+            return 2
+        return run(cfg, out_dir)
+
+
+def run(cfg: Config, out_dir: Path) -> int:
     chash = config_hash(cfg)
     failures = out_dir / "failures.jsonl"
     try:

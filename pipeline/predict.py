@@ -120,14 +120,14 @@ def write_overlay(video: Path, preds: dict[str, np.ndarray], faces_h5: Path, pat
 
     with h5py.File(faces_h5, "r") as f:
         face_frames, boxes, present = f["frame"][:], f["box"][:], f["present"][:]
-    vr, info = open_video(video)
+    info = open_video(video)[1]  # each chunk opens its own reader: decord's read-ahead stays bounded
     width, height = info.width - info.width % 2, info.height - info.height % 2  # yuv420p needs even sizes
     tasks = [t for t in ("va", "expr", "au") if t in preds]
     with atomic_output(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(info.fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": "20", "preset": "veryfast"}
-        for part in iter_chunks(vr, info, chunk=chunk):
+        for part in iter_chunks(None, info, chunk=chunk):
             rows = np.clip(np.searchsorted(preds["frame"], part.index, side="right") - 1, 0, None)
             face_rows = np.clip(np.searchsorted(face_frames, part.index, side="right") - 1, 0, None)
             for frame, row, face_row in zip(part.frames, rows, face_rows, strict=True):

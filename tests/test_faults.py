@@ -81,8 +81,6 @@ def test_features_stage_refuses_a_folder_another_run_holds(tmp_path):
     assert not list(out.rglob("*.h5"))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="pipeline/faces.py main does not take stage_lock(out_dir) yet")
 @pytest.mark.real_video
 def test_faces_stage_refuses_a_folder_another_run_holds(pyfeat_clips, tmp_path):
     from pipeline.faces import main
