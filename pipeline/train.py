@@ -162,7 +162,9 @@ def main(cfg: Config) -> int:
     out = run_dir(cfg)
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(stage_lock(out))
+            # the processes of a torchrun job are one run: rank 0 holds the folder's one lock
+            if world.main:
+                stack.enter_context(stage_lock(out, "0/1"))
         except (RunLocked, OSError) as e:
             log.error("%s", e)
             return 2
