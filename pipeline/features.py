@@ -11,9 +11,11 @@ video in progress; a part made with another configuration is stale and recompute
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -190,7 +192,7 @@ def extract_video(src: FaceBatches, extractor: Extractor, part: Path, attrs: dic
         src.close()
     if not np.isfinite(feats).all():
         raise ValueError(f"non-finite features (overflow in {cfg.dtype}? try dtype=float32)")
-    with atomic_output(part) as tmp, h5py.File(tmp, "w") as f:
+    with h5_in_memory(part) as f:
         f["features"] = feats
         f["present"] = src.present
         f["frame"] = src.frame
@@ -198,10 +200,24 @@ def extract_video(src: FaceBatches, extractor: Extractor, part: Path, attrs: dic
         f.attrs["complete"] = True
 
 
+@contextlib.contextmanager
+def h5_in_memory(path: Path) -> Iterator[h5py.File]:
+    """An HDF5 file built in memory, then written to ``path`` atomically with plain file I/O.
+
+    HDF5 writing straight to a full disk cannot close its file, and the library then crashes the
+    process at exit; a plain write fails with a clean ENOSPC instead.
+    """
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        yield f
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(image.getbuffer())
+
+
 def write_links(cache: Path, parts_dir: Path, videos: list[str], config_hash: str, attrs: dict) -> list[str]:
     """(Re)write ``cache`` atomically as external links to every current part; returns the videos linked."""
     linked = [v for v in videos if h5_is_done(parts_dir / f"{v}.h5", config_hash)]
-    with atomic_output(cache) as tmp, h5py.File(tmp, "w") as f:
+    with h5_in_memory(cache) as f:
         for video in linked:
             f[video] = h5py.ExternalLink(f"{parts_dir.name}/{video}.h5", "/")
         f.attrs.update({**attrs, "videos": len(linked)})

@@ -178,25 +178,29 @@ def test_features_on_a_full_disk_stop_cleanly_and_resume(small_disk, tmp_path):
             assert a["features"][:].tobytes() == b["features"][:].tobytes(), part.name
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "on a full disk HDF5 cannot flush the faces stage's partial file, keeps it open, and the process "
+    "segfaults at exit (status 139) after reporting the failure; the features stage avoids this by "
+    "building its small files in memory, which face crops are too large for"))
 @pytest.mark.real_video
 def test_faces_on_a_full_disk_fail_the_video_not_the_run(small_disk, pyfeat_clips, tmp_path):
-    from pipeline.faces import main
-
+    # In a child process: the crash this guards against would otherwise take the test runner down.
     videos = tmp_path / "videos"
     videos.mkdir()
     for name in ("no_face.mp4", "single_face.mp4"):  # sorted: the small output comes first
         shutil.copy(pyfeat_clips / name, videos / name)
     out = small_disk(160)  # no_face.h5 is ~11 KiB, single_face.h5 ~290 KiB
-    cfg = load_config("faces", None, [*FACES_FAST, f"data.videos={videos}", f"out_dir={out}"])
-    assert main(cfg) == 1
+    cmd = [sys.executable, "-m", "pipeline.faces", *FACES_FAST, f"data.videos={videos}", f"out_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert complete_files(out) == ["no_face.h5"]
     assert not list(out.glob(".*partial")) and not list(out.glob("*.tmp"))
     failures = (out / "failures.jsonl").read_text()
     assert "single_face" in failures and "No space left" in failures
+    assert done.returncode == 1, f"exit status {done.returncode}: {done.stderr[-500:]}"
 
     small_disk(4096, again=True)
-    assert main(cfg) == 0
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True).returncode == 0
     assert complete_files(out) == ["no_face.h5", "single_face.h5"]
 
 
