@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from models import MultiTaskLoss, MultiTaskModel
-from pipeline.config import Config, ConfigError, component_names, load_component, load_config, parse_args
+from pipeline.config import Config, ConfigError, component_names, load_component, load_config, run_stage
 from pipeline.data import feature_paths
 from pipeline.feature_cache import FeatureCache
 from pipeline.runs import setup_logging, write_json
@@ -433,7 +433,4 @@ def main(cfg: Config) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main(parse_args("bench")))
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    run_stage("bench", main)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline import faces
-from pipeline.config import Config, load_config, parse_args
+from pipeline.config import Config, load_config, run_stage
 from pipeline.runs import setup_logging, write_json
 from pipeline.track import iou
 
@@ -41,7 +41,7 @@ def plain_loop(frames: list, mtcnn) -> list[np.ndarray | None]:
     return boxes
 
 
-def run_stage(video: Path, cfg: Config, detector: faces.FaceDetector, out_dir: Path) -> dict:
+def run_faces_stage(video: Path, cfg: Config, detector: faces.FaceDetector, out_dir: Path) -> dict:
     """One video through the stage (decode, detect, track, align, write HDF5) -> its datasets."""
     import h5py
 
@@ -86,7 +86,7 @@ def bench_speed(cfg: Config, clip: Path, work: Path) -> dict:
     stage_s, plain_s, result, plain = [], [], None, None
     for r in range(cfg.repeats):
         t0 = time.perf_counter()
-        result = run_stage(clip, stage_cfg, detector, work / f"stage-{r}")
+        result = run_faces_stage(clip, stage_cfg, detector, work / f"stage-{r}")
         stage_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         plain = plain_loop(frames, mtcnn)
@@ -205,4 +205,4 @@ def main(cfg: Config) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(parse_args("bench_faces")))
+    run_stage("bench_faces", main)

@@ -26,7 +26,7 @@ from einops import rearrange
 
 from features import Extractor, build_extractor
 from pipeline import features as stage
-from pipeline.config import Config, load_config, parse_args
+from pipeline.config import Config, load_config, run_stage
 from pipeline.feature_cache import FeatureCache
 from pipeline.runs import setup_logging, write_json
 
@@ -106,7 +106,7 @@ def forward_all(extractor: Extractor, batches: list[torch.Tensor]) -> None:
             extractor(x)
 
 
-def run_stage(cfg: Config) -> None:
+def run_features_stage(cfg: Config) -> None:
     """One whole features-stage run, quietly; a failure is an error, not a fast time."""
     quiet = io.StringIO()
     level = log.level
@@ -157,7 +157,8 @@ def bench_extractor(cfg: Config, name: str, faces_dir: Path, work: Path) -> dict
     stage_runs, bare_runs = [], []
     for r in range(cfg.repeats):
         out_dir = work / f"{name}-{r}"  # a fresh folder, or the stage would skip finished videos
-        stage_runs.append(timed(lambda out_dir=out_dir: run_stage(stage_config(cfg, name, faces_dir, out_dir))))
+        stage_cfg = stage_config(cfg, name, faces_dir, out_dir)
+        stage_runs.append(timed(lambda stage_cfg=stage_cfg: run_features_stage(stage_cfg)))
         bare_runs.append(timed(lambda: forward_all(extractor, batches)))
         log.info("%s repeat %d: stage %.2fs, bare forward %.2fs (%d frames)",
                  name, r + 1, stage_runs[-1][0], bare_runs[-1][0], frames)
@@ -215,4 +216,4 @@ def main(cfg: Config) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(parse_args("bench_features")))
+    run_stage("bench_features", main)

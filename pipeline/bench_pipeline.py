@@ -28,7 +28,7 @@ from features import EXTRACTORS, build_extractor
 from pipeline.align import align_faces
 from pipeline.bench import encoder_spec, machine, markdown_table, measure, time_call
 from pipeline.clips import fetch_pyfeat_clips
-from pipeline.config import Config, ConfigError, load_config, parse_args
+from pipeline.config import Config, ConfigError, load_config, run_stage
 from pipeline.faces import FaceDetector
 from pipeline.runs import list_inputs, setup_logging, write_json
 from pipeline.track import Detections
@@ -349,7 +349,4 @@ def main(cfg: Config) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main(parse_args("bench_pipeline")))
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    run_stage("bench_pipeline", main)

@@ -13,9 +13,9 @@ import copy
 import difflib
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -206,6 +206,16 @@ def load_config(
             continue
         apply_override(cfg, key, value)
     return _wrap(cfg)
+
+
+def run_stage(stage: str, main: Callable[[Config], int], argv: list[str] | None = None) -> NoReturn:
+    """The command line of ``python -m pipeline.<stage>``: parse, run ``main``, exit with its status;
+    a config error, found while parsing or inside ``main``, becomes one ``error: ...`` line (status 1)."""
+    try:
+        status = main(parse_args(stage, argv))
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    raise SystemExit(status)
 
 
 def parse_args(stage: str, argv: list[str] | None = None) -> Config:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config, ConfigError, parse_args
+from pipeline.config import Config, ConfigError, run_stage
 from pipeline.labels import AUS, AnnotationError, load_annotations
 from pipeline.metrics import format_table, score_videos
 from pipeline.runs import setup_logging, write_json
@@ -65,4 +65,4 @@ def main(cfg: Config) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(parse_args("evaluate")))
+    run_stage("evaluate", main)

@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 
 from pipeline.align import align_faces
-from pipeline.config import Config, ConfigError, parse_args
+from pipeline.config import Config, ConfigError, run_stage
 from pipeline.runs import (
     RunLocked,
     atomic_output,
@@ -328,8 +328,4 @@ def run(cfg: Config, out_dir: Path) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        config = parse_args("faces")
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    raise SystemExit(main(config))
+    run_stage("faces", main)

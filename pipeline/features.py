@@ -25,7 +25,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Dataset
 
 from features import Extractor, build_extractor
-from pipeline.config import Config, ConfigError, parse_args
+from pipeline.config import Config, ConfigError, run_stage
 from pipeline.runs import (
     RunLocked,
     atomic_output,
@@ -322,8 +322,4 @@ def extract_all(cfg: Config, extractor: Extractor, attrs: dict, device: torch.de
 
 
 if __name__ == "__main__":
-    try:
-        config = parse_args("features")
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    raise SystemExit(main(config))
+    run_stage("features", main)

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from pipeline import faces, features
-from pipeline.config import Config, load_config, parse_args
+from pipeline.config import Config, load_config, run_stage
 from pipeline.data import Normaliser
 from pipeline.feature_cache import FeatureCache
 from pipeline.inference import load_checkpoint, predict_features, smooth
@@ -202,4 +202,4 @@ def main(cfg: Config) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(parse_args("predict")))
+    run_stage("predict", main)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from pipeline.config import Config, ConfigError, parse_args
+from pipeline.config import Config, ConfigError, run_stage
 from pipeline.runs import setup_logging, write_json
 
 log = logging.getLogger("pipeline")
@@ -588,4 +588,4 @@ def main(cfg: Config) -> int:
 
 if __name__ == "__main__":
     setup_logging()
-    raise SystemExit(main(parse_args("sample")))
+    run_stage("sample", main)

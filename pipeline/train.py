@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from models import MultiTaskLoss, MultiTaskModel
 from models.cross_task import au_cooccurrence
 from pipeline import metrics
-from pipeline.config import Config, parse_args, read_yaml
+from pipeline.config import Config, read_yaml, run_stage
 from pipeline.data import Normaliser, SequenceDataset, feature_paths
 from pipeline.distributed import GlobalBatches, Shares, World, gather_batch, init_world
 from pipeline.feature_cache import FeatureCache
@@ -347,4 +347,4 @@ _TRAINING_KEYS = ("data", "extractors", "encoder", "model", "loss", "window", "s
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(parse_args("train")))
+    run_stage("train", main)
