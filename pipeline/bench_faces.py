@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pipeline import faces
+from pipeline.bench import machine
 from pipeline.config import Config, load_config, run_stage
 from pipeline.runs import setup_logging, write_json
 from pipeline.track import iou
@@ -175,6 +176,7 @@ def main(cfg: Config) -> int:
     setup_logging()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    host = machine("cpu", cfg.threads)
     if cfg.clip:
         clip = Path(cfg.clip)
     else:
@@ -197,8 +199,7 @@ def main(cfg: Config) -> int:
           "plain loop: MTCNN() detect + select + crop per frame on PIL frames decoded beforehand (not timed). "
           "Found: plain-loop faces matched by a detected (not interpolated) stage box. Peak RSS: VmHWM of a "
           "fresh subprocess running the stage, reset via /proc/self/clear_refs.")
-    write_json(cfg.out, {"config": cfg.to_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                         "cpus": os.cpu_count(), "load_average": os.getloadavg(), "speed": speed,
+    write_json(cfg.out, {"config": cfg.to_dict(), "machine": host, "speed": speed,
                          "memory": memory})
     print(f"-> {cfg.out}")
     return 0

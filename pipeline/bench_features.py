@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ from einops import rearrange
 
 from features import Extractor, build_extractor
 from pipeline import features as stage
+from pipeline.bench import machine
 from pipeline.config import Config, load_config, run_stage
 from pipeline.feature_cache import FeatureCache
 from pipeline.runs import setup_logging, write_json
@@ -196,6 +196,7 @@ def main(cfg: Config) -> int:
     setup_logging()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    host = machine(cfg.device, cfg.threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_features_") as tmp:
         work = Path(tmp)
@@ -209,8 +210,7 @@ def main(cfg: Config) -> int:
     print(table(rows))
     print("read / preprocess: the stage's own HDF5 reading and preprocessing, as shares of the bare "
           f"forward time; windows: random {cfg.window}-frame reads through FeatureCache (float32 MB).")
-    write_json(cfg.out, {"config": cfg.to_dict(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                         "cpus": os.cpu_count(), "load_average": os.getloadavg(), "results": rows})
+    write_json(cfg.out, {"config": cfg.to_dict(), "machine": host, "results": rows})
     print(f"-> {cfg.out}")
     return 0
 
