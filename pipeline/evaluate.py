@@ -9,8 +9,6 @@ Predictions may be in any layout of :mod:`pipeline.writers`. Prints the table of
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +20,6 @@ from pipeline.runs import setup_logging, write_json
 from pipeline.writers import read_predictions
 
 log = logging.getLogger("pipeline")
-
-
-def _json_safe(scores: Mapping[str, float]) -> dict:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()}
 
 
 def output_path(cfg: Config) -> Path:
@@ -59,7 +53,7 @@ def main(cfg: Config) -> int:
         log.info("%d predicted videos have no %s labels: %s", len(extra), cfg.split, ", ".join(extra[:3]))
     print(format_table(scores))
     out = output_path(cfg)
-    write_json(out, {"scores": _json_safe(scores), "videos": len(labels), "config": cfg.to_dict()})
+    write_json(out, {"scores": scores, "videos": len(labels), "config": cfg.to_dict()})
     log.info("scores of %d videos written to %s", len(labels), out)
     return 0
 

@@ -9,6 +9,7 @@ import fcntl
 import glob
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -102,8 +103,20 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def _json_ready(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``null``: JSON has no NaN, and strict readers refuse it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Write ``data`` as strict JSON (NaN, an undefined score, becomes ``null``), atomically."""
+    write_text(path, json.dumps(_json_ready(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 class RunLocked(RuntimeError):
