@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from pipeline.runs import (
     RunLocked,
     atomic_output,
     h5_is_done,
+    h5_writer,
     list_inputs,
     run_each,
     setup_logging,
@@ -125,17 +127,18 @@ def config_hash(cfg: Config) -> str:
     return f"{cfg.hash(HASH_KEYS)}-v{VERSION}"
 
 
-def _new_h5(path: Path, n: int, cfg: Config, attrs: dict) -> h5py.File:
-    f = h5py.File(path, "w")
-    comp = dict(compression=cfg.compression or None)
-    if cfg.compression == "gzip":
-        comp["compression_opts"] = cfg.compression_level
-    for size in cfg.sizes:
-        # one frame per HDF5 chunk so that a reader can fetch any frame alone
-        f.create_dataset(f"crops_{size}", (n, size, size, 3), np.uint8, chunks=(1, size, size, 3), **comp)
-    for k, v in attrs.items():
-        f.attrs[k] = v
-    return f
+@contextlib.contextmanager
+def _new_h5(path: Path, n: int, cfg: Config, attrs: dict) -> Iterator[h5py.File]:
+    with h5_writer(path) as f:  # on a full disk it fails the video, not the process at exit
+        comp = dict(compression=cfg.compression or None)
+        if cfg.compression == "gzip":
+            comp["compression_opts"] = cfg.compression_level
+        for size in cfg.sizes:
+            # one frame per HDF5 chunk so that a reader can fetch any frame alone
+            f.create_dataset(f"crops_{size}", (n, size, size, 3), np.uint8, chunks=(1, size, size, 3), **comp)
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        yield f
 
 
 def _write_meta(f: h5py.File, index, timestamp, error, sub: Subject) -> None:

