@@ -59,12 +59,7 @@ def _pixel_to_norm(size_hw: tuple[int, int]) -> torch.Tensor:
                         dtype=torch.float64)
 
 
-def warp(frames: torch.Tensor, mat: torch.Tensor, size: int) -> torch.Tensor:
-    """Warp frames into ``size`` x ``size`` crops with the source->crop affines ``mat``.
-
-    frames: (b, h, w, 3) uint8; mat: (b, 2, 3) pixel affine mapping frame points to crop points.
-    Returns (b, size, size, 3) uint8; outside the frame is black.
-    """
+def _warp(frames: torch.Tensor, mat: torch.Tensor, size: int) -> torch.Tensor:
     b, h, w, _ = frames.shape
     full = torch.eye(3, dtype=torch.float64).repeat(b, 1, 1)
     full[:, :2] = mat.double()
@@ -74,6 +69,39 @@ def warp(frames: torch.Tensor, mat: torch.Tensor, size: int) -> torch.Tensor:
     x = rearrange(frames, "b h w c -> b c h w").float()
     out = F.grid_sample(x, grid.to(x.device), mode="bilinear", padding_mode="zeros", align_corners=False)
     return rearrange(out.round().clamp(0, 255).to(torch.uint8), "b c h w -> b h w c")
+
+
+def footprint(mat: torch.Tensor, size: int, hw: tuple[int, int]) -> np.ndarray:
+    """The frame pixels that ``size`` x ``size`` crops made with affines ``mat`` (b, 2, 3) read:
+    (b, 4) int x0, y0, x1, y1 (exclusive), clipped to the frame of ``hw`` = (h, w)."""
+    full = torch.eye(3, dtype=torch.float64).repeat(len(mat), 1, 1)
+    full[:, :2] = mat.double()
+    corners = torch.tensor([[0, 0], [size - 1, 0], [0, size - 1], [size - 1, size - 1]], dtype=torch.float64)
+    back = apply_affine(torch.linalg.inv(full)[:, :2], corners.expand(len(mat), 4, 2)).numpy()
+    # bilinear sampling reads the pixel below and the one above each sample point
+    lo = np.floor(back.min(1)).astype(np.int64) - 1
+    hi = np.floor(back.max(1)).astype(np.int64) + 2
+    h, w = hw
+    return np.stack([lo[:, 0].clip(0, w), lo[:, 1].clip(0, h), hi[:, 0].clip(0, w), hi[:, 1].clip(0, h)], 1)
+
+
+def warp(frames: torch.Tensor, mat: torch.Tensor, size: int) -> torch.Tensor:
+    """Warp frames into ``size`` x ``size`` crops with the source->crop affines ``mat``.
+
+    frames: (b, h, w, 3) uint8; mat: (b, 2, 3) pixel affine mapping frame points to crop points.
+    Returns (b, size, size, 3) uint8; outside the frame is black. Each crop reads only the part of
+    its frame that it covers, so the cost and the float copies do not grow with the frame's size.
+    """
+    b, h, w, _ = frames.shape
+    out = torch.zeros((b, size, size, 3), dtype=torch.uint8)
+    for i, (x0, y0, x1, y1) in enumerate(footprint(mat, size, (h, w))):
+        if x1 <= x0 or y1 <= y0:
+            continue  # the crop lies wholly outside the frame
+        shift = mat[i : i + 1].clone()
+        # frame point p = q + (x0, y0) for a point q of the region
+        shift[0, :, 2] += shift[0, :, :2] @ torch.tensor([x0, y0], dtype=shift.dtype)
+        out[i] = _warp(frames[i : i + 1, y0:y1, x0:x1], shift, size)[0]
+    return out
 
 
 def align_faces(

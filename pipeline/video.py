@@ -47,10 +47,12 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
     return (RuntimeError, decord.DECORDError)
 
 
-def _reader(path: str | Path):
+def _reader(path: str | Path, size: tuple[int, int] | None = None):
     import decord
 
-    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    # decord scales while decoding: far cheaper than decoding whole frames and shrinking them after
+    h, w = size or (-1, -1)
+    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, width=w, height=h)
 
 
 def open_video(path: str | Path):
@@ -109,13 +111,26 @@ def _read(vr, index: Sequence[int], shape: tuple[int, int]) -> tuple[np.ndarray,
     return out, err
 
 
+def shrunk(info: VideoInfo, longest: int) -> tuple[int, int]:
+    """(h, w) of the video's frames scaled down, never up, to ``longest`` pixels on the longer side."""
+    s = min(1.0, longest / max(info.width, info.height))
+    return max(1, round(info.height * s)), max(1, round(info.width * s))
+
+
+def chunk_frames(chunk: int, chunk_mb: float, size: tuple[int, int]) -> int:
+    """Frames per chunk: at most ``chunk``, and at most ``chunk_mb`` MiB of (h, w) RGB frames."""
+    return max(1, min(chunk, int(chunk_mb * 2**20 // (size[0] * size[1] * 3))))
+
+
 def iter_chunks(
-    vr, info: VideoInfo, chunk: int = 64, stride: int = 1, frames: Sequence[int] | None = None
+    vr, info: VideoInfo, chunk: int = 64, stride: int = 1, frames: Sequence[int] | None = None,
+    size: tuple[int, int] | None = None,
 ) -> Iterator[Chunk]:
     """Yield the video in chunks of at most ``chunk`` kept frames.
 
     Kept frames are ``0, stride, 2*stride, ...`` or, if given, exactly ``frames``. With ``vr=None``
-    each chunk is read by a reader of its own, opened from ``info.path`` and freed straight after.
+    each chunk is read by a reader of its own, opened from ``info.path`` and freed straight after;
+    such readers can decode straight to ``size`` (h, w) instead of the video's own size.
     """
     if frames is None:
         index = np.arange(0, info.n_frames, max(1, stride), dtype=np.int64)
@@ -125,11 +140,12 @@ def iter_chunks(
         part = index[start : start + chunk]
         # a decord 0.6 reader left idle keeps decoding ahead into memory, without bound on a long
         # video, so no reader outlives the chunk it reads
-        reader = _reader(info.path) if vr is None else vr
-        data, err = _read(reader, part, (info.height, info.width))
+        reader = _reader(info.path, size) if vr is None else vr
+        data, err = _read(reader, part, size if vr is None and size else (info.height, info.width))
         stamps = _timestamps(reader, part, info.fps)
         del reader
         if err.any():
             log.warning("%s: %d of %d frames from frame %d could not be decoded",
                         info.path, err.sum(), len(part), part[0])
         yield Chunk(data, part, stamps, err)
+        del data  # the next chunk decodes without this one's frames still held here

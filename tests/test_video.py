@@ -8,8 +8,9 @@ import av
 import decord
 import numpy as np
 import pytest
+import torch
 
-from pipeline.video import VideoError, iter_chunks, open_video
+from pipeline.video import VideoError, chunk_frames, iter_chunks, open_video, shrunk
 
 pytestmark = pytest.mark.real_video
 
@@ -42,6 +43,23 @@ def test_chunks_cover_video_with_stride(pyfeat_clips):
     np.testing.assert_allclose(first.timestamp[:3], times[[0, 3, 6]], atol=1e-3)
     # two decoders may round colour conversion differently, not more
     assert np.abs(first.frames[:3].astype(int) - ref[[0, 3, 6]]).mean() < 2
+
+
+def test_chunks_decoded_small_and_bounded_in_bytes(pyfeat_clips):
+    from torchvision.transforms.v2.functional import resize
+
+    _, info = open_video(pyfeat_clips / "single_face.mp4")
+    size = shrunk(info, 320)
+    assert size == (180, 320) and shrunk(info, 4000) == (360, 640)  # never enlarged
+    per = chunk_frames(32, 1.0, size)  # 1 MiB holds 6 frames of 180x320
+    assert per == 6 and chunk_frames(32, 0.01, size) == 1
+    chunks = list(iter_chunks(None, info, per, size=size))
+    assert all(c.frames.shape[1:] == (180, 320, 3) and len(c.index) <= 6 for c in chunks)
+    assert sum(len(c.index) for c in chunks) == info.n_frames
+    whole = next(iter_chunks(None, info, 6))
+    small = resize(torch.from_numpy(whole.frames).permute(0, 3, 1, 2), [180, 320], antialias=True)
+    # scaled while decoding, the frames look like the full frames shrunk afterwards
+    assert np.abs(chunks[0].frames.astype(int) - small.permute(0, 2, 3, 1).numpy()).mean() < 3
 
 
 def test_explicit_frames(pyfeat_clips):
