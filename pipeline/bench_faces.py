@@ -24,6 +24,7 @@ import torch
 from pipeline import faces
 from pipeline.bench import machine
 from pipeline.config import Config, load_config, run_stage
+from pipeline.detect import FaceDetector
 from pipeline.runs import setup_logging, write_json
 from pipeline.track import iou
 
@@ -42,7 +43,7 @@ def plain_loop(frames: list, mtcnn) -> list[np.ndarray | None]:
     return boxes
 
 
-def run_faces_stage(video: Path, cfg: Config, detector: faces.FaceDetector, out_dir: Path) -> dict:
+def run_faces_stage(video: Path, cfg: Config, detector: FaceDetector, out_dir: Path) -> dict:
     """One video through the stage (decode, detect, track, align, write HDF5) -> its datasets."""
     import h5py
 
@@ -77,8 +78,7 @@ def bench_speed(cfg: Config, clip: Path, work: Path) -> dict:
     from PIL import Image
 
     stage_cfg = load_config("faces", None, list(cfg.stage))
-    detector = faces.FaceDetector(stage_cfg.thresholds, stage_cfg.min_face, stage_cfg.detect_size,
-                                  stage_cfg.device, stage_cfg.batch_size)
+    detector = FaceDetector.from_config(stage_cfg)
     mtcnn = MTCNN()
     vr = decord.VideoReader(str(clip), ctx=decord.cpu(0), num_threads=1)
     # the plain loop gets its frames decoded beforehand: decoding is not in its time

@@ -29,7 +29,7 @@ from pipeline.align import align_faces
 from pipeline.bench import encoder_spec, machine, markdown_table, measure, time_call
 from pipeline.clips import fetch_pyfeat_clips
 from pipeline.config import Config, ConfigError, load_config, run_stage
-from pipeline.faces import FaceDetector
+from pipeline.detect import FaceDetector
 from pipeline.runs import list_inputs, setup_logging, write_json
 from pipeline.track import Detections
 from pipeline.video import VideoError, iter_chunks, open_video
@@ -99,9 +99,14 @@ def bench_faces_steps(cfg: Config, faces: Config, readers: list[tuple],
     steps["decode"] = rate(n, times, chunk=faces.chunk, clips=len(clips))
     log.info("decode: %.1f frames/s over %d frames", steps["decode"]["fps"], n)
 
-    detector = FaceDetector(faces.thresholds, faces.min_face, faces.detect_size, cfg.device, faces.batch_size)
-    times = time_call(lambda: [detector(c) for c in clips], cfg.warmup, cfg.repeats, sync)
-    found = [best_faces(detector(c)) for c in clips]
+    detector = FaceDetector.from_config(Config({**faces, "device": cfg.device}))
+
+    def detect(clip: np.ndarray) -> list[Detections]:
+        detector.reset()  # each clip is a video of its own
+        return detector(clip)
+
+    times = time_call(lambda: [detect(c) for c in clips], cfg.warmup, cfg.repeats, sync)
+    found = [best_faces(detect(c)) for c in clips]
     with_face = sum(len(rows) for rows, _ in found)
     steps["detect"] = rate(n, times, detect_size=faces.detect_size, batch_size=faces.batch_size,
                            frames_with_face=with_face)

@@ -17,79 +17,33 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
-from einops import rearrange
 
 from pipeline.align import align_faces
 from pipeline.config import Config, ConfigError, run_stage
+from pipeline.detect import FaceDetector
 from pipeline.runs import (
     RunLocked,
     atomic_output,
     h5_is_done,
     h5_writer,
     list_inputs,
+    release_large_buffers,
     run_each,
     setup_logging,
     shard_of,
     stage_lock,
 )
 from pipeline.track import SUBJECTS, Detections, Subject, follow, link, subject_tracks
-from pipeline.video import VideoInfo, iter_chunks, open_video
+from pipeline.video import VideoInfo, chunk_frames, iter_chunks, open_video, shrunk
 
 log = logging.getLogger("pipeline")
 
 # Keys that change what a face file holds; the rest (device, batch size, paths) do not.
-HASH_KEYS = ("stride", "detect_size", "min_face", "thresholds", "subject", "max_gap", "track", "sizes",
-             "template", "compression", "compression_level", "import_cropped")
+HASH_KEYS = ("stride", "detect_size", "min_face", "thresholds", "keyframe", "follow_score", "subject", "max_gap",
+             "track", "sizes", "template", "compression", "compression_level", "import_cropped")
 # bump when a change to this stage changes what its files hold, so that finished files are redone
-VERSION = 1
+VERSION = 2
 SIDE = re.compile(r"^(?P<stem>.+)_(?P<side>left|right)$")
-
-
-class FaceDetector:
-    """MTCNN on frames shrunk to ``detect_size`` on the longest side; results in full-res pixels."""
-
-    def __init__(self, thresholds=(0.6, 0.7, 0.7), min_face: int = 32, detect_size: int = 640,
-                 device: str = "cpu", batch_size: int = 16):
-        from facenet_pytorch import MTCNN
-
-        self.mtcnn = MTCNN(keep_all=True, thresholds=list(thresholds), device=torch.device(device))
-        self.min_face, self.detect_size, self.batch_size = min_face, detect_size, batch_size
-        self.device = torch.device(device)
-
-    def __call__(self, frames: np.ndarray) -> list[Detections]:
-        """frames (t, h, w, 3) uint8 RGB -> per frame the faces found, in frame pixels."""
-        from torchvision.transforms.v2.functional import resize
-
-        t, h, w, _ = frames.shape
-        scale = min(1.0, self.detect_size / max(h, w))
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        sy, sx = size[0] / h, size[1] / w
-        # MTCNN's pyramid starts at 12 px faces; a smaller minimum would only upsample
-        self.mtcnn.min_face_size = max(12, int(self.min_face * min(sx, sy)))
-        out: list[Detections] = []
-        for s in range(0, t, self.batch_size):
-            x = rearrange(torch.from_numpy(frames[s : s + self.batch_size]), "b h w c -> b c h w")
-            x = x.to(self.device)
-            if scale < 1:
-                x = resize(x, list(size), antialias=True)
-            boxes, probs, points = self.mtcnn.detect(rearrange(x, "b c h w -> b h w c"), landmarks=True)
-            for i in range(x.shape[0]):
-                out.append(self._to_frame(boxes[i], probs[i], points[i], sx, sy))
-        return out
-
-    def _to_frame(self, box, prob, pts, sx: float, sy: float) -> Detections:
-        # under numpy 2 the per-frame results come back as object arrays, or None for no face
-        if box is None or len(box) == 0:
-            return Detections.empty()
-        box = np.asarray(box, np.float32).reshape(-1, 4)
-        pts = np.asarray(pts, np.float32).reshape(-1, 5, 2)
-        prob = np.asarray(prob, np.float32).reshape(-1)
-        # pixel centres at integers: x_full = (x_small + 0.5) / s - 0.5
-        box = (box + 0.5) / np.array([sx, sy, sx, sy], np.float32) - 0.5
-        pts = (pts + 0.5) / np.array([sx, sy], np.float32) - 0.5
-        keep = np.minimum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]) >= self.min_face
-        return Detections(box[keep], prob[keep], pts[keep])
 
 
 @dataclass
@@ -163,17 +117,23 @@ def process_video(video: Path, outputs: list[Output], cfg: Config, detector: Fac
     """Detect, track and align one video into each of ``outputs``; files appear only when complete."""
     start = time.perf_counter()
     info = open_video(video)[1]  # its reader is dropped at once: iter_chunks opens one per chunk
-    # pass 1: detections on every kept frame (frames are not kept: memory stays bounded)
+    full = (info.height, info.width)
+    small = shrunk(info, cfg.detect_size)
+    detector.reset()
+    # pass 1: detections on every kept frame, decoded straight to the detector's size; frames are
+    # not kept, so memory stays bounded
     index, stamps, errors, dets = [], [], [], []
-    for ch in iter_chunks(None, info, cfg.chunk, cfg.stride):
-        found = detector(ch.frames)
+    for ch in iter_chunks(None, info, chunk_frames(cfg.chunk, cfg.chunk_mb, small), cfg.stride, size=small):
+        found = detector(ch.frames, full=full)
         dets += [Detections.empty() if e else d for d, e in zip(found, ch.error, strict=True)]
         index.append(ch.index)
         stamps.append(ch.timestamp)
         errors.append(ch.error)
+        del ch  # so that the next chunk decodes without this one held
     index, stamps, errors = np.concatenate(index), np.concatenate(stamps), np.concatenate(errors)
     if errors.all():
         raise RuntimeError(f"{video}: none of its {len(index)} frames could be decoded")
+    whole = detector.full
     ids = link(dets, cfg.track.max_lost, cfg.track.min_iou, cfg.track.max_landmark)
     subjects = [follow(dets, ids, subject_tracks(dets, ids, o.subject), cfg.max_gap, ~errors) for o in outputs]
 
@@ -187,7 +147,7 @@ def process_video(video: Path, outputs: list[Output], cfg: Config, detector: Fac
         for f, sub in zip(files, subjects, strict=True):
             _write_meta(f, index, stamps, errors, sub)
         pos = {int(fr): k for k, fr in enumerate(index)}
-        for ch in iter_chunks(None, info, cfg.chunk, frames=index[wanted]):
+        for ch in iter_chunks(None, info, chunk_frames(cfg.chunk, cfg.chunk_mb, full), frames=index[wanted]):
             rows = np.array([pos[int(fr)] for fr in ch.index])
             for f, sub in zip(files, subjects, strict=True):
                 ok = sub.present[rows] & ~ch.error
@@ -196,16 +156,19 @@ def process_video(video: Path, outputs: list[Output], cfg: Config, detector: Fac
                     f["present"][lost], f["decode_error"][lost], f["track"][lost] = False, True, -1
                 if not ok.any():
                     continue
+                frames = ch.frames if ok.all() else ch.frames[ok]  # no copy of whole frames when it can be helped
                 for size in cfg.sizes:
                     f[f"crops_{size}"][rows[ok]] = align_faces(
-                        ch.frames[ok], sub.landmarks[rows[ok]], size, cfg.template, cfg.batch_size)
+                        frames, sub.landmarks[rows[ok]], size, cfg.template, cfg.batch_size)
+                del frames
+            del ch  # so that the next chunk decodes without this one held
         for f in files:
             f.attrs["complete"] = True
     took = time.perf_counter() - start
     share = ", ".join(f"{o.name}: {sub.present.mean():.0%} with face"
                       for o, sub in zip(outputs, subjects, strict=True))
-    log.info("%s: %d frames in %.1fs (%.1f frames/s); %s", video.name, len(index), took,
-             len(index) / took, share)
+    log.info("%s: %d frames in %.1fs (%.1f frames/s; whole-frame detection on %d); %s", video.name,
+             len(index), took, len(index) / took, whole, share)
 
 
 def export_cropped(h5_path: str | Path, out_dir: str | Path, size: int = 112, quality: int = 95) -> int:
@@ -275,6 +238,7 @@ def main(cfg: Config) -> int:
     """Run the face stage over every video of this shard; exit status 1 if any failed, 2 if the
     output folder is locked by another run or cannot be written."""
     setup_logging()
+    release_large_buffers()
     cfg = resolve(cfg)
     out_dir = Path(cfg.out_dir)
     with contextlib.ExitStack() as stack:
@@ -316,7 +280,7 @@ def run(cfg: Config, out_dir: Path) -> int:
         annotated = annotation_names(cfg)
         items = shard_of(videos, cfg.shard or None)
         plan = {v: outputs_for(v, cfg, annotated) for v in items}
-        detector = FaceDetector(cfg.thresholds, cfg.min_face, cfg.detect_size, cfg.device, cfg.batch_size)
+        detector = FaceDetector.from_config(cfg)
         summary = run_each(
             items, lambda v: process_video(v, plan[v], cfg, detector), name=str, failures_file=failures,
             is_done=lambda v: all(h5_is_done(o.path, chash) for o in plan[v]), desc="faces",

@@ -8,7 +8,7 @@ import torch
 from skimage.transform import SimilarityTransform
 from skimage.transform import warp as sk_warp
 
-from pipeline.align import align_faces, apply_affine, template, umeyama, warp
+from pipeline.align import align_faces, apply_affine, footprint, template, umeyama, warp
 
 
 def test_umeyama_matches_scikit_image():
@@ -55,9 +55,28 @@ def test_warp_matches_scikit_image():
     assert np.abs(ours - ref)[inside].mean() < 1.0
 
 
+def test_warp_reads_only_what_the_crop_covers_and_matches_scikit_image_at_the_edges():
+    rng = np.random.default_rng(3)
+    frames = torch.from_numpy((rng.uniform(0, 1, (4, 200, 300, 3)) * 255).astype(np.uint8))
+    a = torch.tensor([[0.5, -0.1], [0.1, 0.5]])
+    # inside, across the left edge, across the bottom-right corner, wholly outside
+    shifts = torch.tensor([[-60.0, -40.0], [10.0, -30.0], [-120.0, -80.0], [500.0, 0.0]])
+    m = torch.cat([a.expand(4, 2, 2), shifts[:, :, None]], 2)
+    ours = warp(frames, m, 64).numpy().astype(float)
+    for k in range(3):
+        full = np.vstack([m[k].numpy(), [0, 0, 1]])
+        ref = sk_warp(frames[k].numpy(), np.linalg.inv(full), output_shape=(64, 64), order=1, preserve_range=True)
+        inside = ref.sum(-1) > 0
+        assert inside.mean() > 0.1 and np.abs(ours[k] - ref)[inside].mean() < 1.0, k
+    assert ours[3].max() == 0 and (ours[1] == 0).any() and (ours[1] > 0).any()
+    region = footprint(m, 64, (200, 300))
+    assert (region[3, 2] - region[3, 0]) == 0  # nothing of the frame is read for the crop outside it
+    assert ((region[:3, 2:] - region[:3, :2]) < [150, 150]).all()  # a part of the frame, not all of it
+
+
 @pytest.mark.real_video
 def test_real_faces_land_on_the_template(pyfeat_clips):
-    from pipeline.faces import FaceDetector
+    from pipeline.detect import FaceDetector
     from pipeline.video import iter_chunks, open_video
 
     det = FaceDetector(min_face=40)

@@ -123,22 +123,25 @@ def test_variable_frame_rate_keeps_each_frames_own_time(matrix):
     assert len(set(np.round(np.diff(times), 3))) > 1  # the clip really is of variable rate
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the faces stage's peak memory still grows with a 4K video's length: 1501 / 1487 / 1956 MB for 8 / 24 / "
-    "48 frames decoded 4 at a time (per-chunk readers fixed decord's read-ahead; the rest is not found yet)"))
 @pytest.mark.slow
 @pytest.mark.real_video
 def test_4k_video_memory_does_not_grow_with_its_length(pyfeat_clips, tmp_path):
-    """Peak memory of the face stage over 4K clips of 8, 24 and 48 frames, decoded 4 at a time: past
-    the first chunks (allocator and library warm-up), doubling the length must not raise the peak."""
+    """Peak memory of the face stage over 4K clips of 8, 24 and 48 frames, decoded 4 at a time.
+
+    The peak of one run varies by up to about eight 4K frames from run to run (1058 to 1300 MB
+    measured for the same clip) with the timing of decord's decoding; memory that grew with the
+    length would add 24 frames, 600 MB, from 24 to 48 frames."""
     frame = first_frames(pyfeat_clips / "single_face.mp4", 1)[0]
     big = np.kron(frame, np.ones((6, 6, 1), np.uint8))  # 2160 x 3840
-    code = ("import resource, sys\nfrom pipeline.config import load_config\nfrom pipeline.faces import main\n"
+    # the child's own peak: ru_maxrss would carry over the forked test runner's resident memory
+    code = ("import sys\nfrom pathlib import Path\nfrom pipeline.config import load_config\n"
+            "from pipeline.faces import main\nPath('/proc/self/clear_refs').write_text('5')\n"
             "status = main(load_config('faces', None, sys.argv[1:]))\n"
-            "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, status)\n")
+            "lines = Path('/proc/self/status').read_text().splitlines()\n"
+            "print('peak', next(ln.split()[1] for ln in lines if ln.startswith('VmHWM')), status)\n")
     peaks = {}
     for n in (8, 24, 48):
-        video = encode([np.roll(big, 8 * k, axis=1) for k in range(n)], tmp_path / f"k{n}.mp4")
+        video = encode((np.roll(big, 8 * k, axis=1) for k in range(n)), tmp_path / f"k{n}.mp4")
         args = [*FACES_FAST, "stride=1", "chunk=4", "batch_size=4", f"data.videos={video}",
                 f"out_dir={tmp_path / 'out'}"]
         done = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
@@ -149,7 +152,9 @@ def test_4k_video_memory_does_not_grow_with_its_length(pyfeat_clips, tmp_path):
         with h5py.File(tmp_path / "out" / f"k{n}.h5", "r") as f:
             assert f.attrs["width"] == 3840 and f["present"][:].all()
     frame_mb = big.nbytes / 2**20
-    assert peaks[48] - peaks[24] < 2 * frame_mb, f"peak MB by length: {peaks}; one frame is {frame_mb:.0f} MB"
+    grown = peaks[48] - min(peaks[8], peaks[24])
+    assert grown < 10 * frame_mb, f"peak MB by length: {peaks}; one frame is {frame_mb:.0f} MB"
+    assert max(peaks.values()) < 1500, peaks
 
 
 # ---- labels and windows --------------------------------------------------------------------------
