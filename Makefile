@@ -23,7 +23,7 @@ DATA_INPUTS   := $(if $(filter sample,$(DATA)),$(SAMPLE_DONE)) configs/data/$(DA
 args_for       = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint demo sample faces features train experiments evaluate predict bench bench-faces bench-features bench-pipeline test-faults clean
+.PHONY: help setup test lint demo sample faces features train experiments evaluate predict bench bench-faces bench-features bench-pipeline bench-memory test-faults clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -99,6 +99,9 @@ bench-features: setup ## features stage against the bare model forward, and cach
 
 bench-pipeline: setup ## where the time goes in the whole pipeline, and the projected Aff-Wild2 time
 	$(PY) -m pipeline.bench_pipeline $(ARGS)
+
+bench-memory: setup ## peak memory of faces and features on a 1- and a 30-minute 720p video, against 1.5 GB
+	$(PY) -m pipeline.bench_memory $(ARGS)
 
 clean: ## remove runs/ and the generated sample (keeps the virtual environment)
 	rm -rf $(RUNS) data/sample

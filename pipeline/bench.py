@@ -10,6 +10,7 @@ thread pools never colour another's and its peak RSS is its own. Writes ``output
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -85,12 +87,45 @@ def sizes(name: str, spec: dict, d_in: int) -> dict:
     return enc
 
 
-def _status_mb(field: str) -> float:
+def status_mb(field: str) -> float:
     """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc/self/status, MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 2**10
     raise OSError(f"/proc/self/status has no {field}")
+
+
+def _stage_child(stage: str, overrides: list[str]) -> None:
+    """Entry point of a measuring process: import the stage, note the RSS, reset the peak, run the
+    stage, print ``{"status", "baseline_mb", "peak_rss_mb", "seconds"}`` as the last JSON line."""
+    module = importlib.import_module(f"pipeline.{stage}")
+    cfg = load_config(stage, None, overrides)
+    baseline = status_mb("VmRSS")
+    # the high-water mark may carry the parent's over fork/exec; resetting makes it this process's alone
+    Path("/proc/self/clear_refs").write_text("5")
+    t0 = time.perf_counter()
+    status = module.main(cfg)
+    took = time.perf_counter() - t0
+    print(json.dumps({"status": status, "baseline_mb": baseline, "peak_rss_mb": status_mb("VmHWM"),
+                      "seconds": took}))
+
+
+def stage_peak_in_child(stage: str, overrides: list[str], threads: int) -> dict:
+    """Run ``pipeline.<stage>`` with ``overrides`` in a fresh interpreter -> what :func:`_stage_child`
+    printed; a stage that fails or a process that dies comes back as ``{"error": ...}``."""
+    code = f"from pipeline.bench import _stage_child; _stage_child({stage!r}, {overrides!r})"
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads > 0 else {})
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": f"process exited with {done.returncode}: {done.stderr.strip()[-1500:]}"}
+    res = json.loads(lines[-1])
+    if res["status"] != 0:
+        # the stage names each failed input and why on a "failed:" line; else its last words
+        said = [ln.strip() for ln in done.stdout.splitlines() if ln.strip().startswith("failed:")]
+        said = said or [ln for ln in done.stdout.splitlines() if not ln.startswith("{")][-3:]
+        return {**res, "error": f"stage exited with {res['status']}: {' '.join(said)[-1500:]}"}
+    return res
 
 
 def cpu_peak_meter() -> tuple[Callable[[], float], str]:
@@ -102,8 +137,8 @@ def cpu_peak_meter() -> tuple[Callable[[], float], str]:
     """
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        base = _status_mb("VmRSS")
-        return (lambda: max(0.0, _status_mb("VmHWM") - base)), "peak RSS (VmHWM, reset) above RSS"
+        base = status_mb("VmRSS")
+        return (lambda: max(0.0, status_mb("VmHWM") - base)), "peak RSS (VmHWM, reset) above RSS"
     except OSError:
         scale = 2**20 if sys.platform == "darwin" else 2**10  # macOS reports bytes, Linux KB
         maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
@@ -224,11 +259,11 @@ def machine(device: str, threads: int) -> dict:
     return info
 
 
-def _overrides(prefix: str, value) -> list[str]:
+def dotted_overrides(prefix: str, value) -> list[str]:
     """``key=value`` strings for ``pipeline.train``; a mapping becomes one per leaf, since a whole
     section given at once would replace the section rather than update it."""
     if isinstance(value, dict):
-        return [o for k, v in value.items() for o in _overrides(f"{prefix}.{k}" if prefix else k, v)]
+        return [o for k, v in value.items() for o in dotted_overrides(f"{prefix}.{k}" if prefix else k, v)]
     # JSON is YAML, so lists and numbers parse back typed; strings go bare to stay strings
     return [f"{prefix}={value if isinstance(value, str) else json.dumps(value)}"]
 
@@ -242,9 +277,9 @@ def train_scores(cfg: Config, name: str, seed: int) -> dict:
     overrides = [
         f"data={cfg.data.name}",
         f"encoder={name}",
-        *_overrides("data", data),
-        *_overrides("encoder", cfg.encoder_args.get(name, {})),
-        *_overrides("", {"extractors": list(cfg.extractors), **cfg.train, "seed": seed, "device": cfg.device,
+        *dotted_overrides("data", data),
+        *dotted_overrides("encoder", cfg.encoder_args.get(name, {})),
+        *dotted_overrides("", {"extractors": list(cfg.extractors), **cfg.train, "seed": seed, "device": cfg.device,
                          "runs_dir": cfg.runs_dir, "out_dir": str(out)}),
     ]
     status = train.main(load_config("train", overrides=overrides))

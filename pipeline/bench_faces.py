@@ -8,12 +8,8 @@ table and writes ``out`` (JSON).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline import faces
-from pipeline.bench import machine
+from pipeline.bench import machine, stage_peak_in_child
 from pipeline.config import Config, load_config, run_stage
 from pipeline.detect import FaceDetector
 from pipeline.runs import setup_logging, write_json
@@ -131,31 +127,13 @@ def make_long_video(path: Path, seconds: float, width: int, height: int, fps: in
     return path
 
 
-def _peak_in_child(overrides: list[str]) -> None:
-    """Entry point of the memory child: reset the peak, run the stage, print peak RSS as JSON."""
-    # a process's high-water mark may carry its parent's over fork/exec; resetting makes it ours alone
-    Path("/proc/self/clear_refs").write_text("5")
-    t0 = time.perf_counter()
-    status = faces.main(load_config("faces", None, overrides))
-    took = time.perf_counter() - t0
-    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-               if line.startswith("VmHWM:"))
-    print(json.dumps({"status": status, "peak_rss_mb": hwm / 1024, "seconds": took}))
-
-
 def bench_memory(cfg: Config, video: Path, out_dir: Path) -> dict:
     """Peak resident memory of ``python -m pipeline.faces``-equivalent work on ``video``, measured in
     a fresh interpreter started with ``subprocess`` (VmHWM after resetting it via clear_refs)."""
     overrides = [*cfg.stage, f"data.videos={video}", f"out_dir={out_dir}", f"stride={cfg.memory_stride}"]
-    code = f"from pipeline.bench_faces import _peak_in_child; _peak_in_child({overrides!r})"
-    env = os.environ | {"OMP_NUM_THREADS": str(cfg.threads or os.environ.get("OMP_NUM_THREADS", ""))}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"memory run failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    res = json.loads(lines[-1])
-    if res["status"] != 0:
-        raise RuntimeError(f"memory run: the stage failed on {video}: {done.stdout.strip()[-2000:]}")
+    res = stage_peak_in_child("faces", overrides, cfg.threads)
+    if "error" in res:
+        raise RuntimeError(f"memory run on {video}: {res['error']}")
     return {"video": str(video), "stride": cfg.memory_stride, **res}
 
 
