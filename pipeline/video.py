@@ -89,11 +89,18 @@ def _timestamps(vr, index: np.ndarray, fps: float) -> np.ndarray:
     return ts
 
 
+def _numpy(batch) -> np.ndarray:
+    """A decord NDArray as a NumPy array sharing its memory: ``asnumpy`` would copy a whole chunk."""
+    from torch.utils.dlpack import from_dlpack
+
+    return from_dlpack(batch.to_dlpack()).numpy()
+
+
 def _read(vr, index: Sequence[int], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Frames at ``index`` -> ((t, h, w, 3) uint8, (t,) bool error); retries one by one on failure."""
     errors = _decode_errors()
     try:
-        frames = vr.get_batch(list(index)).asnumpy()
+        frames = _numpy(vr.get_batch(list(index)))
         if frames.shape[1:3] == shape:
             return frames, np.zeros(len(index), bool)
     except errors:
