@@ -32,6 +32,7 @@ from pipeline.runs import (
     setup_logging,
     shard_of,
     stage_lock,
+    sweep_partials,
 )
 from pipeline.track import SUBJECTS, Detections, Subject, follow, link, subject_tracks
 from pipeline.video import VideoInfo, chunk_frames, iter_chunks, open_video, shrunk
@@ -252,6 +253,7 @@ def main(cfg: Config) -> int:
 
 
 def run(cfg: Config, out_dir: Path) -> int:
+    sweep_partials(out_dir)
     chash = config_hash(cfg)
     failures = out_dir / "failures.jsonl"
     try:

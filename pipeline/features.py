@@ -35,6 +35,7 @@ from pipeline.runs import (
     setup_logging,
     shard_of,
     stage_lock,
+    sweep_partials,
 )
 
 log = logging.getLogger("pipeline")
@@ -277,6 +278,7 @@ def main(cfg: Config) -> int:
     out_dir = Path(cfg.out_dir)
     try:
         with stage_lock(out_dir, cfg.shard or None):
+            sweep_partials(out_dir)
             return extract_all(cfg, extractor, attrs, device, out_dir)
     except (RunLocked, OSError) as e:  # the whole run cannot go on: say why, keep what is done
         log.error("%s", e)

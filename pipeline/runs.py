@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -76,17 +77,47 @@ def shard_of(items: Sequence, shard: str | None = None) -> list:
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
 
-    A killed or failed writer leaves at most a ``.partial`` file, which no reader takes as done.
+    A killed or failed writer leaves at most a ``.partial`` file, which no reader takes as done
+    and ``sweep_partials`` removes once its writer is gone.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}~{socket.gethostname()}.partial")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+PARTIAL = re.compile(r"\.(?P<pid>\d+)~(?P<host>[^~/]+)\.partial$")  # what atomic_output names
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's process
+        return True
+    return True
+
+
+def sweep_partials(folder: str | Path) -> int:
+    """Delete the ``.partial`` files under ``folder`` whose writer, a process on this host, is gone
+    (killed runs leave them; one can be as large as the file it was becoming). Files of live
+    processes and of other hosts sharing the folder are left alone. Returns how many went."""
+    host, gone = socket.gethostname(), 0
+    for p in Path(folder).rglob(".*.partial"):
+        m = PARTIAL.search(p.name)
+        if m and m["host"] == host and not _alive(int(m["pid"])):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                gone += 1
+    if gone:
+        log.info("%s: removed %d temporary files left by killed runs", folder, gone)
+    return gone
 
 
 def h5_is_done(path: str | Path, config_hash: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,24 @@ def test_sigkill_mid_write_leaves_only_a_partial_file(tmp_path):
     assert kill_after(child, growing, 0.05), "the writer ended before it could be killed"
     names = [p.name for p in tmp_path.iterdir()]
     assert len(names) == 1 and names[0].startswith(".big.h5.") and names[0].endswith(".partial"), names
+
+
+def test_sweep_removes_what_ended_writers_of_this_host_left_and_nothing_else(tmp_path):
+    from pipeline.runs import atomic_output, sweep_partials
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    host = socket.gethostname()
+    (tmp_path / "sub").mkdir()
+    litter = [tmp_path / f".a.h5.{ended.pid}~{host}.partial", tmp_path / "sub" / f".b.h5.{ended.pid}~{host}.partial"]
+    keep = [tmp_path / f".c.h5.{os.getpid()}~{host}.partial",  # a live writer: this very process
+            tmp_path / f".d.h5.{ended.pid}~elsewhere.example.org.partial",  # another host's process
+            tmp_path / ".e.h5.12345.partial", tmp_path / "f.h5"]  # not ours to judge
+    for p in litter + keep:
+        p.write_bytes(b"x")
+    with atomic_output(tmp_path / "g.h5") as tmp:  # what atomic_output names its files, it can sweep
+        assert runs.PARTIAL.search(tmp.name)["host"] == host
+        tmp.write_bytes(b"x")
+        assert sweep_partials(tmp_path) == 2
+    assert not any(p.exists() for p in litter) and all(p.exists() for p in keep)
+    assert (tmp_path / "g.h5").exists()
