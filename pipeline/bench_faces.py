@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline import faces
-from pipeline.bench import machine, stage_peak_in_child
+from pipeline.bench import machine, markdown_table, stage_peak_in_child
 from pipeline.config import Config, load_config, run_stage
 from pipeline.detect import FaceDetector
 from pipeline.runs import setup_logging, write_json
@@ -140,13 +140,13 @@ def bench_memory(cfg: Config, video: Path, out_dir: Path) -> dict:
 def table(speed: dict, memory: dict | None) -> str:
     """The results as a Markdown table."""
     s = speed
-    lines = ["| clip | frames | plain loop fps | stage fps | stage / plain | plain faces found (IoU >= "
-             f"{s['min_iou']}) | peak RSS (MB) |", "|---|---:|---:|---:|---:|---:|---:|"]
     mem = "-" if memory is None else f"{memory['peak_rss_mb']:.0f} ({memory['minutes']:.1f} min {memory['size']})"
-    lines.append(f"| {Path(s['clip']).name} {s['width']}x{s['height']} | {s['frames']} | {s['plain_fps']:.1f} "
-                 f"| {s['stage_fps']:.1f} | {s['ratio']:.2f}x | {s['found']}/{s['plain_faces']} "
-                 f"({s['found_share']:.1%}) | {mem} |")
-    return "\n".join(lines)
+    header = ["clip", "frames", "plain loop fps", "stage fps", "stage / plain",
+              f"plain faces found (IoU >= {s['min_iou']})", "peak RSS (MB)"]
+    row = [f"{Path(s['clip']).name} {s['width']}x{s['height']}", s["frames"], f"{s['plain_fps']:.1f}",
+           f"{s['stage_fps']:.1f}", f"{s['ratio']:.2f}x", f"{s['found']}/{s['plain_faces']} ({s['found_share']:.1%})",
+           mem]
+    return markdown_table(header, [row])
 
 
 def main(cfg: Config) -> int:

@@ -25,7 +25,7 @@ from einops import rearrange
 
 from features import Extractor, build_extractor
 from pipeline import features as stage
-from pipeline.bench import machine
+from pipeline.bench import machine, markdown_table
 from pipeline.config import Config, load_config, run_stage
 from pipeline.feature_cache import FeatureCache
 from pipeline.runs import setup_logging, write_json
@@ -179,16 +179,13 @@ def bench_extractor(cfg: Config, name: str, faces_dir: Path, work: Path) -> dict
 
 def table(rows: list[dict]) -> str:
     """The results as a Markdown table."""
-    lines = ["| extractor | frames | bare forward fps | stage fps | stage / bare | (CPU time) "
-             "| read | preprocess | windows/s | MB/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        cpu = f"{r['ratio_cpu']:.1%}" if r["ratio_cpu"] is not None else "-"
-        w = r["window_read"]
-        lines.append(f"| {r['extractor']} | {r['frames']} | {r['bare_fps']:.1f} | {r['stage_fps']:.1f} "
-                     f"| {r['ratio']:.1%} | {cpu} | {r['read_share']:.1%} | {r['preprocess_share']:.1%} "
-                     f"| {w['windows_per_s']:.0f} | {w['mb_per_s']:.1f} |")
-    return "\n".join(lines)
+    header = ["extractor", "frames", "bare forward fps", "stage fps", "stage / bare", "(CPU time)", "read",
+              "preprocess", "windows/s", "MB/s"]
+    cells = [[r["extractor"], r["frames"], f"{r['bare_fps']:.1f}", f"{r['stage_fps']:.1f}", f"{r['ratio']:.1%}",
+              f"{r['ratio_cpu']:.1%}" if r["ratio_cpu"] is not None else "-", f"{r['read_share']:.1%}",
+              f"{r['preprocess_share']:.1%}", f"{r['window_read']['windows_per_s']:.0f}",
+              f"{r['window_read']['mb_per_s']:.1f}"] for r in rows]
+    return markdown_table(header, cells)
 
 
 def main(cfg: Config) -> int:
