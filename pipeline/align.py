@@ -105,17 +105,11 @@ def warp(frames: torch.Tensor, mat: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def align_faces(
-    frames: np.ndarray | torch.Tensor, landmarks: np.ndarray, size: int = 112, name: str = "arcface",
-    batch: int = 16,
+    frames: np.ndarray | torch.Tensor, landmarks: np.ndarray, size: int = 112, name: str = "arcface"
 ) -> np.ndarray:
     """Aligned crops of one face per frame.
 
     frames: (b, h, w, 3) uint8 RGB; landmarks: (b, 5, 2) pixels. Returns (b, size, size, 3) uint8.
-    Warps ``batch`` frames at a time so that float copies of large frames stay small.
     """
-    frames = torch.as_tensor(frames)
     mats = umeyama(torch.as_tensor(np.asarray(landmarks, np.float32)), torch.from_numpy(template(name, size)))
-    out = torch.zeros((len(frames), size, size, 3), dtype=torch.uint8)
-    for s in range(0, len(frames), batch):
-        out[s : s + batch] = warp(frames[s : s + batch], mats[s : s + batch], size)
-    return out.numpy()
+    return warp(torch.as_tensor(frames), mats, size).numpy()

@@ -115,7 +115,7 @@ def bench_faces_steps(cfg: Config, faces: Config, readers: list[tuple],
         raise ValueError("no face found in any benchmarked frame: give clips with faces (videos=...)")
 
     def align() -> dict[int, np.ndarray]:
-        return {size: np.concatenate([align_faces(c[rows], marks, size, faces.template, faces.batch_size)
+        return {size: np.concatenate([align_faces(c[rows], marks, size, faces.template)
                                       for c, (rows, marks) in zip(clips, found, strict=True) if len(rows)])
                 for size in faces.sizes}
 

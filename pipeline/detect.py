@@ -100,9 +100,6 @@ class Anchor:
         half = (self.side / 2)[:, None]
         return np.concatenate([mid - half, mid + half], 1).astype(np.float32)
 
-    def __getitem__(self, keep) -> Anchor:
-        return Anchor(self.offset[keep], self.side[keep])
-
 
 class FaceDetector:
     """Faces in the frames of one video, in full-resolution pixels.
@@ -181,7 +178,7 @@ class FaceDetector:
             return False
         if len(got) > 1 and iou(got.box, got.box)[np.triu_indices(len(got), 1)].max() >= 0.5:
             return False
-        self._prior, self._anchor = got, self._anchor[ok]
+        self._prior = got  # every face kept its place, so the anchors stand
         return True
 
     def _to_frame(self, d: Detections, sx: float, sy: float) -> Detections:

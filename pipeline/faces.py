@@ -159,8 +159,7 @@ def process_video(video: Path, outputs: list[Output], cfg: Config, detector: Fac
                     continue
                 frames = ch.frames if ok.all() else ch.frames[ok]  # no copy of whole frames when it can be helped
                 for size in cfg.sizes:
-                    f[f"crops_{size}"][rows[ok]] = align_faces(
-                        frames, sub.landmarks[rows[ok]], size, cfg.template, cfg.batch_size)
+                    f[f"crops_{size}"][rows[ok]] = align_faces(frames, sub.landmarks[rows[ok]], size, cfg.template)
                 del frames
             del ch  # so that the next chunk decodes without this one held
         for f in files:
