@@ -20,6 +20,7 @@ from facenet_pytorch.models.utils.detect_face import bbreg, imresample, pad, rer
 from torchvision.transforms.v2.functional import resize
 
 from pipeline.track import Detections, iou
+from pipeline.video import shrunk
 
 
 class Cascade:
@@ -140,15 +141,14 @@ class FaceDetector:
         """
         t, h, w, _ = frames.shape
         full_h, full_w = full or (h, w)
-        scale = min(1.0, self.detect_size / max(h, w))
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        size = shrunk((h, w), self.detect_size)
         sy, sx = size[0] / full_h, size[1] / full_w
         # the pyramid starts at 12 px faces: a smaller minimum would only upsample
         min_face = max(12.0, self.min_face * min(sx, sy))
         out: list[Detections] = []
         for s in range(0, t, self.batch_size):
             x = rearrange(torch.from_numpy(frames[s : s + self.batch_size]), "b h w c -> b c h w").to(self.device)
-            if scale < 1:
+            if size != (h, w):
                 x = resize(x, list(size), antialias=True)
             out += self._batch(x, min_face)
         return [self._to_frame(d, sx, sy) for d in out]

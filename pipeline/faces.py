@@ -119,7 +119,7 @@ def process_video(video: Path, outputs: list[Output], cfg: Config, detector: Fac
     start = time.perf_counter()
     info = open_video(video)[1]  # its reader is dropped at once: iter_chunks opens one per chunk
     full = (info.height, info.width)
-    small = shrunk(info, cfg.detect_size)
+    small = shrunk(full, cfg.detect_size)
     detector.reset()
     # pass 1: detections on every kept frame, decoded straight to the detector's size; frames are
     # not kept, so memory stays bounded

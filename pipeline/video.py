@@ -118,10 +118,11 @@ def _read(vr, index: Sequence[int], shape: tuple[int, int]) -> tuple[np.ndarray,
     return out, err
 
 
-def shrunk(info: VideoInfo, longest: int) -> tuple[int, int]:
-    """(h, w) of the video's frames scaled down, never up, to ``longest`` pixels on the longer side."""
-    s = min(1.0, longest / max(info.width, info.height))
-    return max(1, round(info.height * s)), max(1, round(info.width * s))
+def shrunk(size: tuple[int, int], longest: int) -> tuple[int, int]:
+    """(h, w) ``size`` scaled down, never up, to ``longest`` pixels on the longer side."""
+    h, w = size
+    s = min(1.0, longest / max(h, w))
+    return max(1, round(h * s)), max(1, round(w * s))
 
 
 def chunk_frames(chunk: int, chunk_mb: float, size: tuple[int, int]) -> int:

@@ -49,8 +49,8 @@ def test_chunks_decoded_small_and_bounded_in_bytes(pyfeat_clips):
     from torchvision.transforms.v2.functional import resize
 
     _, info = open_video(pyfeat_clips / "single_face.mp4")
-    size = shrunk(info, 320)
-    assert size == (180, 320) and shrunk(info, 4000) == (360, 640)  # never enlarged
+    size = shrunk((info.height, info.width), 320)
+    assert size == (180, 320) and shrunk((info.height, info.width), 4000) == (360, 640)  # never enlarged
     per = chunk_frames(32, 1.0, size)  # 1 MiB holds 6 frames of 180x320
     assert per == 6 and chunk_frames(32, 0.01, size) == 1
     chunks = list(iter_chunks(None, info, per, size=size))
