@@ -17,6 +17,8 @@ from torch import nn
 from models.heads import TASKS
 
 VA_INVALID = -5.0
+VA_LOSSES = ("ccc", "mse")  # 1 - CCC over the batch, or mean squared error
+WEIGHTINGS = ("fixed", "uncertainty")  # task weights as given, or learned (Kendall et al.)
 
 
 def ccc(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -58,10 +60,10 @@ class MultiTaskLoss(nn.Module):
         task_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
-        if va not in ("ccc", "mse"):
-            raise ValueError(f"va loss {va!r}: choose ccc or mse")
-        if weighting not in ("fixed", "uncertainty"):
-            raise ValueError(f"weighting {weighting!r}: choose fixed or uncertainty")
+        if va not in VA_LOSSES:
+            raise ValueError(f"va loss {va!r}: choose one of {', '.join(VA_LOSSES)}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
         unknown = set(task_weights or {}) - set(TASKS)
         if unknown:
             raise ValueError(

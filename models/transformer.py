@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+POSITIONS = ("sinusoidal", "learned", "none")  # how a step's position enters: fixed, learned embedding, not at all
+
 
 def sinusoidal_positions(t: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
     """Fixed sine/cosine position codes, (t, dim); computed per call so any length works."""
@@ -85,8 +87,8 @@ class TransformerEncoder(nn.Module):
         max_len: int = 1024,
     ) -> None:
         super().__init__()
-        if positions not in ("sinusoidal", "learned", "none"):
-            raise ValueError(f"positions={positions!r}: choose sinusoidal, learned or none")
+        if positions not in POSITIONS:
+            raise ValueError(f"positions={positions!r}: choose one of {', '.join(POSITIONS)}")
         self.positions, self.window, self.max_len = positions, window, max_len
         self.inp = nn.Sequential(nn.Linear(d_in, hidden), nn.Dropout(dropout))
         self.pos = nn.Embedding(max_len, hidden) if positions == "learned" else None

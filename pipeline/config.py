@@ -5,6 +5,12 @@ A stage config (``configs/<stage>.yaml``) may name components by group: ``data: 
 ``configs/encoders/gru.yaml``. On the command line ``encoder=lstm`` swaps the whole section and
 ``encoder.hidden=256`` overrides one field. Keys that the YAML does not define are refused, and so
 are values whose type differs from the default's, each with a message naming the key.
+
+A config file may build on another (``base: train.yaml``) and hold only what differs: sections
+merge key by key, and a top-level dotted key (``encoder.hidden: 256``) is applied like a
+command-line override. ``experiment=<name>`` picks ``configs/experiments/<name>.yaml`` for training.
+Keys whose value is one of a set are checked against the choices their stage declares
+(:func:`check_choices`) before any work starts.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import copy
 import difflib
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping
+import re
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,9 +31,37 @@ CONFIG_DIR = ROOT / "configs"
 
 # Section name -> folder of its component YAMLs.
 GROUPS = {"data": "data", "extractor": "features", "encoder": "encoders"}
+# Training configs that build on configs/train.yaml, chosen with ``experiment=<name>``.
+EXPERIMENT_DIR = CONFIG_DIR / "experiments"
 
 
-class ConfigError(ValueError):
+
+class Pattern:
+    """A string choice given by a regular expression that the whole value must match, with the
+    words that describe it to a person."""
+
+    def __init__(self, regex: str, description: str) -> None:
+        self.regex, self.description = re.compile(regex), description
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, str) and self.regex.fullmatch(value) is not None
+
+    def __str__(self) -> str:
+        return self.description
+
+
+DEVICE = Pattern(r"cpu|cuda(:\d+)?|mps", "cpu, cuda, cuda:<index> or mps")
+
+# Dotted key -> its allowed values (a collection or a Pattern).
+Choices = Mapping[str, "Collection[Any] | Pattern"]
+
+
+class InputError(Exception):
+    """An input the user named that cannot be used (a missing file, a checkpoint, a feature cache):
+    the command line prints the message as one ``error:`` line and exits 1."""
+
+
+class ConfigError(InputError, ValueError):
     """A config file or override that cannot be used; the message names the key or file."""
 
 
@@ -84,6 +119,83 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def merge(base: Mapping, over: Mapping) -> dict:
+    """``over`` on top of ``base``: sections present in both merge key by key, anything else is replaced."""
+    out = copy.deepcopy(dict(base))
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _base_path(name: str, child: Path) -> Path:
+    """``base: <name>`` of ``child``: beside it, else under ``configs/``; ``.yaml`` may be left out."""
+    name = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+    for folder in (child.parent, CONFIG_DIR):
+        if (folder / name).is_file():
+            return folder / name
+    raise ConfigError(f"{child}: base {name!r} not found beside it or in {CONFIG_DIR}")
+
+
+def read_config(path: str | Path, _seen: frozenset[Path] = frozenset()) -> tuple[dict, list[tuple[str, Any, Path]]]:
+    """A config file resolved through its ``base`` chain: the merged mapping, and its dotted keys as
+    ``(key, value, file)`` overrides (the base's first) to apply once components are loaded."""
+    path = Path(path)
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    dotted = [(key, data.pop(key), path) for key in [k for k in data if "." in str(k)]]
+    if base is None:
+        return data, dotted
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must name a config file, got {base!r}")
+    parent = _base_path(base, path)
+    if parent.resolve() in _seen | {path.resolve()}:
+        raise ConfigError(f"{path}: base {base!r} leads back to itself")
+    merged, parent_dotted = read_config(parent, _seen | {path.resolve()})
+    return merge(merged, data), parent_dotted + dotted
+
+
+def experiment_names() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+
+
+def experiment_path(name: str) -> Path:
+    """``configs/experiments/<name>.yaml``, refusing an unknown name with the list of known ones."""
+    path = EXPERIMENT_DIR / f"{name}.yaml"
+    if not isinstance(name, str) or not path.is_file():
+        raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(experiment_names())}")
+    return path
+
+
+def _describe(allowed: Collection[Any] | Pattern) -> str:
+    if isinstance(allowed, Pattern):
+        return str(allowed)
+    return "one of " + ", ".join("null" if v is None else str(v) for v in allowed)
+
+
+def _allowed(value: Any, allowed: Collection[Any] | Pattern) -> bool:
+    if isinstance(allowed, Pattern):
+        return value in allowed
+    return any(value == v and type(value) is type(v) for v in allowed)  # True is not 1, "1" is not 1
+
+
+def check_choices(cfg: Mapping, choices: Choices) -> None:
+    """Refuse a value outside the choices its key declares (each item of a list value is checked);
+    keys absent from ``cfg`` (a section of another component) are skipped."""
+    for key, allowed in choices.items():
+        node: Any = cfg
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            for value in node if isinstance(node, list) else [node]:
+                if not _allowed(value, allowed):
+                    raise ConfigError(f"config key {key!r} = {value!r}: choose {_describe(allowed)}")
 
 
 def component_names(group: str) -> list[str]:
@@ -173,22 +285,32 @@ def apply_override(cfg: dict, key: str, value: Any) -> None:
 def load_config(
     stage: str, path: str | Path | None = None, overrides: Iterable[str] = ()
 ) -> Config:
-    """Resolve a stage config: the YAML, its components, then ``key=value`` overrides in order.
+    """Resolve a stage config: the YAML and its bases, its components, then ``key=value``
+    overrides in order (``experiment=<name>`` picks the training config file).
 
     Overrides that select a component (``encoder=lstm``) are applied before field overrides, so
     ``encoder.hidden=64 encoder=lstm`` sets the LSTM's hidden size whatever the order.
     """
-    default = CONFIG_DIR / f"{stage}.yaml"
-    path = Path(path) if path else default
-    cfg = read_yaml(path)
-    if path.resolve() != default.resolve() and default.is_file():
-        check_keys(cfg, read_yaml(default), f"{path}: ")
     pairs = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
         pairs.append((key.strip(), parse_value(text)))
+    experiments = [v for k, v in pairs if k == "experiment"]
+    if experiments:
+        if stage != "train":
+            raise ConfigError(f"experiment= selects a training config; the {stage} stage has none")
+        if path:
+            raise ConfigError(f"give a config file ({path}) or experiment={experiments[-1]}, not both")
+        path = experiment_path(experiments[-1])
+        pairs = [(k, v) for k, v in pairs if k != "experiment"]
+
+    default = CONFIG_DIR / f"{stage}.yaml"
+    path = Path(path) if path else default
+    cfg, dotted = read_config(path)
+    if path.resolve() != default.resolve() and default.is_file():
+        check_keys(cfg, read_yaml(default), f"{path}: ")
 
     for group in GROUPS:
         if group not in cfg:
@@ -201,6 +323,11 @@ def load_config(
             raise ConfigError(f"config key {group!r} names a component and must be a string, got {name!r}")
         cfg[group] = load_component(group, name)
 
+    for key, value, where in dotted:
+        try:
+            apply_override(cfg, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
     for key, value in pairs:
         if key in GROUPS and key in cfg:
             continue
@@ -208,12 +335,14 @@ def load_config(
     return _wrap(cfg)
 
 
-def run_stage(stage: str, main: Callable[[Config], int], argv: list[str] | None = None) -> NoReturn:
+def run_stage(stage: str, main: Callable[[Any], int], argv: list[str] | None = None,
+              parse: Callable[[str, list[str] | None], Any] | None = None) -> NoReturn:
     """The command line of ``python -m pipeline.<stage>``: parse, run ``main``, exit with its status;
-    a config error, found while parsing or inside ``main``, becomes one ``error: ...`` line (status 1)."""
+    a config or input error, found while parsing or inside ``main``, becomes one ``error: ...`` line
+    (status 1)."""
     try:
-        status = main(parse_args(stage, argv))
-    except ConfigError as e:
+        status = main((parse or parse_args)(stage, argv))
+    except InputError as e:
         raise SystemExit(f"error: {e}") from None
     raise SystemExit(status)
 

@@ -78,3 +78,49 @@ def test_resolved_config_round_trips_and_hash_tracks_changes(tmp_path: Path) -> 
     assert again.hash() == cfg.hash()
     assert load_config("train", overrides=["epochs=4"]).hash() != cfg.hash()
     assert load_config("train", overrides=["epochs=4"]).hash(["model"]) == cfg.hash(["model"])
+
+
+# ---- configs that build on others ------------------------------------------------------------------
+
+def test_a_config_holds_only_what_differs_from_its_base(tmp_path: Path) -> None:
+    child = tmp_path / "child.yaml"
+    child.write_text("base: train.yaml\nname: child\nencoder: lstm\nencoder.hidden: 48\n"
+                     "model:\n  structure: feedback\nloss:\n  task_weights: {va: 2.0}\n")
+    cfg = load_config("train", child)
+    default = load_config("train", overrides=["encoder=lstm"])
+    assert cfg.model.structure == "feedback" and cfg.model.tasks == default.model.tasks  # sections merge
+    assert cfg.loss.task_weights == {"va": 2.0, "expr": 1.0, "au": 1.0}
+    assert cfg.encoder.name == "lstm" and cfg.encoder.hidden == 48  # a dotted key, after the component loads
+    assert set(cfg) == set(default)
+    # and builds on a base of its own, beside it; the command line still has the last word
+    grandchild = tmp_path / "grandchild.yaml"
+    grandchild.write_text("base: child\nlr: 0.0005\n")
+    cfg = load_config("train", grandchild, ["encoder.hidden=64"])
+    assert (cfg.name, cfg.model.structure, cfg.lr, cfg.encoder.hidden) == ("child", "feedback", 0.0005, 64)
+
+
+def test_a_config_building_on_another_is_checked_like_a_full_one(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: train.yaml\nmodel:\n  structur: feedback\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.structur'"):
+        load_config("train", bad)
+    bad.write_text("base: train.yaml\nencoder.hiden: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'encoder.hiden'; did you mean encoder.hidden"):
+        load_config("train", bad)
+    bad.write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="bad.yaml: base 'nowhere.yaml' not found"):
+        load_config("train", bad)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load_config("train", loop)
+
+
+def test_experiment_picks_its_file_and_is_refused_elsewhere(tmp_path: Path) -> None:
+    assert load_config("train", overrides=["experiment=va_only", "epochs=2"]).model.tasks == ["va"]
+    with pytest.raises(ConfigError, match="unknown experiment 'nope'; choose one of .*mtl_gru"):
+        load_config("train", overrides=["experiment=nope"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_config("train", CONFIG_DIR / "train.yaml", ["experiment=va_only"])
+    with pytest.raises(ConfigError, match="the faces stage has none"):
+        load_config("faces", overrides=["experiment=va_only"])
