@@ -269,10 +269,11 @@ def dotted_overrides(prefix: str, value) -> list[str]:
 
 
 def train_scores(cfg: Config, name: str, seed: int) -> dict:
-    """Train ``name`` with the bench budget and one seed via ``pipeline.train``; its scores.json."""
+    """Train ``name`` with the bench budget and one seed via ``pipeline.train``; its scores.json.
+    The run is an ordinary training run named ``bench_<encoder>``: a repeated bench with the same
+    settings reuses it, other settings get their own folder."""
     from pipeline import train  # here, so the spawned timing processes need not import it
 
-    out = Path(cfg.runs_dir) / cfg.data.name / "bench" / name / f"seed{seed}"
     data = {k: v for k, v in cfg.data.items() if k != "name"}
     overrides = [
         f"data={cfg.data.name}",
@@ -280,9 +281,11 @@ def train_scores(cfg: Config, name: str, seed: int) -> dict:
         *dotted_overrides("data", data),
         *dotted_overrides("encoder", cfg.encoder_args.get(name, {})),
         *dotted_overrides("", {"extractors": list(cfg.extractors), **cfg.train, "seed": seed, "device": cfg.device,
-                         "runs_dir": cfg.runs_dir, "out_dir": str(out)}),
+                         "runs_dir": cfg.runs_dir, "name": f"bench_{name}"}),
     ]
-    status = train.main(load_config("train", overrides=overrides))
+    run_cfg = load_config("train", overrides=overrides)
+    status = train.main(run_cfg)
+    out = train.run_folder(run_cfg)
     if status:
         raise RuntimeError(f"pipeline.train exited with status {status} for {out}")
     return json.loads((out / "scores.json").read_text())

@@ -128,6 +128,15 @@ class FeatureCache:
                 present = present & p
         return np.concatenate(feats, axis=1), present, frame
 
+    def identity(self) -> list[dict[str, Any]]:
+        """What the features are made of, per cache: the extractor's settings and weights (its
+        ``config_hash``) and, per video, the hash of the face file behind its part. Two caches with
+        the same identity hold the same features; a training run is named by it."""
+        return [{"config_hash": attrs.get("config_hash", ""),
+                 "videos": {video: _plain(self._group(i, video).attrs.get("source_config_hash", ""))
+                            for video in self.videos}}
+                for i, attrs in enumerate(self.attrs)]
+
     def close(self) -> None:
         for f in self._files.values():
             f.close()

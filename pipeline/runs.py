@@ -265,6 +265,45 @@ class RunLocked(RuntimeError):
     """Another live run holds the output folder; the message names it and its holder."""
 
 
+class ForeignRun(RuntimeError):
+    """The output folder holds a run made with other settings, which must never be replaced."""
+
+
+def claim_run(out: Path, identity: str) -> bool:
+    """Take the folder ``out`` for the run named by ``identity`` (kept in ``out/run.json``); True
+    when that run already finished there. A folder holding another run, or results that record
+    no run, is refused with ForeignRun. Call it holding ``stage_lock(out)``."""
+    stamp = out / "run.json"
+    if stamp.is_file():
+        held = json.loads(stamp.read_text())
+        if held.get("identity") != identity:
+            raise ForeignRun(f"{out}: holds the run {held.get('identity')}, made with other settings; "
+                             f"give another out_dir or remove that run")
+        return bool(held.get("finished"))
+    if out.is_dir() and any(p.name not in (".lock", "config.yaml") for p in out.iterdir()):
+        raise ForeignRun(f"{out}: holds results that record no run; give another out_dir or remove them")
+    write_json(stamp, {"identity": identity, "finished": False})
+    return False
+
+
+def finish_run(out: Path, identity: str) -> None:
+    """Mark the run in ``out`` finished: every output is written; the next call with the same
+    settings skips it."""
+    write_json(out / "run.json", {"identity": identity, "finished": True})
+
+
+def link_newest(out: Path, name: str) -> None:
+    """Point ``<out's parent>/<name>`` at the run folder ``out`` (relative, replaced atomically)."""
+    link = out.parent / name
+    if link.exists() and not link.is_symlink():
+        log.warning("%s is a folder, not a link to the newest run; left as it is", link)
+        return
+    tmp = link.with_name(f".{name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(out.name)
+    os.replace(tmp, link)
+
+
 @contextlib.contextmanager
 def stage_lock(out_dir: str | Path, shard: str | None = None) -> Iterator[Path]:
     """Hold ``<out_dir>/.lock`` for the block, or raise ``RunLocked`` naming the holder's pid and host.

@@ -3,10 +3,17 @@ the best validation P_MTL, and score it.
 
     python -m pipeline.train [configs/train.yaml] [key=value ...]
 
-Writes to ``runs/<data>/train/<encoder>/`` (or ``out_dir``): ``config.yaml``, ``last.pt`` and
-``best.pt`` (each rebuilds the model alone), ``metrics.jsonl`` (one line per epoch),
-``curves.png``, ``scores.json`` and the validation predictions in ABAW's per-task layout under
-``predictions/``.
+A run is named by what defines it: ``runs/<data>/train/<name>-<hash>/``, where ``name`` is the
+``name`` key (an experiment's) or the encoder's, and the hash covers every setting that changes the
+result and the features read (see :func:`run_identity`); ``runs/<data>/train/<name>`` links to the
+newest finished one. The same settings resume an interrupted run or skip a finished one; other
+settings get their own folder, so a finished run is never written again. With ``out_dir`` the run
+goes there, and a folder that holds a run with other settings is refused.
+
+Each run folder holds ``config.yaml``, ``last.pt`` and ``best.pt`` (each rebuilds the model
+alone), ``metrics.jsonl`` (one line per epoch), ``curves.png``, TensorBoard event files under
+``tensorboard/`` (per-step loss and learning rate, per-epoch validation scores), ``scores.json``
+and the validation predictions in ABAW's per-task layout under ``predictions/``.
 
 Several processes or machines (DDP; gloo on CPU, NCCL on GPU)::
 
@@ -25,6 +32,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -33,27 +41,87 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from models import MultiTaskLoss, MultiTaskModel
+from models import STRUCTURES, TASKS, MultiTaskLoss, MultiTaskModel
 from models.cross_task import au_cooccurrence
+from models.losses import VA_LOSSES, WEIGHTINGS
+from models.transformer import POSITIONS
 from pipeline import metrics
-from pipeline.config import Config, read_yaml, run_stage
+from pipeline.config import DEVICE, Config, InputError, check_choices, read_yaml, run_stage
 from pipeline.data import Normaliser, SequenceDataset, feature_paths
 from pipeline.distributed import GlobalBatches, Shares, World, gather_batch, init_world
 from pipeline.feature_cache import FeatureCache
 from pipeline.inference import load_checkpoint, predict_features, save_checkpoint, smooth
-from pipeline.labels import load_annotations
-from pipeline.runs import RunLocked, setup_logging, stage_lock, write_json, write_text
+from pipeline.labels import FORMATS, load_annotations
+from pipeline.runs import (
+    ForeignRun,
+    RunLocked,
+    claim_run,
+    finish_run,
+    link_newest,
+    setup_logging,
+    stage_lock,
+    write_json,
+    write_text,
+)
 from pipeline.writers import write_task_files
 
 log = logging.getLogger("pipeline")
 
+SCHEDULES = ("cosine", "linear")  # learning-rate decay after the warm-up
+CLASS_WEIGHTS = ("auto", "none")  # auto: from the training split's label frequencies
+AU_GRAPHS = (None, "learned", "cooccurrence")  # cross_attention's AU relation graph
 
-def run_dir(cfg: Config) -> Path:
-    """``out_dir``, else ``<runs_dir>/<data>/train/<name or encoder>``."""
+# Keys whose value is one of a set, refused before any work starts when it is not.
+CHOICES = {
+    "model.tasks": tuple(TASKS),
+    "model.structure": tuple(STRUCTURES),
+    "model.au_graph": AU_GRAPHS,
+    "loss.va": VA_LOSSES,
+    "loss.weighting": WEIGHTINGS,
+    "loss.expr_class_weights": CLASS_WEIGHTS,
+    "loss.au_pos_weight": CLASS_WEIGHTS,
+    "encoder.positions": POSITIONS,
+    "data.format": FORMATS,
+    "schedule": SCHEDULES,
+    "device": DEVICE,
+}
+
+# Keys that do not change what a run computes: its name and folder, the device it runs on, how its
+# data is fed, whether it may resume. Every other key, present or future, defines the run.
+_NOT_DEFINING = ("name", "runs_dir", "out_dir", "device", "num_workers", "cache_in_memory", "resume")
+
+
+def run_identity(cfg: Config, cache: FeatureCache) -> str:
+    """The hash that names a run: every defining key of ``cfg`` and what the features are made of
+    (extractor settings and weights, the face files behind each video, the videos cached)."""
+    defining = {k: v for k, v in cfg.items() if k not in _NOT_DEFINING}
+    return Config({"config": defining, "features": cache.identity()}).hash()
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.get("name") or cfg.encoder.name
+
+
+def run_dir(cfg: Config, identity: str) -> Path:
+    """``out_dir``, else ``<runs_dir>/<data>/train/<name>-<first 8 of the identity>``."""
     if cfg.out_dir:
         return Path(cfg.out_dir)
-    return Path(cfg.runs_dir) / cfg.data.name / "train" / (cfg.get("name") or cfg.encoder.name)
+    return Path(cfg.runs_dir) / cfg.data.name / "train" / f"{run_name(cfg)}-{identity[:8]}"
+
+
+def run_folder(cfg: Config) -> Path:
+    """The folder the run of ``cfg`` writes to (where its ``scores.json`` is once it finished)."""
+    return run_dir(cfg, run_identity(cfg, open_features(cfg)))
+
+
+def open_features(cfg: Config) -> FeatureCache:
+    """The feature caches the run reads; a missing, unreadable or foreign cache is an input error."""
+    try:
+        return FeatureCache(feature_paths(cfg.runs_dir, cfg.data.name, cfg.extractors))
+    except (OSError, ValueError) as e:
+        raise InputError(str(e)) from None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -156,29 +224,51 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def main(cfg: Config) -> int:
-    """Train, or resume, the run of ``cfg``; 0 when done, 2 when its folder is locked or unwritable."""
+    """Train, resume or skip the run of ``cfg``; 0 when done, 2 when its folder is locked,
+    unwritable or holds a run with other settings."""
+    check_choices(cfg, CHOICES)
     world, device = init_world(cfg.device)
     setup_logging(logging.INFO if world.main else logging.WARNING)
-    out = run_dir(cfg)
+    cache = open_features(cfg)
+    identity = run_identity(cfg, cache)
+    out = run_dir(cfg, identity)
     with contextlib.ExitStack() as stack:
-        try:
-            # the processes of a torchrun job are one run: rank 0 holds the folder's one lock
-            if world.main:
+        # the processes of a torchrun job are one run: rank 0 holds the folder's one lock and tells
+        # the others whether to stop, skip or train
+        verdict: list = [("train", None)]
+        if world.main:
+            try:
                 stack.enter_context(stage_lock(out, "0/1"))
-        except (RunLocked, OSError) as e:
-            log.error("%s", e)
+                if claim_run(out, identity):
+                    verdict = [("skip", json.loads((out / "scores.json").read_text()))]
+            except (RunLocked, ForeignRun, OSError) as e:
+                log.error("%s", e)
+                verdict = [("stop", None)]
+        if world.size > 1:
+            dist.broadcast_object_list(verdict, src=0)
+        what, scores = verdict[0]
+        if what == "stop":
             return 2
-        return run(cfg, world, device, out)
+        if what == "skip":
+            if world.main:
+                if not cfg.out_dir:
+                    link_newest(out, run_name(cfg))
+                print(f"\n{out}: finished earlier with these settings; not trained again")
+                print(metrics.format_table(scores))
+            return 0
+        return run(cfg, world, device, out, cache, identity)
 
 
-def run(cfg: Config, world: World, device: torch.device, out: Path) -> int:
+def run(cfg: Config, world: World, device: torch.device, out: Path, cache: FeatureCache, identity: str) -> int:
     if world.main:
         cfg.save(out / "config.yaml")
     seed_everything(cfg.seed, cfg.deterministic)
 
-    cache = FeatureCache(feature_paths(cfg.runs_dir, cfg.data.name, cfg.extractors))
-    train_labels = load_annotations(cfg.data.annotations, cfg.data.train_split, cfg.data.format)
-    val_labels = load_annotations(cfg.data.annotations, cfg.data.val_split, cfg.data.format)
+    try:
+        train_labels = load_annotations(cfg.data.annotations, cfg.data.train_split, cfg.data.format)
+        val_labels = load_annotations(cfg.data.annotations, cfg.data.val_split, cfg.data.format)
+    except (OSError, ValueError) as e:  # missing or malformed annotations (AnnotationError names the line)
+        raise InputError(str(e)) from None
     train_videos = sorted(v for v in train_labels if v in cache.videos)
     val_videos = sorted(v for v in val_labels if v in cache.videos)
     for split, labelled, kept in (("train", train_labels, train_videos), ("val", val_labels, val_videos)):
@@ -186,7 +276,8 @@ def run(cfg: Config, world: World, device: torch.device, out: Path) -> int:
             log.warning("%d %s videos have labels but no features, e.g. %s", len(labelled) - len(kept), split,
                         sorted(set(labelled) - set(kept))[:3])
         if not kept:
-            raise SystemExit(f"no {split} video has both labels ({cfg.data.annotations}) and features ({cache.paths})")
+            raise InputError(f"no {split} video has both labels ({cfg.data.annotations}) and features "
+                             f"({', '.join(map(str, cache.paths))})")
     log.info("%d train and %d validation videos, %d-d features from %s", len(train_videos), len(val_videos),
              cache.dim, ", ".join(cfg.extractors))
     if cfg.noise_features:
@@ -230,26 +321,35 @@ def run(cfg: Config, world: World, device: torch.device, out: Path) -> int:
     last_path, best_path = out / "last.pt", out / "best.pt"
     if cfg.resume and last_path.is_file():
         _, ckpt = load_checkpoint(last_path, device)
-        if ckpt.get("config_hash") == cfg.hash(_TRAINING_KEYS):
-            model.load_state_dict(ckpt["state_dict"])
-            loss_fn.load_state_dict(ckpt["loss_state"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            history, best, stale = ckpt["history"], ckpt["best"], ckpt["stale"]
-            start_epoch = ckpt["epoch"] + 1
-            log.info("resuming from %s at epoch %d", last_path, start_epoch)
-        else:
-            log.warning("%s was trained with another config: starting afresh", last_path)
+        if ckpt.get("identity") != identity:  # claim_run() lets no other run's folder through
+            raise RuntimeError(f"{last_path}: saved by run {ckpt.get('identity')}, not {identity}")
+        model.load_state_dict(ckpt["state_dict"])
+        loss_fn.load_state_dict(ckpt["loss_state"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        history, best, stale = ckpt["history"], ckpt["best"], ckpt["stale"]
+        start_epoch = ckpt["epoch"] + 1
+        log.info("resuming from %s at epoch %d", last_path, start_epoch)
     world.barrier()  # every rank has read last.pt before rank 0 may replace it
     net = model
     if world.size > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     use_amp = cfg.amp and device.type == "cuda"
-    extra = {"config": cfg.to_dict(), "config_hash": cfg.hash(_TRAINING_KEYS), "extractors": list(cfg.extractors),
+    extra = {"config": cfg.to_dict(), "identity": identity, "extractors": list(cfg.extractors),
              "normaliser": normaliser.state() if normaliser else None,
              "window": cfg.window, "eval_stride": cfg.eval_stride, "feature_attrs": cache.attrs,
              "stage_configs": stage_configs(cfg)}
+    # Per-step and per-epoch scalars for TensorBoard; a resumed run first drops what the killed one
+    # logged past its last checkpoint, so no step appears twice.
+    board = None
+    if world.main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        board = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch * len(loader))
+    # frames per step, for the progress bar's rate; where stderr is a log file, a line every 30 s
+    frames_per_step = cfg.batch_size * cfg.window
+    interactive = sys.stderr.isatty()
     for epoch in range(start_epoch, cfg.epochs):
         if stale >= cfg.patience > 0:
             log.info("no better validation P_MTL for %d epochs: stopping early", stale)
@@ -261,7 +361,9 @@ def run(cfg: Config, world: World, device: torch.device, out: Path) -> int:
         net.train()
         train_set.set_epoch(epoch)
         losses = []
-        for batch in loader:
+        bar = tqdm(total=len(loader) * frames_per_step, desc=f"epoch {epoch}/{cfg.epochs}", unit="frame",
+                   unit_scale=True, leave=False, disable=not world.main, mininterval=0.5 if interactive else 30)
+        for step, batch in enumerate(loader, start=epoch * len(loader)):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 outputs = net(batch["x"], batch["mask"])
@@ -272,8 +374,17 @@ def run(cfg: Config, world: World, device: torch.device, out: Path) -> int:
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]
             scheduler.step()
             losses.append(loss.item())
+            bar.update(frames_per_step)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if board is not None:
+                board.add_scalar("train/loss", losses[-1], step)
+                board.add_scalar("train/lr", lr, step)
+                for task, value in parts.items():
+                    board.add_scalar(f"train/loss_{task}", float(value), step)
+        bar.close()
         if not world.main:
             # rank 0 evaluates; the others learn its verdict, so that all stop together
             verdict = [None, None]
@@ -289,8 +400,15 @@ def run(cfg: Config, world: World, device: torch.device, out: Path) -> int:
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0],
                   "seconds": round(time.perf_counter() - tick, 2), "val": val_scores}
         history.append(record)
-        log.info("epoch %3d  loss %.4f  val %s %.4f%s", epoch, record["train_loss"],
-                 "P_MTL" if len(cfg.model.tasks) == 3 else "score", score, "  *" if improved else "")
+        log.info("epoch %3d  loss %.4f  val %s %.4f%s  (%.1f s)", epoch, record["train_loss"],
+                 "P_MTL" if len(cfg.model.tasks) == 3 else "score", score, "  *" if improved else "",
+                 record["seconds"])
+        board.add_scalar("epoch/train_loss", record["train_loss"], epoch)
+        board.add_scalar("epoch/seconds", record["seconds"], epoch)
+        for key, value in val_scores.items():
+            if isinstance(value, int | float) and not math.isnan(value):
+                board.add_scalar(f"val/{key}", value, epoch)
+        board.flush()
         state = {**extra, "loss_state": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "history": history, "best": best, "stale": stale,
                  "epoch": epoch}
@@ -300,8 +418,12 @@ def run(cfg: Config, world: World, device: torch.device, out: Path) -> int:
         write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
     if world.main:
+        board.close()
         finish(cfg, out, history, cache, val_labels, val_videos, normaliser, device,
-               {"train": len(train_videos), "val": len(val_videos)})
+               {"train": len(train_videos), "val": len(val_videos)}, identity)
+        finish_run(out, identity)
+        if not cfg.out_dir:
+            link_newest(out, run_name(cfg))
     world.barrier()
     if world.size > 1:
         dist.destroy_process_group()
@@ -309,7 +431,7 @@ def run(cfg: Config, world: World, device: torch.device, out: Path) -> int:
 
 
 def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, val_labels: dict, val_videos: list[str],
-           normaliser: Normaliser | None, device: torch.device, counts: dict[str, int]) -> None:
+           normaliser: Normaliser | None, device: torch.device, counts: dict[str, int], identity: str) -> None:
     """Score the best checkpoint, store the thresholds and smoothing chosen on validation with it,
     and write the curves, predictions and ``scores.json``."""
     plot_curves(history, out / "curves.png")
@@ -333,17 +455,13 @@ def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, val
     write_task_files(out / "predictions", preds, tasks=tuple(cfg.model.tasks))
     scores.update({"encoder": cfg.encoder.name, "extractors": list(cfg.extractors), "epoch": ckpt["epoch"],
                    "noise_features": cfg.noise_features,
-                   "videos": counts})
+                   "videos": counts, "identity": identity})
     write_json(out / "scores.json", scores)
     print(f"\nValidation scores ({cfg.data.name}, {'+'.join(cfg.extractors)} features, {cfg.encoder.name}, "
           f"best epoch {ckpt['epoch']}){' -- NOISE CONTROL' if cfg.noise_features else ''}")
     print(metrics.format_table(scores))
     print(f"written to {out / 'scores.json'}")
 
-
-# What must match for a saved run to be continued rather than restarted.
-_TRAINING_KEYS = ("data", "extractors", "encoder", "model", "loss", "window", "stride", "batch_size", "epochs",
-                  "lr", "weight_decay", "warmup", "schedule", "clip", "seed", "noise_features")
 
 
 if __name__ == "__main__":

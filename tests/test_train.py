@@ -155,10 +155,12 @@ def test_there_are_experiments_for_each_encoder_task_and_structure() -> None:
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_experiment_config_loads_and_builds_its_model(path: Path) -> None:
     cfg = load_config("train", path)
-    # a full training config: the same keys as configs/train.yaml, so `make train CONFIG=...` needs no other file
+    assert cfg == load_config("train", overrides=[f"experiment={path.stem}"])
+    # it holds only what differs from configs/train.yaml, and resolves to a full training config
+    assert len(path.read_text().splitlines()) < 20
     default = load_config("train", overrides=[f"encoder={cfg.encoder.name}"])
     assert _keys(cfg) == _keys(default)
-    assert cfg.name == path.stem and train.run_dir(cfg) == Path(cfg.runs_dir) / cfg.data.name / "train" / path.stem
+    assert cfg.name == path.stem == train.run_name(cfg)
     args = dict(cfg.model)
     if args["au_graph"] == "cooccurrence":
         au = np.random.default_rng(0).integers(0, 2, (200, 12))

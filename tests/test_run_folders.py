@@ -1,0 +1,125 @@
+"""Runs a researcher can trust: a run's folder is named by its settings, a finished run is never
+written again, the same settings skip, and a folder holding another run is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import train
+from pipeline.config import Config, load_config
+from tests.synthetic import learnable_set
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["encoder.hidden=16", "encoder.layers=1", "window=24", "stride=8", "eval_stride=12", "batch_size=4",
+        "lr=0.005", "patience=0", "extractors=[syn]", "epochs=3"]
+OUTPUTS = ("scores.json", "best.pt", "last.pt", "metrics.jsonl", "config.yaml")
+
+
+def syn_config(syn: dict[str, Path], *overrides: str) -> Config:
+    return load_config("train", overrides=[*FAST, f"runs_dir={syn['runs']}", "data.name=syn",
+                                           f"data.annotations={syn['annotations']}", *overrides])
+
+
+def digests(folder: Path) -> dict[str, str]:
+    files = [folder / n for n in OUTPUTS] + sorted((folder / "predictions").rglob("*.txt"))
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return learnable_set(tmp_path_factory.mktemp("syn"))
+
+
+def test_runs_with_other_settings_get_their_own_folder_and_never_touch_a_finished_one(
+        syn: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    base = syn_config(syn)
+    assert train.main(base) == 0
+    first = train.run_folder(base)
+    assert first.parent == syn["runs"] / "syn" / "train" and first.name.startswith("gru-")
+    link = first.parent / "gru"
+    assert link.is_symlink() and link.resolve() == first.resolve()
+    before = digests(first)
+    assert json.loads((first / "run.json").read_text()) == {"identity": train.run_identity(base, train.open_features(base)),
+                                                            "finished": True}
+    assert list((first / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
+
+    noise = syn_config(syn, "noise_features=true")
+    assert train.main(noise) == 0
+    second = train.run_folder(noise)
+    assert second != first and second.name.startswith("gru-")
+    assert json.loads((second / "scores.json").read_text())["noise_features"] is True
+    assert link.resolve() == second.resolve(), "the name links to the newest run"
+    assert digests(first) == before, "the finished run was written again"
+
+    # the same settings again: skipped without training, and the name links back to that run
+    capsys.readouterr()
+    tick = time.perf_counter()
+    assert train.main(syn_config(syn)) == 0
+    assert time.perf_counter() - tick < 10
+    said = capsys.readouterr().out
+    assert "finished earlier with these settings; not trained again" in said and "P_MTL" in said
+    assert digests(first) == before
+    assert link.resolve() == first.resolve()
+
+
+def test_a_changed_training_setting_starts_a_new_run_and_the_same_one_resumes(syn: dict[str, Path]) -> None:
+    a, b = syn_config(syn, "lr=0.005"), syn_config(syn, "lr=0.002")
+    c = syn_config(syn, "lr=0.005", "device=cpu", "num_workers=0", "resume=true")  # nothing that defines the run
+    assert train.run_folder(a) != train.run_folder(b)
+    assert train.run_folder(a) == train.run_folder(c)
+    # the features are part of a run's identity: other features, other folder
+    cache = train.open_features(a)
+    other = [{**part, "config_hash": "another extractor setting"} for part in cache.identity()]
+    cache.identity = lambda: other
+    assert train.run_identity(a, cache) != train.run_identity(a, train.open_features(a))
+
+
+def test_a_folder_holding_another_run_is_refused_and_left_untouched(syn: dict[str, Path], tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "mine"
+    assert train.main(syn_config(syn, f"out_dir={out}", "epochs=2")) == 0
+    before = digests(out)
+    assert train.main(syn_config(syn, f"out_dir={out}", "epochs=2", "lr=0.001")) == 2
+    assert f"{out}: holds the run" in caplog.text and "made with other settings" in caplog.text
+    assert digests(out) == before
+    # results that record no run at all (an older layout, or someone else's) are not taken over either
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "best.pt").write_bytes(b"not mine")
+    assert train.main(syn_config(syn, f"out_dir={stray}", "epochs=2")) == 2
+    assert (stray / "best.pt").read_bytes() == b"not mine"
+
+
+def test_an_unfinished_run_resumes_in_its_own_folder(syn: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    cfg = syn_config(syn, "epochs=4", "seed=7")
+    out = train.run_folder(cfg)
+    assert train.main(cfg) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    # as if killed while scoring: scores.json and the finished mark gone, last.pt kept
+    (out / "scores.json").unlink()
+    (out / "run.json").write_text(json.dumps({"identity": scores["identity"], "finished": False}))
+    assert train.main(cfg) == 0
+    assert json.loads((out / "scores.json").read_text())["p_mtl"] == pytest.approx(scores["p_mtl"], abs=1e-6)
+
+
+def test_the_command_line_trains_a_second_setting_beside_the_first(syn: dict[str, Path]) -> None:
+    args = [sys.executable, "-m", "pipeline.train", *FAST, f"runs_dir={syn['runs']}", "data.name=syn",
+            f"data.annotations={syn['annotations']}", "name=cli", "epochs=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "not trained again" in again.stdout
+    assert "epoch" not in again.stderr.replace("best epoch", ""), "a finished run trained again"
+    other = subprocess.run([*args, "seed=3"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert other.returncode == 0 and "Validation scores" in other.stdout
+    folders = sorted(p.name for p in (syn["runs"] / "syn" / "train").glob("cli-*"))
+    assert len(folders) == 2
