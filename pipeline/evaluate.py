@@ -13,13 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config, ConfigError, run_stage
-from pipeline.labels import AUS, AnnotationError, load_annotations
+from pipeline.config import Config, ConfigError, InputError, check_choices, run_stage
+from pipeline.labels import AUS, FORMATS, SPLIT_DIRS, AnnotationError, load_annotations
 from pipeline.metrics import format_table, score_videos
 from pipeline.runs import setup_logging, write_json
 from pipeline.writers import read_predictions
 
 log = logging.getLogger("pipeline")
+
+CHOICES = {"split": tuple(SPLIT_DIRS), "format": ("", *FORMATS)}
 
 
 def output_path(cfg: Config) -> Path:
@@ -31,8 +33,9 @@ def output_path(cfg: Config) -> Path:
 
 
 def main(cfg: Config) -> int:
-    """Score ``cfg.predictions`` against ``cfg.annotations``; 0 on success, 2 on unusable input."""
+    """Score ``cfg.predictions`` against ``cfg.annotations``; an unusable input is an InputError."""
     setup_logging()
+    check_choices(cfg, CHOICES)
     try:
         if not cfg.predictions:
             raise ConfigError("set predictions=<folder or file> to score")
@@ -42,9 +45,8 @@ def main(cfg: Config) -> int:
         preds = read_predictions(cfg.predictions)
         labels = load_annotations(cfg.annotations or cfg.data.annotations, cfg.split, cfg.format or cfg.data.format)
         scores = score_videos(preds, labels, thresholds, allow_missing=cfg.allow_missing)
-    except (AnnotationError, ConfigError, FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
-        return 2
+    except (AnnotationError, FileNotFoundError, ValueError) as e:
+        raise InputError(str(e)) from None
     left_out = {k: v for k, v in scores.items() if k.startswith("missing_") and v}
     if left_out:
         log.warning("labelled frames without a prediction were left out: %s", left_out)

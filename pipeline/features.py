@@ -25,7 +25,7 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Dataset
 
 from features import Extractor, build_extractor
-from pipeline.config import Config, ConfigError, run_stage
+from pipeline.config import DEVICE, Config, ConfigError, InputError, check_choices, run_stage
 from pipeline.runs import (
     RunLocked,
     atomic_output,
@@ -41,6 +41,7 @@ from pipeline.runs import (
 log = logging.getLogger("pipeline")
 
 DTYPES = ("float16", "float32")
+CHOICES = {"dtype": DTYPES, "device": DEVICE}
 
 
 class FaceBatches(Dataset):
@@ -232,8 +233,7 @@ def resolve(cfg: Config) -> Config:
     name = cfg.data.get("name", "data") if isinstance(cfg.get("data"), dict) else str(cfg.get("data"))
     cfg.faces_dir = cfg.faces_dir or str(Path(cfg.runs_dir) / name / "faces")
     cfg.out_dir = cfg.out_dir or str(Path(cfg.runs_dir) / name / "features")
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"dtype={cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_choices(cfg, CHOICES)
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size}: must be at least 1")
     return cfg
@@ -266,7 +266,10 @@ def main(cfg: Config) -> int:
     cfg = resolve(cfg)
     name = cfg.extractor.name
     torch.manual_seed(cfg.seed)  # random-init smoke runs stay reproducible, hence resumable
-    extractor = build_extractor(name, **{k: v for k, v in cfg.extractor.items() if k != "name"})
+    try:
+        extractor = build_extractor(name, **{k: v for k, v in cfg.extractor.items() if k != "name"})
+    except (OSError, ValueError, TypeError) as e:  # missing or unfitting weights, a broken plug-in
+        raise InputError(str(e)) from None
     if extractor.weights_sha256 is None:
         log.warning("!" * 78)
         log.warning("!! %s has RANDOM weights: its features are meaningless (smoke tests only)", name)

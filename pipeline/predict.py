@@ -4,7 +4,9 @@
 
 The face and feature settings come from the checkpoint (the configs of the runs its training
 features came from), so crops, template and extractor weights match what the model learnt on.
-Writes under ``runs/predict/<video>/`` (or ``out_dir``): ``predictions.csv`` (per frame: valence,
+Writes under ``<runs_dir>/predict/<video>-<hash>/`` (or ``out_dir``), the hash naming the video's
+and the checkpoint's contents and the settings, with ``<runs_dir>/predict/<video>`` linking to the
+newest; the same call again skips, other settings get their own folder: ``predictions.csv`` (per frame: valence,
 arousal, expression class and AU probabilities), the ABAW layouts with AUs at the checkpoint's
 thresholds (``abaw/mtl.txt`` and one txt per task), ``timeline.png`` and, with ``overlay=true``,
 ``overlay.mp4``: the video with the face box, valence/arousal bars, the expression and the active
@@ -13,25 +15,49 @@ AUs drawn on every frame.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from fractions import Fraction
 from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 import yaml
 
+from features.base import sha256_file
 from pipeline import faces, features
-from pipeline.config import Config, load_config, run_stage
+from pipeline.config import DEVICE, Config, InputError, check_choices, load_config, run_stage
 from pipeline.data import Normaliser
 from pipeline.feature_cache import FeatureCache
 from pipeline.inference import load_checkpoint, predict_features, smooth
 from pipeline.labels import AUS, EXPRESSIONS
-from pipeline.runs import atomic_output, setup_logging
+from pipeline.runs import (
+    ForeignRun,
+    RunLocked,
+    atomic_output,
+    claim_run,
+    finish_run,
+    link_newest,
+    setup_logging,
+    stage_lock,
+)
+from pipeline.track import SUBJECTS
 from pipeline.video import iter_chunks, open_video
 from pipeline.writers import write_csv, write_mtl, write_task_files
 
 log = logging.getLogger("pipeline")
+
+CHOICES = {"subject": SUBJECTS, "device": DEVICE}
+# Keys that do not change the predictions: where they go and the device that computes them.
+_NOT_DEFINING = ("video", "checkpoint", "out_dir", "runs_dir", "device")
+
+
+def prediction_identity(cfg: Config, video: Path, checkpoint: Path) -> str:
+    """The hash naming a prediction: the video's and the checkpoint's contents and the settings."""
+    defining = {k: v for k, v in cfg.items() if k not in _NOT_DEFINING}
+    return Config({"video": sha256_file(video), "checkpoint": sha256_file(checkpoint),
+                   "config": defining}).hash()
 
 
 def stage_config(stage: str, saved: dict | None, path: Path, overrides: list[str]) -> Config:
@@ -139,14 +165,43 @@ def write_overlay(video: Path, preds: dict[str, np.ndarray], faces_h5: Path, pat
 
 
 def main(cfg: Config) -> int:
+    """Predict ``cfg.video`` with ``cfg.checkpoint`` unless done before with the same inputs and
+    settings; 1 if a stage failed on the video, 2 if the output folder is locked or taken."""
     setup_logging()
-    video = Path(cfg.video)
+    check_choices(cfg, CHOICES)
+    video, checkpoint = Path(cfg.video), Path(cfg.checkpoint)
     if not cfg.video or not video.is_file():
-        log.error("video=%r: no such file", cfg.video)
-        return 2
-    model, ckpt = load_checkpoint(cfg.checkpoint, cfg.device)
-    out = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / "predict" / video.stem
-    out.mkdir(parents=True, exist_ok=True)
+        raise InputError(f"video={cfg.video!r}: no such file")
+    if not cfg.checkpoint or not checkpoint.is_file():
+        raise InputError(f"checkpoint={cfg.checkpoint!r}: no such file; train a model first (make train) "
+                         f"or give checkpoint=<run folder>/best.pt")
+    try:
+        model, ckpt = load_checkpoint(checkpoint, cfg.device)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    identity = prediction_identity(cfg, video, checkpoint)
+    out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.runs_dir) / "predict" / f"{video.stem}-{identity[:8]}"
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(stage_lock(out))
+            done = claim_run(out, identity)
+        except (RunLocked, ForeignRun, OSError) as e:
+            log.error("%s", e)
+            return 2
+        if done:
+            print(f"predictions for {video} with these settings were written before to {out}")
+        else:
+            status = predict(cfg, video, model, ckpt, out)
+            if status:
+                return status
+            finish_run(out, identity)
+    if not cfg.out_dir:
+        link_newest(out, video.stem)
+    return 0
+
+
+def predict(cfg: Config, video: Path, model: torch.nn.Module, ckpt: dict, out: Path) -> int:
+    """Faces, features and the model on ``video``, into ``out``; 1 if a stage failed."""
     cfg.save(out / "config.yaml")
     saved = ckpt.get("stage_configs", {})
     if not saved:

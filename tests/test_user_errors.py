@@ -1,0 +1,164 @@
+"""Every user error is one ``error:`` line and exit status 1, found before any work starts; a value
+outside a key's choices is refused naming the key, the value and the choices."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import evaluate, faces, features, predict, train
+from pipeline.config import ConfigError, check_choices, load_config, run_stage
+from tests.synthetic import learnable_set, write_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"train": train, "faces": faces, "features": features, "predict": predict, "evaluate": evaluate}
+
+
+def one_line_error(stage: str, *argv: str) -> str:
+    """Run ``python -m pipeline.<stage> argv`` in this process; its exit must be one ``error:`` line,
+    status 1 (a string given to SystemExit is printed and exits 1)."""
+    with pytest.raises(SystemExit) as done:
+        run_stage(stage, STAGES[stage].main, list(argv))
+    message = done.value.code
+    assert isinstance(message, str), f"exit status {message!r}, not an error line"
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return learnable_set(tmp_path_factory.mktemp("syn"), frames=32)
+
+
+def syn_args(syn: dict[str, Path]) -> list[str]:
+    return [f"runs_dir={syn['runs']}", "data.name=syn", f"data.annotations={syn['annotations']}", "extractors=[syn]"]
+
+
+# Each stage's keys with a set of values, a wrong value of each, and the words the refusal must hold.
+WRONG = [
+    ("train", "schedule=cosin", "'schedule' = 'cosin': choose one of cosine, linear"),
+    ("train", "loss.expr_class_weights=Auto", "'loss.expr_class_weights' = 'Auto': choose one of auto, none"),
+    ("train", "loss.au_pos_weight=balanced", "'loss.au_pos_weight' = 'balanced'"),
+    ("train", "loss.va=mae", "'loss.va' = 'mae': choose one of ccc, mse"),
+    ("train", "loss.weighting=learned", "'loss.weighting' = 'learned': choose one of fixed, uncertainty"),
+    ("train", "model.structure=shard", "'model.structure' = 'shard': choose one of shared, task_specific"),
+    ("train", "model.au_graph=cooc", "'model.au_graph' = 'cooc': choose one of null, learned, cooccurrence"),
+    ("train", "model.tasks=[va,exp]", "'model.tasks' = 'exp': choose one of va, expr, au"),
+    ("train", "data.format=abaw5", "'data.format' = 'abaw5'"),
+    ("train", "device=gpu", "'device' = 'gpu': choose cpu, cuda, cuda:<index> or mps"),
+    ("faces", "subject=middle", "'subject' = 'middle': choose one of auto, main, left, right"),
+    ("faces", "template=vgg", "'template' = 'vgg': choose one of arcface"),
+    ("faces", "compression=zip", "'compression' = 'zip': choose one of gzip, lzf, "),
+    ("faces", "device=cuda1", "'device' = 'cuda1'"),
+    ("features", "dtype=float64", "'dtype' = 'float64': choose one of float16, float32"),
+    ("predict", "subject=auto", "'subject' = 'auto': choose one of main, left, right"),
+    ("evaluate", "split=test", "'split' = 'test': choose one of train, val"),
+    ("evaluate", "format=abaw9", "'format' = 'abaw9'"),
+]
+
+
+@pytest.mark.parametrize(("stage", "override", "words"), WRONG, ids=[w[1] for w in WRONG])
+def test_a_value_outside_its_choices_is_refused_before_any_work(stage: str, override: str, words: str,
+                                                                 tmp_path: Path) -> None:
+    # every input points nowhere: the choice must be refused before anything is read
+    nowhere = {"train": ["data.annotations=/no/labels", "runs_dir=/no/runs"],
+               "faces": ["videos=/no/videos", f"out_dir={tmp_path / 'faces'}"],
+               "features": ["faces_dir=/no/faces", f"out_dir={tmp_path / 'features'}"],
+               "predict": ["video=/no/clip.mp4", "checkpoint=/no/best.pt"],
+               "evaluate": ["predictions=/no/predictions"]}[stage]
+    message = one_line_error(stage, *nowhere, override)
+    assert words in message
+    assert not (tmp_path / "faces").exists() and not (tmp_path / "features").exists()
+
+
+def test_every_declared_choice_names_a_key_of_its_stage_config() -> None:
+    # a CHOICES entry for a key that no longer exists would check nothing
+    for stage, module in STAGES.items():
+        cfg = load_config(stage, overrides=["encoder=transformer"] if stage == "train" else [])
+        for key in module.CHOICES:
+            node = cfg
+            for part in key.split("."):
+                assert part in node, f"{stage}: CHOICES names {key!r}, which its config lacks"
+                node = node[part]
+        check_choices(cfg, module.CHOICES)  # and the shipped defaults are among the choices
+
+
+def test_choices_are_exact() -> None:
+    check = lambda value: check_choices({"k": value}, {"k": ("auto", "none", None)})
+    check("auto"), check(None)
+    for wrong in ("Auto", "auto ", 0, False, ["auto", "Auto"]):
+        with pytest.raises(ConfigError, match="'k'"):
+            check(wrong)
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    message = one_line_error("features", "extractor=iresnet18", "extractor.weights=/no/such.pth",
+                             f"faces_dir={tmp_path}", f"out_dir={tmp_path / 'out'}")
+    assert "/no/such.pth" in message and "not found" in message
+
+
+def test_missing_feature_cache(syn: dict[str, Path]) -> None:
+    message = one_line_error("train", *syn_args(syn), "extractors=[iresnet50]")
+    assert f"{syn['runs'] / 'syn' / 'features' / 'iresnet50.h5'}: no feature cache" in message
+
+
+def test_feature_cache_of_another_extractor(syn: dict[str, Path], tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_cache(runs / "syn" / "features" / "iresnet50.h5", {"v": (np.zeros((3, 4)), np.ones(3, bool))})
+    (runs / "syn" / "features" / "iresnet50.h5").rename(runs / "syn" / "features" / "onet.h5")
+    message = one_line_error("train", *syn_args(syn), f"runs_dir={runs}", "extractors=[onet]")
+    assert "onet.h5: written by extractor 'iresnet50', not 'onet'" in message
+
+
+def test_missing_annotations(syn: dict[str, Path], tmp_path: Path) -> None:
+    message = one_line_error("train", *syn_args(syn), f"data.annotations={tmp_path}")
+    assert f"{tmp_path}: no annotation files" in message
+
+
+def test_labels_of_other_videos_than_the_features(syn: dict[str, Path], tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_cache(runs / "syn" / "features" / "syn.h5", {"elsewhere": (np.zeros((3, 4)), np.ones(3, bool))})
+    message = one_line_error("train", *syn_args(syn), f"runs_dir={runs}")
+    assert "no train video has both labels" in message and "syn.h5" in message
+
+
+def test_predict_before_any_training(tmp_path: Path) -> None:
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\0")
+    message = one_line_error("predict", f"video={clip}", f"checkpoint={tmp_path / 'train' / 'gru' / 'best.pt'}")
+    assert "best.pt" in message and "train a model first" in message
+
+
+def test_predict_a_missing_video(tmp_path: Path) -> None:
+    message = one_line_error("predict", f"video={tmp_path / 'gone.mp4'}", "checkpoint=x.pt")
+    assert "gone.mp4" in message and "no such file" in message
+
+
+def test_predict_with_a_file_that_is_no_checkpoint(tmp_path: Path) -> None:
+    clip, bad = tmp_path / "clip.mp4", tmp_path / "best.pt"
+    clip.write_bytes(b"\0")
+    bad.write_text("not a checkpoint")
+    message = one_line_error("predict", f"video={clip}", f"checkpoint={bad}")
+    assert f"{bad}: not a usable checkpoint" in message
+
+
+def test_evaluate_missing_predictions(tmp_path: Path) -> None:
+    assert str(tmp_path / "none") in one_line_error("evaluate", f"predictions={tmp_path / 'none'}")
+
+
+def test_unknown_experiment_lists_the_known_ones() -> None:
+    message = one_line_error("train", "experiment=mtl_grus")
+    assert "unknown experiment 'mtl_grus'" in message and "mtl_gru" in message
+
+
+def test_the_process_prints_one_line_and_exits_1_before_loading_data() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", "schedule=cosin", "data.annotations=/no/labels"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: config key 'schedule' = 'cosin': choose one of cosine, linear"
