@@ -1,33 +1,42 @@
 # Multi-task facial affect analysis: faces -> features -> train.
-# Stage targets are files under runs/$(DATA)/, so `make train` builds what is missing first and a
-# second call skips what is finished. ARGS="key=value ..." goes to the stage named on the command
-# line (make faces ARGS="device=cuda" passes it to the faces stage only).
+# Make decides nothing about whether a stage is done: every stage target runs its stage, which skips
+# the work it finished before with the same settings (face files and feature parts by their config
+# hashes, a training run by the identity that names its folder), so `make train` runs faces and
+# features first and a second identical call only checks. ARGS="key=value ..." goes to the stage
+# named on the command line (make faces ARGS="device=cuda" passes it to the faces stage only).
 
-DATA      ?= sample
-EXTRACTOR ?= onet
-ENCODER   ?= gru
-CONFIG    ?= configs/train.yaml
-RUN       ?= $(if $(filter configs/train.yaml,$(CONFIG)),$(ENCODER),$(basename $(notdir $(CONFIG))))
-ARGS      ?=
-RUNS      ?= runs
-PYTHON    ?= $(shell command -v python3.11 || command -v python3)
-VENV      ?= .venv
-PY        := $(VENV)/bin/python
+DATA       ?= sample
+EXTRACTOR  ?= onet
+ENCODER    ?= gru
+EXPERIMENT ?=
+CONFIG     ?=
+RUN        ?= $(or $(EXPERIMENT),$(if $(CONFIG),$(basename $(notdir $(CONFIG))),$(ENCODER)))
+ARGS       ?=
+RUNS       ?= runs
+SEEDS      ?= 0,1,2
+SWEEP      ?= encoder=gru,lstm seed=$(SEEDS)
+EXPERIMENTS ?= mtl_gru mtl_lstm mtl_transformer va_only expr_only au_only
+PYTHON     ?= $(shell command -v python3.11 || command -v python3)
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-SAMPLE_DONE   := data/sample/sample.yaml
-FACES_DONE    := $(RUNS)/$(DATA)/faces/.done
-FEATURES_DONE := $(RUNS)/$(DATA)/features/$(EXTRACTOR).h5
-TRAIN_DONE    := $(RUNS)/$(DATA)/train/$(RUN)/scores.json
-DATA_INPUTS   := $(if $(filter sample,$(DATA)),$(SAMPLE_DONE)) configs/data/$(DATA).yaml
+comma := ,
+empty :=
+space := $(empty) $(empty)
 args_for       = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
+SAMPLE_STEP   := $(if $(filter sample,$(DATA)),sample)
+# An experiment or config file names its own encoder and extractors; the variables apply to train.yaml.
+TRAIN_SOURCE   = $(if $(EXPERIMENT),experiment=$(EXPERIMENT),$(CONFIG))
+TRAIN_CHOICES  = $(if $(TRAIN_SOURCE),,extractors=[$(EXTRACTOR)] encoder=$(ENCODER))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint demo sample faces features train experiments evaluate predict bench bench-faces bench-features bench-pipeline bench-memory test-faults clean
+.DELETE_ON_ERROR:
+.PHONY: help setup test lint demo sample faces features train sweep experiments evaluate predict bench bench-faces bench-features bench-pipeline bench-memory test-faults clean
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "variables: DATA=$(DATA) EXTRACTOR=$(EXTRACTOR) ENCODER=$(ENCODER) CONFIG=$(CONFIG) RUN=$(RUN) ARGS=\"$(ARGS)\""
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "variables: DATA=$(DATA) EXTRACTOR=$(EXTRACTOR) ENCODER=$(ENCODER) EXPERIMENT=$(EXPERIMENT) CONFIG=$(CONFIG) RUN=$(RUN) ARGS=\"$(ARGS)\""
 
 setup: $(VENV)/.installed ## create or refresh the virtual environment
 
@@ -46,49 +55,39 @@ test: setup lint ## lint, then the whole test suite (one end-to-end run on a red
 test-faults: setup ## the fault-injection and bad-input suites alone (kills, locks, full disk, bad files)
 	$(VENV)/bin/pytest -q tests/test_faults.py tests/test_bad_inputs.py tests/test_feature_kill.py
 
-demo: setup $(TRAIN_DONE) ## the whole pipeline on the built-in sample; prints the validation scores
+demo: train ## the whole pipeline on the built-in sample; prints the validation scores
 	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(RUNS)/$(DATA)/train/$(RUN)/predictions
 
-sample: setup $(SAMPLE_DONE) ## write the built-in labelled sample to data/sample
-
-$(SAMPLE_DONE): configs/sample.yaml pipeline/sample.py
+sample: setup ## write the built-in labelled sample to data/sample (skipped when it is there with these settings)
 	$(PY) -m pipeline.sample $(call args_for,sample)
-	@touch $@
 
-faces: setup $(FACES_DONE) ## stage 1: detect, track and align faces (runs/$(DATA)/faces/)
-
-$(FACES_DONE): $(DATA_INPUTS) configs/faces.yaml
+faces: setup $(SAMPLE_STEP) ## stage 1: detect, track and align faces (runs/$(DATA)/faces/)
 	$(PY) -m pipeline.faces data=$(DATA) out_dir=$(RUNS)/$(DATA)/faces $(call args_for,faces)
-	@touch $@
 
-features: setup $(FEATURES_DONE) ## stage 2: per-frame features (runs/$(DATA)/features/$(EXTRACTOR).h5)
-
-$(FEATURES_DONE): $(FACES_DONE) configs/features.yaml $(wildcard configs/features/$(EXTRACTOR).yaml)
+features: faces ## stage 2: per-frame features (runs/$(DATA)/features/$(EXTRACTOR).h5)
 	$(PY) -m pipeline.features data=$(DATA) extractor=$(EXTRACTOR) faces_dir=$(RUNS)/$(DATA)/faces \
 		out_dir=$(RUNS)/$(DATA)/features $(call args_for,features)
 
-train: setup $(TRAIN_DONE) ## stage 3: train and score an encoder (runs/$(DATA)/train/$(RUN)/)
+train: features ## stage 3: train and score (runs/$(DATA)/train/$(RUN)-<hash>/; EXPERIMENT=<name> for configs/experiments/)
+	$(PY) -m pipeline.train $(TRAIN_SOURCE) data=$(DATA) $(TRAIN_CHOICES) name=$(RUN) runs_dir=$(RUNS) \
+		$(call args_for,train)
 
-# An experiment config names its own encoder and extractors; the variables apply to train.yaml.
-DEFAULT_CONFIG := $(filter configs/train.yaml,$(CONFIG))
-TRAIN_CHOICES   = $(if $(DEFAULT_CONFIG),extractors=[$(EXTRACTOR)] encoder=$(ENCODER))
+sweep: features ## a grid of training overrides times seeds, mean +- std per setting: SWEEP="encoder=gru,lstm seed=0,1,2"
+	$(PY) -m pipeline.sweep data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(SWEEP) $(call args_for,sweep)
 
-$(TRAIN_DONE): $(FEATURES_DONE) $(CONFIG) $(if $(DEFAULT_CONFIG),configs/encoders/$(ENCODER).yaml)
-	$(PY) -m pipeline.train $(CONFIG) data=$(DATA) $(TRAIN_CHOICES) \
-		runs_dir=$(RUNS) out_dir=$(RUNS)/$(DATA)/train/$(RUN) $(call args_for,train)
-
-EXPERIMENTS ?= mtl_gru mtl_lstm mtl_transformer va_only expr_only au_only
-experiments: setup $(FEATURES_DONE) ## train configs/experiments/*.yaml named in EXPERIMENTS, one run folder each
-	@for x in $(EXPERIMENTS); do $(MAKE) --no-print-directory train CONFIG=configs/experiments/$$x.yaml || exit 1; done
+experiments: features ## a sweep over configs/experiments/ named in EXPERIMENTS, seeds SEEDS
+	$(PY) -m pipeline.sweep data=$(DATA) runs_dir=$(RUNS) experiment=$(subst $(space),$(comma),$(strip $(EXPERIMENTS))) \
+		seed=$(SEEDS) $(call args_for,experiments)
 
 evaluate: setup ## score a predictions folder: make evaluate PRED=folder [DATA=...]
 	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(or $(PRED),$(RUNS)/$(DATA)/train/$(RUN)/predictions) $(ARGS)
 
 predict: setup ## one new video through all stages: make predict VIDEO=clip.mp4 CHECKPOINT=runs/.../best.pt
-	@test -n "$(VIDEO)" || { echo "set VIDEO=path/to/video.mp4"; exit 2; }
-	$(PY) -m pipeline.predict video=$(VIDEO) checkpoint=$(or $(CHECKPOINT),$(RUNS)/$(DATA)/train/$(RUN)/best.pt) $(ARGS)
+	@test -n "$(VIDEO)" || { echo "error: set VIDEO=path/to/video.mp4" >&2; exit 1; }
+	$(PY) -m pipeline.predict video=$(VIDEO) checkpoint=$(or $(CHECKPOINT),$(RUNS)/$(DATA)/train/$(RUN)/best.pt) \
+		runs_dir=$(RUNS) $(ARGS)
 
-bench: setup $(FEATURES_DONE) ## encoders side by side: parameters, throughput, memory, validation P_MTL
+bench: features ## encoders side by side: parameters, throughput, memory, validation P_MTL
 	$(PY) -m pipeline.bench data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(ARGS)
 
 bench-faces: setup ## faces stage against the plain facenet-pytorch loop, and peak memory on a long video

@@ -1,0 +1,161 @@
+"""Seeds and sweeps as one command: a grid of training overrides, one run each, one table.
+
+    python -m pipeline.sweep [train config.yaml] encoder=gru,lstm seed=0,1,2 [key=value ...]
+    python -m pipeline.sweep experiment=mtl_gru,va_only seed=0,1,2 epochs=20
+
+Every ``key=a,b,c`` (commas outside brackets, so ``extractors=[onet,iresnet18]`` is one value) is an
+axis, and the runs are every combination of the axes. Each run is ``pipeline.train`` with its
+overrides, in the folder its settings name, so a sweep skips the runs it finished before and
+resumes the one it was stopped in. Every run's config is resolved and checked before the first one
+starts. The table gives, for each setting (the values of every axis but ``seed``), the mean and the
+sample standard deviation over its seeds of CCC-V, CCC-A, F1-EXPR, F1-AU and P_MTL; it is printed
+and written to ``<runs_dir>/<data>/sweeps/<hash>.md`` and ``.json`` (with every run's folder and
+scores). Exit status 1 if any run failed; the others still ran.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, ConfigError, check_choices, load_config, run_stage
+from pipeline.runs import setup_logging, write_json, write_text
+
+log = logging.getLogger("pipeline")
+
+SCORES = (("CCC-V", "ccc_v"), ("CCC-A", "ccc_a"), ("F1-EXPR", "f1_expr"), ("F1-AU", "f1_au"), ("P_MTL", "p_mtl"))
+
+
+def split_values(text: str) -> list[str]:
+    """``"a,b,[c,d]"`` -> ``["a", "b", "[c,d]"]``: a comma inside brackets or braces stays in its value."""
+    values, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    values.append(text[start:])
+    return [v.strip() for v in values]
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """The runs of a sweep, each as its list of ``key=value`` overrides, in grid order (last axis fastest)."""
+    axes = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        values = split_values(text)
+        if any(v == "" for v in values):
+            raise ConfigError(f"{item!r}: an empty value in the list")
+        axes.append([f"{key.strip()}={v}" for v in values])
+    return [list(run) for run in itertools.product(*axes)]
+
+
+class Sweep:
+    """The resolved runs of one sweep: ``runs`` lists (overrides, config) in grid order."""
+
+    def __init__(self, path: str | None, overrides: list[str]) -> None:
+        from pipeline import train
+
+        self.path = path
+        self.overrides = overrides
+        self.axes = [item.split("=", 1)[0] for item in overrides if len(split_values(item.split("=", 1)[1])) > 1]
+        self.runs: list[tuple[list[str], Config]] = []
+        for run in expand(overrides):
+            try:
+                cfg = load_config("train", path, run)
+                check_choices(cfg, train.CHOICES)
+            except ConfigError as e:
+                raise ConfigError(f"{' '.join(run)}: {e}") from None
+            self.runs.append((run, cfg))
+
+    def setting(self, run: list[str]) -> str:
+        """The run's values of every axis but the seed: its row in the table."""
+        chosen = [item for item in run if item.split("=", 1)[0] in self.axes and not item.startswith("seed=")]
+        return " ".join(chosen) or "(one setting)"
+
+    def name(self) -> str:
+        data = {cfg.data.name for _, cfg in self.runs}
+        return f"{'+'.join(sorted(data))}/sweeps/{Config({'path': self.path, 'runs': self.overrides}).hash()[:8]}"
+
+
+def summary_rows(results: list[dict]) -> list[dict]:
+    """Per setting, in order of first appearance: the seeds and, per score, mean, std and values."""
+    from pipeline.bench import summarise
+
+    rows: dict[str, dict] = {}
+    for r in results:
+        row = rows.setdefault(r["setting"], {"setting": r["setting"], "seeds": [], "failed": 0})
+        if r["scores"] is None:
+            row["failed"] += 1
+            continue
+        row["seeds"].append(r["seed"])
+        for _, key in SCORES:
+            value = r["scores"].get(key)
+            value = None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+            row.setdefault(key, []).append(value)
+    for row in rows.values():
+        for _, key in SCORES:
+            row[key] = {**summarise(row.get(key, [])), "per_seed": row.get(key, [])}
+    return list(rows.values())
+
+
+def format_summary(rows: list[dict]) -> str:
+    from pipeline.bench import markdown_table
+
+    def cell(s: dict) -> str:
+        return "n/a" if s["mean"] is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
+
+    return markdown_table(
+        ["setting", "seeds", *(h for h, _ in SCORES)],
+        [[r["setting"], f"{len(r['seeds'])}" + (f" ({r['failed']} failed)" if r["failed"] else ""),
+          *(cell(r[k]) for _, k in SCORES)] for r in rows])
+
+
+def main(sweep: Sweep) -> int:
+    from pipeline import train
+
+    setup_logging()
+    results: list[dict[str, Any]] = []
+    for i, (run, cfg) in enumerate(sweep.runs, start=1):
+        log.info("sweep run %d/%d: %s", i, len(sweep.runs), " ".join(run))
+        try:
+            status = train.main(cfg)
+            out = train.run_folder(cfg)
+            scores = json.loads((out / "scores.json").read_text()) if status == 0 else None
+        except Exception as e:  # this run fails alone; the sweep goes on
+            log.error("sweep run %s failed: %s: %s", " ".join(run), type(e).__name__, e)
+            status, out, scores = 1, None, None
+        results.append({"overrides": run, "setting": sweep.setting(run), "seed": cfg.seed, "status": status,
+                        "folder": str(out) if out else None, "scores": scores})
+    rows = summary_rows(results)
+    table = format_summary(rows)
+    where = Path(sweep.runs[0][1].runs_dir) / sweep.name()
+    write_text(where.with_suffix(".md"), table + "\n")
+    write_json(where.with_suffix(".json"), {"config": sweep.path, "overrides": sweep.overrides,
+                                            "summary": rows, "runs": results})
+    failed = [r for r in results if r["status"] != 0]
+    print(f"\nSweep over {len(results)} runs ({len(failed)} failed); mean ± std over seeds\n")
+    print(table)
+    print(f"\nwritten to {where.with_suffix('.md')} and .json")
+    return 1 if failed else 0
+
+
+def parse(stage: str, argv: list[str] | None = None) -> Sweep:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0)
+    path = argv.pop(0) if argv and "=" not in argv[0] else None
+    return Sweep(path, argv)
+
+
+if __name__ == "__main__":
+    run_stage("sweep", main, parse=parse)
