@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from pathlib import Path
 
 import matplotlib.image
 import numpy as np
 import pytest
 
 from pipeline import bench
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, InputError, load_config
 
 TINY = [
     "d_in=16",
@@ -94,16 +93,18 @@ def test_scores_use_one_budget_per_seed_and_leave_a_failed_seed_out(tmp_path, mo
     (runs / "sample" / "features" / "onet.h5").touch()  # only its presence is checked; training is faked
     seen = []
 
+    folder = lambda cfg: runs / "sample" / "train" / f"{cfg.name}-seed{cfg.seed}"
+
     def fake_train(cfg):
         seen.append(cfg)
         if cfg.seed == 5:
-            raise SystemExit("no train video has both labels and features")  # as pipeline.train does
-        out_dir = Path(cfg.out_dir)
-        out_dir.mkdir(parents=True)
-        (out_dir / "scores.json").write_text(json.dumps({"p_mtl": 1.0 + cfg.seed / 10}))
+            raise InputError("no train video has both labels and features")  # as pipeline.train does
+        folder(cfg).mkdir(parents=True)
+        (folder(cfg) / "scores.json").write_text(json.dumps({"p_mtl": 1.0 + cfg.seed / 10}))
         return 0
 
     monkeypatch.setattr("pipeline.train.main", fake_train)
+    monkeypatch.setattr("pipeline.train.run_folder", folder)
     out = tmp_path / "encoders.json"
     cfg = load_config("bench", overrides=[*TINY, "encoders=[gru]", "seeds=[3, 5, 7]", "train.epochs=2",
                                           f"runs_dir={runs}", f"output={out}"])
@@ -114,7 +115,7 @@ def test_scores_use_one_budget_per_seed_and_leave_a_failed_seed_out(tmp_path, mo
     for c in seen:
         assert c.encoder.name == "gru" and c.encoder.hidden == 8 and c.encoder.layers == 1
         assert c.epochs == 2 and c.patience == 0 and c.extractors == ["onet"] and c.runs_dir == str(runs)
-        assert c.out_dir == str(runs / "sample" / "bench" / "gru" / f"seed{c.seed}")
+        assert c.name == "bench_gru" and c.out_dir == ""  # an ordinary run, in the folder its settings name
         assert c.loss.va == "mse" and c.loss.weighting == "fixed"  # updated, not replaced
     scores = json.loads(out.read_text())["encoders"]["gru"]["scores"]
     assert scores["per_seed"][1] is None

@@ -47,8 +47,8 @@ def test_runs_with_other_settings_get_their_own_folder_and_never_touch_a_finishe
     link = first.parent / "gru"
     assert link.is_symlink() and link.resolve() == first.resolve()
     before = digests(first)
-    assert json.loads((first / "run.json").read_text()) == {"identity": train.run_identity(base, train.open_features(base)),
-                                                            "finished": True}
+    identity = train.run_identity(base, train.open_features(base))
+    assert json.loads((first / "run.json").read_text()) == {"identity": identity, "finished": True}
     assert list((first / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
 
     noise = syn_config(syn, "noise_features=true")
