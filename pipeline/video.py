@@ -1,11 +1,13 @@
-"""Streaming video decode with decord: memory bounded by the chunk size, damaged stretches flagged."""
+"""Streaming video decode with decord, or PyAV for files that decord cannot open (a download cut
+short): memory bounded by the chunk size, damaged stretches and lost tails flagged."""
 
 from __future__ import annotations
 
 import logging
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,19 @@ class VideoError(RuntimeError):
     """A file that cannot be read as a video; the message names the file."""
 
 
+@dataclass(frozen=True, eq=False)
+class StreamIndex:
+    """Where the frames of a file that decord cannot open lie, for PyAV to decode them.
+
+    ``pts`` (m,) int64 presentation times of frames 0..m-1, the frames the file still holds, in
+    ``time_base`` seconds; ``seek`` (m,) int64 the decode time of the key frame each is decoded from.
+    """
+
+    pts: np.ndarray
+    seek: np.ndarray
+    time_base: Fraction
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     path: str
@@ -24,6 +39,13 @@ class VideoInfo:
     n_frames: int
     width: int
     height: int
+    # set when decord cannot open the file and PyAV reads it instead
+    av_index: StreamIndex | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def held(self) -> int:
+        """Frames the file holds: all but those lost past a cut."""
+        return self.n_frames if self.av_index is None else len(self.av_index.pts)
 
 
 @dataclass
@@ -55,11 +77,80 @@ def _reader(path: str | Path, size: tuple[int, int] | None = None):
     return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, width=w, height=h)
 
 
+def _decoded(ctx, packet) -> list:
+    """The frames a PyAV ``packet`` completes (``None`` drains the decoder); none if it does not decode."""
+    import av
+
+    try:
+        return ctx.decode(packet)
+    except av.error.FFmpegError:
+        return []
+
+
+def _index_with_av(path: Path) -> tuple[int, float, tuple[int, int], StreamIndex] | None:
+    """Frame count, rate, (h, w) and frame index of a file that decord cannot open, read with PyAV
+    up to where it is cut or damaged; None if not one frame decodes there."""
+    import av
+
+    pts, dts, key, first, whole = [], [], [], None, True
+    try:
+        with av.open(str(path)) as c:
+            stream = c.streams.video[0]
+            try:
+                for packet in c.demux(stream):
+                    if packet.is_corrupt:  # the file ends inside this packet
+                        whole = False
+                        break
+                    if packet.pts is None or packet.dts is None or packet.is_discard:
+                        continue
+                    pts.append(packet.pts)
+                    dts.append(packet.dts)
+                    key.append(packet.is_keyframe)
+                    if first is None:  # one frame must decode for the file to count as a video
+                        first = next(iter(_decoded(stream.codec_context, packet)), None)
+            except av.error.FFmpegError:
+                whole = False
+            if first is None:
+                first = next(iter(_decoded(stream.codec_context, None)), None)
+            rate = stream.average_rate or stream.guessed_rate
+            n = stream.frames
+            if not n and stream.duration and rate:
+                n = round(float(stream.duration * stream.time_base * rate))
+            time_base = stream.time_base
+    except (av.error.FFmpegError, IndexError):  # not a container, or one without a video stream
+        return None
+    if first is None:
+        return None
+    pts, dts, key = np.array(pts, np.int64), np.array(dts, np.int64), np.array(key, bool)
+    key[0] = True  # decoding starts at the first packet, marked key or not
+    n = max(n, len(pts))
+    order = np.argsort(pts, kind="stable")
+    shown = pts[order]  # (m,) frame k is the k-th in presentation order
+    # each frame is decoded from the last key frame shown before it, so open GOPs decode too
+    keys = np.flatnonzero(key)[np.argsort(pts[key])]
+    seek = dts[keys][np.maximum(np.searchsorted(pts[keys], shown, side="right") - 1, 0)]
+    if not whole or len(pts) < n:
+        # a frame lost with the rest of the file decodes after the last whole packet, so it is
+        # shown after that packet's decode time; the frames shown up to then are all here and
+        # can be numbered, the few B-frames past it cannot
+        held = int(np.searchsorted(shown, dts.max(), side="right"))
+        shown, seek = shown[:held], seek[:held]
+    if not len(shown):
+        return None
+    return n, float(rate) if rate else np.nan, (first.height, first.width), StreamIndex(shown, seek, time_base)
+
+
 def open_video(path: str | Path):
-    """Open ``path`` with decord (CPU, RGB) -> ``(reader, VideoInfo)``; raises VideoError."""
+    """Open ``path`` with decord (CPU, RGB) -> ``(reader, VideoInfo)``; raises VideoError.
+
+    A file that decord cannot open but PyAV can partly decode (a download cut short with its index
+    at the front) gives reader ``None`` and ``VideoInfo.av_index``: ``iter_chunks`` reads it with
+    PyAV and flags the frames past what the file holds.
+    """
     path = Path(path)
     if not path.is_file():
         raise VideoError(f"{path}: no such file")
+    vr, index = None, None
     try:
         vr = _reader(path)
         n = len(vr)
@@ -69,13 +160,23 @@ def open_video(path: str | Path):
         lines = str(e).strip().splitlines() or [type(e).__name__]
         # decord prefixes "[time] source.cc:line: "; the reason follows
         reason = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", lines[0])
-        raise VideoError(f"{path}: cannot be read as a video, truncated or not a video ({reason})") from None
+        found = _index_with_av(path)
+        if found is None:
+            raise VideoError(f"{path}: cannot be read as a video, truncated or not a video ({reason})") from None
+        vr = None
+        n, fps, (h, w), index = found
+        if n > len(index.pts):
+            log.warning("%s: %d of its %d frames are lost, the file is cut short or damaged after frame %d (%s); "
+                        "the frames before are read with PyAV, the rest flagged decode_error",
+                        path, n - len(index.pts), n, len(index.pts) - 1, reason)
+        else:
+            log.warning("%s: decord cannot open it (%s); read with PyAV", path, reason)
     if n == 0:
         raise VideoError(f"{path}: the video has no frames")
     if not np.isfinite(fps) or fps <= 0:
         fps = 30.0  # some containers carry no rate; timestamps still come from the stream
         log.warning("%s: no frame rate in the file, assuming %.0f fps", path, fps)
-    return vr, VideoInfo(str(path), fps, n, int(w), int(h))
+    return vr, VideoInfo(str(path), fps, n, int(w), int(h), index)
 
 
 def _timestamps(vr, index: np.ndarray, fps: float) -> np.ndarray:
@@ -87,6 +188,65 @@ def _timestamps(vr, index: np.ndarray, fps: float) -> np.ndarray:
     bad = ~np.isfinite(ts)
     ts[bad] = index[bad] / fps
     return ts
+
+
+def _av_timestamps(info: VideoInfo, index: np.ndarray) -> np.ndarray:
+    """(t,) seconds of frames ``index`` from the stream's pts; past the cut, the file's rate goes on."""
+    s = info.av_index
+    last = len(s.pts) - 1
+    return s.pts[np.minimum(index, last)] * float(s.time_base) + np.maximum(index - last, 0) / info.fps
+
+
+def _av_frames(container, stream) -> Iterator:
+    """PyAV frames from the container's position on, up to the first packet that is cut or
+    damaged; the decoder is drained there, so the frames it holds back for reordering count."""
+    import av
+
+    ctx = stream.codec_context
+    try:
+        for packet in container.demux(stream):
+            if packet.is_corrupt:
+                break
+            if packet.dts is not None:  # not the end-of-stream packet: the drain below ends it
+                yield from _decoded(ctx, packet)
+    except av.error.FFmpegError:
+        pass
+    yield from _decoded(ctx, None)
+
+
+def _read_av(info: VideoInfo, index: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Frames at ``index`` of a file PyAV reads -> ((t, h, w, 3) uint8 RGB scaled to ``shape``,
+    (t,) bool error); frames past what the file holds or that do not decode are errors."""
+    import av
+
+    s = info.av_index
+    out = np.zeros((len(index), *shape, 3), np.uint8)
+    err = np.ones(len(index), bool)
+    inside = np.flatnonzero(index < len(s.pts))  # positions of the frames the file still holds
+    if not len(inside):
+        return out, err
+    # one seek per key frame reached; the frames decoded from the same key frame take one pass
+    runs = np.split(inside, np.flatnonzero(np.diff(s.seek[index[inside]])) + 1)
+    with av.open(info.path) as c:
+        stream = c.streams.video[0]
+        # decord's filters (scale, then RGB) with the bilinear scaler its FFmpeg defaults to: the same
+        # pixels as decord's, so that both readers give the detector the same frames
+        rgb = av.filter.Graph()
+        rgb.link_nodes(rgb.add_buffer(template=stream), rgb.add("scale", f"{shape[1]}:{shape[0]}:flags=bilinear"),
+                       rgb.add("format", "rgb24"), rgb.add("buffersink")).configure()
+        for run in runs:
+            want = {int(s.pts[index[k]]): k for k in run}
+            last = max(want)
+            c.seek(int(s.seek[index[run[0]]]), stream=stream)
+            for frame in _av_frames(c, stream):
+                k = want.get(frame.pts)
+                if k is not None:
+                    rgb.push(frame)
+                    out[k] = rgb.pull().to_ndarray()
+                    err[k] = False
+                if frame.pts is not None and frame.pts >= last:  # frames come in presentation order
+                    break
+    return out, err
 
 
 def _numpy(batch) -> np.ndarray:
@@ -138,7 +298,8 @@ def iter_chunks(
 
     Kept frames are ``0, stride, 2*stride, ...`` or, if given, exactly ``frames``. With ``vr=None``
     each chunk is read by a reader of its own, opened from ``info.path`` and freed straight after;
-    such readers can decode straight to ``size`` (h, w) instead of the video's own size.
+    such readers can decode straight to ``size`` (h, w) instead of the video's own size. A file
+    that decord cannot open (``info.av_index`` set) is read the same way with PyAV.
     """
     if frames is None:
         index = np.arange(0, info.n_frames, max(1, stride), dtype=np.int64)
@@ -146,14 +307,19 @@ def iter_chunks(
         index = np.asarray(frames, np.int64)
     for start in range(0, len(index), chunk):
         part = index[start : start + chunk]
-        # a decord 0.6 reader left idle keeps decoding ahead into memory, without bound on a long
-        # video, so no reader outlives the chunk it reads
-        reader = _reader(info.path, size) if vr is None else vr
-        data, err = _read(reader, part, size if vr is None and size else (info.height, info.width))
-        stamps = _timestamps(reader, part, info.fps)
-        del reader
-        if err.any():
+        if info.av_index is not None:
+            data, err = _read_av(info, part, size or (info.height, info.width))
+            stamps = _av_timestamps(info, part)
+        else:
+            # a decord 0.6 reader left idle keeps decoding ahead into memory, without bound on a long
+            # video, so no reader outlives the chunk it reads
+            reader = _reader(info.path, size) if vr is None else vr
+            data, err = _read(reader, part, size if vr is None and size else (info.height, info.width))
+            stamps = _timestamps(reader, part, info.fps)
+            del reader
+        bad = err & (part < info.held)  # the frames lost past a cut were reported on opening
+        if bad.any():
             log.warning("%s: %d of %d frames from frame %d could not be decoded",
-                        info.path, err.sum(), len(part), part[0])
+                        info.path, bad.sum(), len(part), part[0])
         yield Chunk(data, part, stamps, err)
         del data  # the next chunk decodes without this one's frames still held here
