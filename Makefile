@@ -88,19 +88,19 @@ predict: setup ## one new video through all stages: make predict VIDEO=clip.mp4 
 		runs_dir=$(RUNS) $(ARGS)
 
 bench: features ## encoders side by side: parameters, throughput, memory, validation P_MTL
-	$(PY) -m pipeline.bench data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(ARGS)
+	$(PY) -m pipeline.bench.encoders data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(ARGS)
 
 bench-faces: setup ## faces stage against the plain facenet-pytorch loop, and peak memory on a long video
-	$(PY) -m pipeline.bench_faces $(ARGS)
+	$(PY) -m pipeline.bench.faces $(ARGS)
 
 bench-features: setup ## features stage against the bare model forward, and cache window reads
-	$(PY) -m pipeline.bench_features $(ARGS)
+	$(PY) -m pipeline.bench.features $(ARGS)
 
 bench-pipeline: setup ## where the time goes in the whole pipeline, and the projected Aff-Wild2 time
-	$(PY) -m pipeline.bench_pipeline $(ARGS)
+	$(PY) -m pipeline.bench.pipeline $(ARGS)
 
 bench-memory: setup ## peak memory of faces and features on a 1- and a 30-minute 720p video, against 1.5 GB
-	$(PY) -m pipeline.bench_memory $(ARGS)
+	$(PY) -m pipeline.bench.memory $(ARGS)
 
 clean: ## remove runs/ and the generated sample (keeps the virtual environment)
 	rm -rf $(RUNS) data/sample

@@ -21,7 +21,8 @@ scored.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -269,4 +270,24 @@ def format_table(scores: Mapping[str, float]) -> str:
             "|" + "---:|" * len(AUS),
             "| " + " | ".join(_cell(scores.get(f"f1_{a}", math.nan)) for a in AUS) + " |",
         ]
+    return "\n".join(lines)
+
+
+def summarise(values: Sequence[float]) -> dict:
+    """Mean, sample standard deviation, min and max of the values that are not None (None if none are)."""
+    ok = [v for v in values if v is not None]
+    if not ok:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    std = statistics.stdev(ok) if len(ok) > 1 else 0.0
+    return {"mean": statistics.fmean(ok), "std": std, "min": min(ok), "max": max(ok), "n": len(ok)}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "n/a" if not math.isfinite(v) else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

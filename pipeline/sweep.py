@@ -88,7 +88,7 @@ class Sweep:
 
 def summary_rows(results: list[dict]) -> list[dict]:
     """Per setting, in order of first appearance: the seeds and, per score, mean, std and values."""
-    from pipeline.bench import summarise
+    from pipeline.metrics import summarise
 
     rows: dict[str, dict] = {}
     for r in results:
@@ -108,7 +108,7 @@ def summary_rows(results: list[dict]) -> list[dict]:
 
 
 def format_summary(rows: list[dict]) -> str:
-    from pipeline.bench import markdown_table
+    from pipeline.metrics import markdown_table
 
     def cell(s: dict) -> str:
         return "n/a" if s["mean"] is None else f"{s['mean']:.4f} ± {s['std']:.4f}"

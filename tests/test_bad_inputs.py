@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pipeline import features
-from pipeline.bench_features import make_face_files
+from pipeline.bench.features import make_face_files
 from pipeline.config import ConfigError, load_config
 from pipeline.data import SequenceDataset, feature_paths
 from pipeline.feature_cache import FeatureCache

@@ -10,7 +10,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from pipeline import bench
+from pipeline.bench import encoders as bench
 from pipeline.config import ConfigError, InputError, load_config
 
 TINY = [

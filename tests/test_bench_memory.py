@@ -7,7 +7,7 @@ import json
 import av
 import pytest
 
-from pipeline import bench_memory
+from pipeline.bench import memory as bench_memory
 from pipeline.config import ConfigError, load_config
 
 

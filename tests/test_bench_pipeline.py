@@ -8,7 +8,7 @@ import math
 import decord
 import pytest
 
-from pipeline import bench_pipeline
+from pipeline.bench import pipeline as bench_pipeline
 from pipeline.config import ConfigError, load_config
 
 

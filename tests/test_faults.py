@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline import features, train
-from pipeline.bench_features import make_face_files
+from pipeline.bench.features import make_face_files
 from pipeline.config import load_config
 from pipeline.labels import Labels
 from pipeline.runs import RunLocked, stage_lock

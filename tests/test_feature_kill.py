@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bench_features import make_face_files
+from pipeline.bench.features import make_face_files
 from pipeline.config import load_config
 from pipeline.feature_cache import FeatureCache
 from pipeline.features import main

@@ -1,7 +1,7 @@
 """Where the time goes in the whole pipeline: every step on the same real clips, the stage that
 bounds the pipeline, and the projected time for a data set the size of Aff-Wild2 on this machine.
 
-    python -m pipeline.bench_pipeline [configs/bench_pipeline.yaml] [key=value ...]
+    python -m pipeline.bench.pipeline [configs/bench_pipeline.yaml] [key=value ...]
 
 Steps, each run as its stage runs it (settings from configs/faces.yaml and configs/features.yaml):
 decoding (decord, chunked), detection (MTCNN on the downscaled frames), alignment (the warp),
@@ -26,10 +26,12 @@ import torch
 
 from features import EXTRACTORS, build_extractor
 from pipeline.align import align_faces
-from pipeline.bench import encoder_spec, machine, markdown_table, measure, time_call
+from pipeline.bench import machine, time_call
+from pipeline.bench.encoders import encoder_spec, measure
 from pipeline.clips import fetch_pyfeat_clips
 from pipeline.config import Config, ConfigError, load_config, run_stage
 from pipeline.detect import FaceDetector
+from pipeline.metrics import markdown_table
 from pipeline.runs import list_inputs, setup_logging, write_json
 from pipeline.track import Detections
 from pipeline.video import VideoError, iter_chunks, open_video

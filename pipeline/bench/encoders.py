@@ -1,28 +1,22 @@
 """Temporal encoders side by side: parameters, training and inference throughput and peak memory
 against sequence length, and validation P_MTL after the same training budget over several seeds.
 
-    python -m pipeline.bench [configs/bench.yaml] [key=value ...]
+    python -m pipeline.bench.encoders [configs/bench.yaml] [key=value ...]
 
 Each (encoder, length) is measured in a fresh spawned process, so one cell's allocations and
 thread pools never colour another's and its peak RSS is its own. Writes ``output`` (JSON),
-``plot`` (PNG) and prints Markdown tables; the P_MTL runs live in ``runs/<data>/bench/``.
+``plot`` (PNG) and prints Markdown tables; the P_MTL runs are ordinary training runs,
+``runs/<data>/train/bench_<encoder>-<hash>/``, reused when the same bench runs again.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
 import multiprocessing
-import os
-import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -30,40 +24,16 @@ import numpy as np
 import torch
 
 from models import MultiTaskLoss, MultiTaskModel
+from pipeline.bench import cpu_peak_meter, dotted_overrides, machine, time_call
 from pipeline.config import Config, ConfigError, component_names, load_component, load_config, run_stage
 from pipeline.data import feature_paths
 from pipeline.feature_cache import FeatureCache
+from pipeline.metrics import markdown_table, summarise
 from pipeline.runs import setup_logging, write_json
 
 log = logging.getLogger("pipeline")
 
 TASKS = ("va", "expr", "au")
-
-
-def time_call(
-    fn: Callable[[], object],
-    warmup: int,
-    repeats: int,
-    sync: Callable[[], None] | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> list[float]:
-    """Seconds taken by each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones.
-
-    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each reading of the clock, so queued
-    device work is charged to the call that queued it.
-    """
-    for _ in range(warmup):
-        fn()
-    if sync:
-        sync()
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        if sync:
-            sync()
-        times.append(clock() - start)
-    return times
 
 
 def encoder_spec(name: str, args: dict | None = None) -> dict:
@@ -85,65 +55,6 @@ def sizes(name: str, spec: dict, d_in: int) -> dict:
     enc = {"config": spec, "params": count(model), "encoder_params": count(model.net.encoder)}
     log.info("%s: %.2f M parameters (%.3f M in the encoder)", name, enc["params"] / 1e6, enc["encoder_params"] / 1e6)
     return enc
-
-
-def status_mb(field: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc/self/status, MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 2**10
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-def _stage_child(stage: str, overrides: list[str]) -> None:
-    """Entry point of a measuring process: import the stage, note the RSS, reset the peak, run the
-    stage, print ``{"status", "baseline_mb", "peak_rss_mb", "seconds"}`` as the last JSON line."""
-    module = importlib.import_module(f"pipeline.{stage}")
-    cfg = load_config(stage, None, overrides)
-    baseline = status_mb("VmRSS")
-    # the high-water mark may carry the parent's over fork/exec; resetting makes it this process's alone
-    Path("/proc/self/clear_refs").write_text("5")
-    t0 = time.perf_counter()
-    status = module.main(cfg)
-    took = time.perf_counter() - t0
-    print(json.dumps({"status": status, "baseline_mb": baseline, "peak_rss_mb": status_mb("VmHWM"),
-                      "seconds": took}))
-
-
-def stage_peak_in_child(stage: str, overrides: list[str], threads: int) -> dict:
-    """Run ``pipeline.<stage>`` with ``overrides`` in a fresh interpreter -> what :func:`_stage_child`
-    printed; a stage that fails or a process that dies comes back as ``{"error": ...}``."""
-    code = f"from pipeline.bench import _stage_child; _stage_child({stage!r}, {overrides!r})"
-    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads > 0 else {})
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {"error": f"process exited with {done.returncode}: {done.stderr.strip()[-1500:]}"}
-    res = json.loads(lines[-1])
-    if res["status"] != 0:
-        # the stage names each failed input and why on a "failed:" line; else its last words
-        said = [ln.strip() for ln in done.stdout.splitlines() if ln.strip().startswith("failed:")]
-        said = said or [ln for ln in done.stdout.splitlines() if not ln.startswith("{")][-3:]
-        return {**res, "error": f"stage exited with {res['status']}: {' '.join(said)[-1500:]}"}
-    return res
-
-
-def cpu_peak_meter() -> tuple[Callable[[], float], str]:
-    """A function giving this process's peak RSS above its RSS now, MB, and how it is measured.
-
-    On Linux the peak (VmHWM) is reset to the current RSS through /proc/self/clear_refs. Not
-    ``ru_maxrss``: a spawned child inherits its parent's high-water mark across fork and exec, so
-    a child's baseline would be the parent's size. Elsewhere ``ru_maxrss`` is the fallback.
-    """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        base = status_mb("VmRSS")
-        return (lambda: max(0.0, status_mb("VmHWM") - base)), "peak RSS (VmHWM, reset) above RSS"
-    except OSError:
-        scale = 2**20 if sys.platform == "darwin" else 2**10  # macOS reports bytes, Linux KB
-        maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
-        base = maxrss()
-        return (lambda: max(0.0, maxrss() - base)), "ru_maxrss above its value"
 
 
 def measure(
@@ -234,40 +145,6 @@ def measure_in_child(**kw) -> dict:
         return {"length": kw["length"], "error": f"{type(e).__name__}: {e}"}
 
 
-def machine(device: str, threads: int) -> dict:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": threads if threads > 0 else torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": device,
-        # other work on the machine slows every number; this says how busy it was at the start
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-def dotted_overrides(prefix: str, value) -> list[str]:
-    """``key=value`` strings for ``pipeline.train``; a mapping becomes one per leaf, since a whole
-    section given at once would replace the section rather than update it."""
-    if isinstance(value, dict):
-        return [o for k, v in value.items() for o in dotted_overrides(f"{prefix}.{k}" if prefix else k, v)]
-    # JSON is YAML, so lists and numbers parse back typed; strings go bare to stay strings
-    return [f"{prefix}={value if isinstance(value, str) else json.dumps(value)}"]
-
-
 def train_scores(cfg: Config, name: str, seed: int) -> dict:
     """Train ``name`` with the bench budget and one seed via ``pipeline.train``; its scores.json.
     The run is an ordinary training run named ``bench_<encoder>``: a repeated bench with the same
@@ -289,26 +166,6 @@ def train_scores(cfg: Config, name: str, seed: int) -> dict:
     if status:
         raise RuntimeError(f"pipeline.train exited with status {status} for {out}")
     return json.loads((out / "scores.json").read_text())
-
-
-def summarise(values: Sequence[float]) -> dict:
-    """Mean, sample standard deviation, min and max of the values that are not None (None if none are)."""
-    ok = [v for v in values if v is not None]
-    if not ok:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    std = statistics.stdev(ok) if len(ok) > 1 else 0.0
-    return {"mean": statistics.fmean(ok), "std": std, "min": min(ok), "max": max(ok), "n": len(ok)}
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return "n/a" if not math.isfinite(v) else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def millions(n: int) -> str:
@@ -449,12 +306,12 @@ def main(cfg: Config) -> int:
                 try:
                     p_mtl = train_scores(cfg, name, seed)["p_mtl"]
                     per_seed.append(p_mtl if p_mtl is not None and math.isfinite(p_mtl) else None)
-                except (Exception, SystemExit) as e:  # noqa: BLE001 - train exits on unusable data
+                except Exception as e:  # noqa: BLE001 - a failed seed is left out, the others count
                     log.error("%s seed %d failed: %s: %s", name, seed, type(e).__name__, e)
                     per_seed.append(None)
             result["encoders"][name]["scores"] = {
                 "seeds": list(cfg.seeds), "per_seed": per_seed, "p_mtl": summarise(per_seed),
-                "runs": str(Path(cfg.runs_dir) / cfg.data.name / "bench" / name)}
+                "runs": str(Path(cfg.runs_dir) / cfg.data.name / "train" / f"bench_{name}-*")}
 
     result["seconds"] = {"speed": round(speed_seconds, 1), "total": round(time.perf_counter() - start, 1)}
     out = Path(cfg.output)

@@ -1,7 +1,7 @@
 """Benchmark the memory bound of the faces and features stages: their peak resident memory on a long
 generated 720p video must stay under the same limit as on a short one.
 
-``python -m pipeline.bench_memory [configs/bench_memory.yaml] [key=value ...]``. Each stage runs on
+``python -m pipeline.bench.memory [configs/bench_memory.yaml] [key=value ...]``. Each stage runs on
 each video in a fresh interpreter, whose peak RSS (VmHWM, reset through /proc/self/clear_refs once
 the imports are done) is its own. Prints a Markdown table, writes ``out`` (JSON) and exits 1 if a
 peak exceeds ``limit_mb`` or a stage failed.
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import h5py
 
-from pipeline.bench import dotted_overrides, machine, markdown_table, stage_peak_in_child
-from pipeline.bench_faces import make_long_video
+from pipeline.bench import dotted_overrides, machine, stage_peak_in_child
+from pipeline.bench.faces import make_long_video
 from pipeline.config import Config, ConfigError, load_config, run_stage
+from pipeline.metrics import markdown_table
 from pipeline.runs import setup_logging, write_json
 
 log = logging.getLogger("pipeline")

@@ -2,7 +2,7 @@
 clip, measured in one run, how many of the plain loop's faces it also finds, and its peak memory on
 a generated long video, measured in a fresh process.
 
-``python -m pipeline.bench_faces [configs/bench_faces.yaml] [key=value ...]``. Prints a Markdown
+``python -m pipeline.bench.faces [configs/bench_faces.yaml] [key=value ...]``. Prints a Markdown
 table and writes ``out`` (JSON).
 """
 
@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from pipeline import faces
-from pipeline.bench import machine, markdown_table, stage_peak_in_child
+from pipeline.bench import machine, stage_peak_in_child
 from pipeline.config import Config, load_config, run_stage
 from pipeline.detect import FaceDetector
+from pipeline.metrics import markdown_table
 from pipeline.runs import setup_logging, write_json
 from pipeline.track import iou
 

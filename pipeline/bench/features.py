@@ -1,7 +1,7 @@
 """Benchmark the features stage: its frame rate against the bare model forward on the same
 batches, measured in one run, and the speed of reading random windows back from its cache.
 
-``python -m pipeline.bench_features [configs/bench_features.yaml] [key=value ...]``. Without
+``python -m pipeline.bench.features [configs/bench_features.yaml] [key=value ...]``. Without
 ``faces_dir`` it writes face-stage style files of synthetic crops (chunked and compressed as the
 face stage writes them). Prints a Markdown table and writes ``out`` (JSON).
 """
@@ -25,9 +25,10 @@ from einops import rearrange
 
 from features import Extractor, build_extractor
 from pipeline import features as stage
-from pipeline.bench import machine, markdown_table
+from pipeline.bench import machine
 from pipeline.config import Config, load_config, run_stage
 from pipeline.feature_cache import FeatureCache
+from pipeline.metrics import markdown_table
 from pipeline.runs import setup_logging, write_json
 
 log = logging.getLogger("pipeline")
