@@ -1,0 +1,53 @@
+"""Make never decides alone that a stage is done: every stage target runs its stage, which skips
+finished work by its own hashes, and ARGS reach the stage named on the command line."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dry_run(*args: str) -> str:
+    """The commands ``make -n`` would run, with the environment taken as installed."""
+    done = subprocess.run(["make", "-n", "-o", ".venv/.installed", *args], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Nothing to be done" not in done.stdout + done.stderr
+    return done.stdout.replace("\\\n", " ")  # one line per command
+
+
+def stage_lines(text: str, stage: str) -> list[str]:
+    return [line for line in text.splitlines() if f"-m pipeline.{stage} " in line + " "]
+
+
+@pytest.mark.parametrize("extra", [[], ["ARGS=noise_features=true"]])
+def test_train_runs_every_stage_in_order_each_time(extra: list[str], tmp_path: Path) -> None:
+    # whatever is on disk: a finished run's files must not make Make skip the stage
+    text = dry_run("train", f"RUNS={tmp_path}", *extra)
+    lines = text.splitlines()
+    order = [next(i for i, line in enumerate(lines) if f"-m pipeline.{s}" in line)
+             for s in ("sample", "faces", "features", "train")]
+    assert order == sorted(order)
+    (train,) = stage_lines(text, "train")
+    assert f"runs_dir={tmp_path}" in train and "name=gru" in train and "encoder=gru" in train
+    assert ("noise_features=true" in train) == bool(extra)
+    assert not any("noise_features" in line for s in ("faces", "features") for line in stage_lines(text, s))
+
+
+def test_args_go_to_the_stage_named_and_variables_choose_the_config() -> None:
+    text = dry_run("features", "EXTRACTOR=iresnet18", "ARGS=extractor.weights=/ckpt/backbone.pth")
+    (features,) = stage_lines(text, "features")
+    assert "extractor=iresnet18" in features and "extractor.weights=/ckpt/backbone.pth" in features
+    assert "/ckpt" not in "".join(stage_lines(text, "faces"))
+    (train,) = stage_lines(dry_run("train", "EXPERIMENT=va_only"), "train")
+    assert "experiment=va_only" in train and "name=va_only" in train and "encoder=" not in train
+    (sweep,) = stage_lines(dry_run("experiments", "EXPERIMENTS=va_only expr_only", "SEEDS=0,1"), "sweep")
+    assert "experiment=va_only,expr_only" in sweep and "seed=0,1" in sweep
+
+
+def test_a_failed_target_leaves_no_file_that_looks_done() -> None:
+    assert ".DELETE_ON_ERROR:" in (ROOT / "Makefile").read_text()
