@@ -18,8 +18,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.align import align_faces
-from pipeline.config import Config, ConfigError, run_stage
+from pipeline.align import TEMPLATES, align_faces
+from pipeline.config import DEVICE, Config, check_choices, run_stage
 from pipeline.detect import FaceDetector
 from pipeline.runs import (
     RunLocked,
@@ -43,8 +43,10 @@ log = logging.getLogger("pipeline")
 HASH_KEYS = ("stride", "detect_size", "min_face", "thresholds", "keyframe", "follow_score", "subject", "max_gap",
              "track", "sizes", "template", "compression", "compression_level", "import_cropped")
 # bump when a change to this stage changes what its files hold, so that finished files are redone
-VERSION = 2
+VERSION = 3
 SIDE = re.compile(r"^(?P<stem>.+)_(?P<side>left|right)$")
+CHOICES = {"subject": ("auto", *SUBJECTS), "template": tuple(TEMPLATES), "compression": ("gzip", "lzf", ""),
+           "device": DEVICE}
 
 
 @dataclass
@@ -136,7 +138,8 @@ def process_video(video: Path, outputs: list[Output], cfg: Config, detector: Fac
         raise RuntimeError(f"{video}: none of its {len(index)} frames could be decoded")
     whole = detector.full
     ids = link(dets, cfg.track.max_lost, cfg.track.min_iou, cfg.track.max_landmark)
-    subjects = [follow(dets, ids, subject_tracks(dets, ids, o.subject), cfg.max_gap, ~errors) for o in outputs]
+    subjects = [follow(dets, ids, subject_tracks(dets, ids, o.subject, cfg.track.min_frames, cfg.track.min_score),
+                       cfg.max_gap, ~errors) for o in outputs]
 
     # pass 2: decode only the frames some subject is present in, and warp them
     wanted = np.flatnonzero(np.any([s.present for s in subjects], axis=0))
@@ -225,8 +228,7 @@ def import_cropped(
 def resolve(cfg: Config) -> Config:
     """Fill the defaults that depend on other keys: ``out_dir`` and the video source."""
     cfg = Config(cfg)
-    if cfg.subject not in ("auto", *SUBJECTS):
-        raise ConfigError(f"subject={cfg.subject!r}: choose auto, {', '.join(SUBJECTS)}")
+    check_choices(cfg, CHOICES)
     name = cfg.data.get("name", "data") if isinstance(cfg.get("data"), dict) else str(cfg.get("data"))
     cfg.out_dir = cfg.out_dir or f"runs/{name}/faces"
     if not cfg.videos:

@@ -91,8 +91,17 @@ def link(
     return ids
 
 
-def _track_stats(dets: list[Detections], ids: list[np.ndarray]) -> dict[int, dict[str, float]]:
+def _track_stats(dets: list[Detections], ids: list[np.ndarray], min_frames: int = 1,
+                 min_score: float = 0.0) -> dict[int, dict[str, float]]:
+    """Per track that counts as a face: kept frames, summed face size and centre x, median score.
+
+    A track counts when it lasts ``min_frames`` kept frames (or the whole video, if shorter) and
+    its median detection score reaches ``min_score``: a lone or barely accepted MTCNN detection is
+    more often lettering or texture (a title card, a pattern) than a face, while a real face is
+    found again frame after frame.
+    """
     stats: dict[int, dict[str, float]] = {}
+    scores: dict[int, list[float]] = {}
     for d, tid in zip(dets, ids, strict=True):
         for c, j in enumerate(tid):
             s = stats.setdefault(int(j), {"frames": 0, "size": 0.0, "x": 0.0})
@@ -100,21 +109,28 @@ def _track_stats(dets: list[Detections], ids: list[np.ndarray]) -> dict[int, dic
             s["frames"] += 1
             s["size"] += float(np.sqrt(max(w * h, 0.0)))
             s["x"] += float(d.box[c, 0] + d.box[c, 2]) / 2
-    return stats
+            scores.setdefault(int(j), []).append(float(d.score[c]))
+    for j, s in stats.items():
+        s["score"] = float(np.median(scores[j]))
+    long = min(min_frames, len(dets))
+    return {j: s for j, s in stats.items() if s["frames"] >= long and s["score"] >= min_score}
 
 
 def choose_track(
-    dets: list[Detections], ids: list[np.ndarray], subject: str = "main", min_share: float = 0.25
+    dets: list[Detections], ids: list[np.ndarray], subject: str = "main", min_share: float = 0.25,
+    min_frames: int = 2, min_score: float = 0.9,
 ) -> int:
     """The subject's track id, or -1 if no face was found.
 
-    ``main``: the track with the largest sum of face sizes over frames (present longest and largest).
-    ``left`` / ``right``: among tracks present at least ``min_share`` as long as the longest, the
-    one whose mean centre is furthest left / right in the image.
+    Only tracks of at least ``min_frames`` kept frames (or all of a shorter video) with a median
+    score of at least ``min_score`` are faces. ``main``: the face with the largest sum of sizes over
+    frames (present longest and largest). ``left`` / ``right``: among faces present at least
+    ``min_share`` as long as the longest, the one whose mean centre is furthest left / right in the
+    image.
     """
     if subject not in SUBJECTS:
         raise ValueError(f"subject={subject!r}: choose one of {', '.join(SUBJECTS)}")
-    stats = _track_stats(dets, ids)
+    stats = _track_stats(dets, ids, min_frames, min_score)
     if not stats:
         return -1
     if subject == "main":
@@ -125,15 +141,18 @@ def choose_track(
     return max(cands, key=lambda j: side * stats[j]["x"] / stats[j]["frames"])
 
 
-def subject_tracks(dets: list[Detections], ids: list[np.ndarray], subject: str = "main") -> list[int]:
+def subject_tracks(dets: list[Detections], ids: list[np.ndarray], subject: str = "main", min_frames: int = 2,
+                   min_score: float = 0.9) -> list[int]:
     """Every track of the subject: the one :func:`choose_track` picks, then, largest first, each
-    track that never shares a frame with those already taken (the subject left the picture for
-    longer than a track survives and came back). For ``left`` / ``right`` such a track must also
-    be the leftmost / rightmost face in most of its frames."""
-    first = choose_track(dets, ids, subject)
+    face (``min_frames``, ``min_score`` as there) that never shares a frame with those already
+    taken (the subject left the picture for longer than a track survives and came back). For
+    ``left`` / ``right`` such a track must also be the leftmost / rightmost face in most of its
+    frames. Tracks that are not faces are never the subject's."""
+    first = choose_track(dets, ids, subject, min_frames=min_frames, min_score=min_score)
     if first < 0:
         return []
-    stats = _track_stats(dets, ids)
+    stats = _track_stats(dets, ids, min_frames, min_score)
+    faces = list(stats)
     frames = {j: np.array([j in tid for tid in ids]) for j in stats}
     taken, chosen = frames[first].copy(), [first]
     side = {"left": -1, "right": 1}.get(subject)
@@ -141,10 +160,12 @@ def subject_tracks(dets: list[Detections], ids: list[np.ndarray], subject: str =
         if j == first or (frames[j] & taken).any():
             continue
         if side is not None:
-            extreme = [
-                (side * (d.box[tid == j, 0] + d.box[tid == j, 2]) >= (side * (d.box[:, 0] + d.box[:, 2])).max()).any()
-                for d, tid in zip(dets, ids, strict=True) if j in tid
-            ]
+            # only faces compete for the side: a stray further out must not push the face inward
+            extreme = []
+            for d, tid in zip(dets, ids, strict=True):
+                if j in tid:
+                    x = side * (d.box[:, 0] + d.box[:, 2])
+                    extreme.append((x[tid == j] >= x[np.isin(tid, faces)].max()).any())
             if np.mean(extreme) <= 0.5:
                 continue
         chosen.append(j)
