@@ -56,7 +56,8 @@ test-faults: setup ## the fault-injection and bad-input suites alone (kills, loc
 	$(VENV)/bin/pytest -q tests/test_faults.py tests/test_bad_inputs.py tests/test_feature_kill.py
 
 demo: train ## the whole pipeline on the built-in sample; prints the validation scores
-	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(RUNS)/$(DATA)/train/$(RUN)/predictions
+	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(RUNS)/$(DATA)/train/$(RUN)/predictions \
+		output=$(RUNS)/$(DATA)/evaluate/$(RUN).json
 
 sample: setup ## write the built-in labelled sample to data/sample (skipped when it is there with these settings)
 	$(PY) -m pipeline.sample $(call args_for,sample)

@@ -18,9 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.align import TEMPLATES, align_faces
 from pipeline.config import DEVICE, Config, check_choices, run_stage
-from pipeline.detect import FaceDetector
 from pipeline.runs import (
     RunLocked,
     atomic_output,
@@ -34,8 +32,10 @@ from pipeline.runs import (
     stage_lock,
     sweep_partials,
 )
-from pipeline.track import SUBJECTS, Detections, Subject, follow, link, subject_tracks
-from pipeline.video import VideoInfo, chunk_frames, iter_chunks, open_video, shrunk
+from pipeline.vision.align import TEMPLATES, align_faces
+from pipeline.vision.detect import FaceDetector
+from pipeline.vision.track import SUBJECTS, Detections, Subject, follow, link, subject_tracks
+from pipeline.vision.video import VideoInfo, chunk_frames, iter_chunks, open_video, shrunk
 
 log = logging.getLogger("pipeline")
 

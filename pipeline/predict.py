@@ -42,8 +42,8 @@ from pipeline.runs import (
     setup_logging,
     stage_lock,
 )
-from pipeline.track import SUBJECTS
-from pipeline.video import iter_chunks, open_video
+from pipeline.vision.track import SUBJECTS
+from pipeline.vision.video import iter_chunks, open_video
 from pipeline.writers import write_csv, write_mtl, write_task_files
 
 log = logging.getLogger("pipeline")

@@ -8,7 +8,7 @@ import torch
 from skimage.transform import SimilarityTransform
 from skimage.transform import warp as sk_warp
 
-from pipeline.align import align_faces, apply_affine, footprint, template, umeyama, warp
+from pipeline.vision.align import align_faces, apply_affine, footprint, template, umeyama, warp
 
 
 def test_umeyama_matches_scikit_image():
@@ -76,8 +76,8 @@ def test_warp_reads_only_what_the_crop_covers_and_matches_scikit_image_at_the_ed
 
 @pytest.mark.real_video
 def test_real_faces_land_on_the_template(pyfeat_clips):
-    from pipeline.detect import FaceDetector
-    from pipeline.video import iter_chunks, open_video
+    from pipeline.vision.detect import FaceDetector
+    from pipeline.vision.video import iter_chunks, open_video
 
     det = FaceDetector(min_face=40)
     lms, frames = [], []

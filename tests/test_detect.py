@@ -10,9 +10,9 @@ import pytest
 import torch
 from einops import rearrange
 
-from pipeline.detect import Anchor, FaceDetector
-from pipeline.track import Detections, iou
-from pipeline.video import iter_chunks, open_video
+from pipeline.vision.detect import Anchor, FaceDetector
+from pipeline.vision.track import Detections, iou
+from pipeline.vision.video import iter_chunks, open_video
 
 pytestmark = pytest.mark.real_video
 

@@ -19,11 +19,11 @@ from test_video import decodable, garble, truncate
 
 from pipeline import faces
 from pipeline.config import load_config
-from pipeline.detect import FaceDetector
 from pipeline.faces import config_hash, export_cropped, main, outputs_for
 from pipeline.runs import h5_is_done
-from pipeline.track import Detections, choose_track, follow, link, subject_tracks
-from pipeline.video import iter_chunks, open_video, shrunk
+from pipeline.vision.detect import FaceDetector
+from pipeline.vision.track import Detections, choose_track, follow, link, subject_tracks
+from pipeline.vision.video import iter_chunks, open_video, shrunk
 
 FAST = ["stride=8", "detect_size=320", "chunk=16", "min_face=40"]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.video import VideoError, chunk_frames, iter_chunks, open_video, shrunk
+from pipeline.vision.video import VideoError, chunk_frames, iter_chunks, open_video, shrunk
 
 pytestmark = pytest.mark.real_video
 

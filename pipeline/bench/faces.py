@@ -20,10 +20,10 @@ import torch
 from pipeline import faces
 from pipeline.bench import machine, stage_peak_in_child
 from pipeline.config import Config, load_config, run_stage
-from pipeline.detect import FaceDetector
 from pipeline.metrics import markdown_table
 from pipeline.runs import setup_logging, write_json
-from pipeline.track import iou
+from pipeline.vision.detect import FaceDetector
+from pipeline.vision.track import iou
 
 log = logging.getLogger("pipeline")
 

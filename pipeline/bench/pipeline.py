@@ -25,16 +25,16 @@ import numpy as np
 import torch
 
 from features import EXTRACTORS, build_extractor
-from pipeline.align import align_faces
 from pipeline.bench import machine, time_call
 from pipeline.bench.encoders import encoder_spec, measure
 from pipeline.clips import fetch_pyfeat_clips
 from pipeline.config import Config, ConfigError, load_config, run_stage
-from pipeline.detect import FaceDetector
 from pipeline.metrics import markdown_table
 from pipeline.runs import list_inputs, setup_logging, write_json
-from pipeline.track import Detections
-from pipeline.video import VideoError, iter_chunks, open_video
+from pipeline.vision.align import align_faces
+from pipeline.vision.detect import FaceDetector
+from pipeline.vision.track import Detections
+from pipeline.vision.video import VideoError, iter_chunks, open_video
 
 log = logging.getLogger("pipeline")
 

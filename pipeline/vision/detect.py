@@ -19,8 +19,8 @@ from einops import rearrange
 from facenet_pytorch.models.utils.detect_face import bbreg, imresample, pad, rerec
 from torchvision.transforms.v2.functional import resize
 
-from pipeline.track import Detections, iou
-from pipeline.video import shrunk
+from pipeline.vision.track import Detections, iou
+from pipeline.vision.video import shrunk
 
 
 class Cascade:
