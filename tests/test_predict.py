@@ -76,3 +76,29 @@ def test_overlay_video_of_a_real_clip(checkpoint: Path, pyfeat_clips: Path, tmp_
         diff = np.abs(a.astype(int) - b.astype(int)).mean(-1)
         assert diff[py1:py2, px1:px2].mean() > 20, "the prediction panel is drawn"
         assert np.median(diff[200:, 300:]) < 8, "away from the drawings the frame is the source's"
+
+
+def test_a_prediction_has_its_own_folder_and_is_never_written_again(checkpoint: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as container:  # six grey frames: no face, so the stages are quick
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for _ in range(6):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((64, 96, 3), 128, np.uint8), "rgb24")))
+        container.mux(stream.encode())
+    runs = tmp_path / "runs"
+    args = [f"video={clip}", f"checkpoint={checkpoint}", f"runs_dir={runs}"]
+    assert predict.main(load_config("predict", overrides=args)) == 0
+    (first,) = (runs / "predict").glob("clip-*")
+    assert (runs / "predict" / "clip").resolve() == first.resolve()
+    written = {p: p.read_bytes() for p in first.rglob("*") if p.is_file() and p.suffix in (".csv", ".txt", ".json")}
+    assert first / "predictions.csv" in written
+
+    capsys.readouterr()
+    assert predict.main(load_config("predict", overrides=args)) == 0
+    assert "written before" in capsys.readouterr().out
+    assert predict.main(load_config("predict", overrides=[*args, "smooth=3"])) == 0
+    second = (runs / "predict" / "clip").resolve()
+    assert second != first.resolve() and (second / "predictions.csv").is_file()
+    assert all(p.read_bytes() == data for p, data in written.items()), "a finished prediction was written again"
