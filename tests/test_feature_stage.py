@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from features import build_extractor
-from pipeline.config import CONFIG_DIR, load_config
+from pipeline.config import CONFIG_DIR, InputError, load_config
 from pipeline.feature_cache import FeatureCache
 from pipeline.features import FaceFile, main
 
@@ -149,7 +149,7 @@ def test_shards_split_the_videos_and_the_last_links_all(run):
 
 
 def test_random_init_is_refused_unless_asked_and_then_loud(run, caplog):
-    with pytest.raises(ValueError, match="random_init=true"):
+    with pytest.raises(InputError, match="random_init=true"):  # one error line on the command line
         run("extractor=iresnet18")
     with caplog.at_level(logging.WARNING):
         status, cache_path = run("extractor=iresnet18", "extractor.random_init=true", "dtype=float32")

@@ -159,7 +159,7 @@ def test_missing_tasks_and_bad_options():
     assert list(parts) == ["expr"] and float(total) == pytest.approx(float(parts["expr"]))
     _, parts = MultiTaskLoss()(out, {"au": targets["au"]}, mask)
     assert list(parts) == ["au"]
-    with pytest.raises(ValueError, match="ccc or mse"):
+    with pytest.raises(ValueError, match="choose one of ccc, mse"):
         MultiTaskLoss(va="mae")
     with pytest.raises(ValueError, match="needs 8"):
         MultiTaskLoss(expr_class_weights=[1.0] * 7)

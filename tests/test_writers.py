@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from pipeline.config import load_config
+from pipeline.config import InputError, load_config
 from pipeline.evaluate import main as evaluate
 from pipeline.labels import AUS, EXPRESSIONS, AnnotationError, Labels, read_mtl_file, read_task_file
 from pipeline.writers import (
@@ -200,11 +200,18 @@ def test_evaluate_bad_input(tmp_path: Path) -> None:
     a = labels["a"]
     only_a = {"a": {"va": a.va, "expr": a.expr, "au": a.au.clip(0).astype(float)}}
     write_task_files(tmp_path / "pred", only_a)
-    assert run(tmp_path, f"predictions={tmp_path / 'pred'}") == (2, None)  # video b has no predictions
+    # each an input error (one error line, exit 1 on the command line) that names what is wrong
+    with pytest.raises(InputError, match="have no prediction, e.g. in b"):
+        run(tmp_path, f"predictions={tmp_path / 'pred'}")
     code, result = run(tmp_path, f"predictions={tmp_path / 'pred'}", "allow_missing=true")
     assert code == 0 and result["scores"]["missing_expr"] == 4 and result["scores"]["n_expr"] == 9
-    assert run(tmp_path, "predictions=") == (2, None)
-    assert run(tmp_path, f"predictions={tmp_path / 'nowhere'}") == (2, None)
-    assert run(tmp_path, f"predictions={tmp_path / 'pred'}", "au_thresholds=[0.5]") == (2, None)
+    with pytest.raises(InputError, match="set predictions="):
+        run(tmp_path, "predictions=")
+    with pytest.raises(InputError, match="nowhere"):
+        run(tmp_path, f"predictions={tmp_path / 'nowhere'}")
+    with pytest.raises(InputError, match="au_thresholds needs 12 numbers"):
+        run(tmp_path, f"predictions={tmp_path / 'pred'}", "au_thresholds=[0.5]")
     (tmp_path / "bad.txt").write_text("image,valence\nv/00001.jpg,0.1\n")
-    assert run(tmp_path, f"predictions={tmp_path / 'bad.txt'}") == (2, None)
+    with pytest.raises(InputError, match="bad.txt"):
+        run(tmp_path, f"predictions={tmp_path / 'bad.txt'}")
+    assert not (tmp_path / "scores.json").exists()
