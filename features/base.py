@@ -129,6 +129,8 @@ def require_weights(name: str, weights: str | None, random_init: bool) -> None:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A plain state dict from a checkpoint file, unwrapping ``model``/``state_dict`` and ``module.``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file {path} not found")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):

@@ -96,10 +96,12 @@ def test_choices_are_exact() -> None:
             check(wrong)
 
 
-def test_missing_weights_file(tmp_path: Path) -> None:
-    message = one_line_error("features", "extractor=iresnet18", "extractor.weights=/no/such.pth",
+@pytest.mark.parametrize("extractor", ["iresnet18", "onet"])
+def test_missing_weights_file(extractor: str, tmp_path: Path) -> None:
+    message = one_line_error("features", f"extractor={extractor}", "extractor.weights=/no/such.pth",
                              f"faces_dir={tmp_path}", f"out_dir={tmp_path / 'out'}")
-    assert "/no/such.pth" in message and "not found" in message
+    assert "weights file /no/such.pth not found" in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_feature_cache(syn: dict[str, Path]) -> None:
