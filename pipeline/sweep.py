@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline import train
 from pipeline.config import Config, ConfigError, check_choices, load_config, run_stage
+from pipeline.metrics import markdown_table, summarise
 from pipeline.runs import setup_logging, write_json, write_text
 
 log = logging.getLogger("pipeline")
@@ -62,8 +64,6 @@ class Sweep:
     """The resolved runs of one sweep: ``runs`` lists (overrides, config) in grid order."""
 
     def __init__(self, path: str | None, overrides: list[str]) -> None:
-        from pipeline import train
-
         self.path = path
         self.overrides = overrides
         self.axes = [item.split("=", 1)[0] for item in overrides if len(split_values(item.split("=", 1)[1])) > 1]
@@ -88,8 +88,6 @@ class Sweep:
 
 def summary_rows(results: list[dict]) -> list[dict]:
     """Per setting, in order of first appearance: the seeds and, per score, mean, std and values."""
-    from pipeline.metrics import summarise
-
     rows: dict[str, dict] = {}
     for r in results:
         row = rows.setdefault(r["setting"], {"setting": r["setting"], "seeds": [], "failed": 0})
@@ -108,8 +106,6 @@ def summary_rows(results: list[dict]) -> list[dict]:
 
 
 def format_summary(rows: list[dict]) -> str:
-    from pipeline.metrics import markdown_table
-
     def cell(s: dict) -> str:
         return "n/a" if s["mean"] is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
 
@@ -120,8 +116,6 @@ def format_summary(rows: list[dict]) -> str:
 
 
 def main(sweep: Sweep) -> int:
-    from pipeline import train
-
     setup_logging()
     results: list[dict[str, Any]] = []
     for i, (run, cfg) in enumerate(sweep.runs, start=1):
