@@ -295,9 +295,17 @@ def finish_run(out: Path, identity: str) -> None:
 def link_newest(out: Path, name: str) -> None:
     """Point ``<out's parent>/<name>`` at the run folder ``out`` (relative, replaced atomically)."""
     link = out.parent / name
-    if link.exists() and not link.is_symlink():
-        log.warning("%s is a folder, not a link to the newest run; left as it is", link)
-        return
+    if link.is_dir() and not link.is_symlink():
+        # a run written before runs had their own folders: kept whole under another name, so that
+        # nothing reading <name> takes that older run for this one
+        kept = link.with_name(f"{name}-unhashed")
+        if kept.exists():
+            log.warning("%s is a folder, not a link to the newest run, and %s exists; both left as they are",
+                        link, kept)
+            return
+        link.rename(kept)
+        log.warning("%s held a run made before run folders were named by their settings; moved to %s",
+                    link, kept)
     tmp = link.with_name(f".{name}.{os.getpid()}.link")
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(out.name)

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline import train
 from pipeline.config import Config, load_config
+from pipeline.runs import link_newest
 from tests.synthetic import learnable_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,3 +123,14 @@ def test_the_command_line_skips_a_finished_run(syn: dict[str, Path]) -> None:
     assert again.returncode == 0 and "not trained again" in again.stdout
     assert "epoch" not in again.stderr, "a finished run trained again"
     assert digests(folder) == before
+
+
+def test_a_run_folder_of_the_old_layout_is_kept_whole_but_never_taken_for_the_newest(tmp_path: Path) -> None:
+    old = tmp_path / "gru"
+    old.mkdir()
+    (old / "scores.json").write_text("{}")
+    new = tmp_path / "gru-0123abcd"
+    new.mkdir()
+    link_newest(new, "gru")
+    assert (tmp_path / "gru").resolve() == new.resolve()
+    assert (tmp_path / "gru-unhashed" / "scores.json").read_text() == "{}"
