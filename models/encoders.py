@@ -11,6 +11,7 @@ import inspect
 from torch import nn
 
 from models.gru import GRUEncoder
+from models.identity import IdentityEncoder
 from models.lstm import LSTMEncoder
 from models.transformer import TransformerEncoder
 
@@ -18,21 +19,31 @@ ENCODERS: dict[str, type[nn.Module]] = {
     "transformer": TransformerEncoder,
     "lstm": LSTMEncoder,
     "gru": GRUEncoder,
+    "none": IdentityEncoder,
 }
+
+
+def _choices() -> str:
+    """Registry names for messages: the no-context ``none`` first, then the temporal ones sorted."""
+    return ", ".join(sorted(ENCODERS, key=lambda name: (name != "none", name)))
+
+
+def encoder_options(name: str) -> set[str]:
+    """Constructor options of a registry entry besides ``d_in``; unknown names list the valid ones."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; choose one of {_choices()}")
+    return set(inspect.signature(ENCODERS[name]).parameters) - {"d_in"}
 
 
 def build_encoder(name: str, d_in: int, **kw) -> nn.Module:
     """An encoder by registry name with constructor kwargs; unknown names list the valid ones."""
-    if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(sorted(ENCODERS))}")
-    cls = ENCODERS[name]
-    known = set(inspect.signature(cls).parameters) - {"d_in"}
+    known = encoder_options(name)
     unknown = sorted(set(kw) - known)
     if unknown:
         raise ValueError(
             f"encoder {name!r} has no option {', '.join(unknown)}; options: {', '.join(sorted(known))}"
         )
-    return cls(d_in, **kw)
+    return ENCODERS[name](d_in, **kw)
 
 
 def encoder_from(spec: dict, d_in: int, **override) -> nn.Module:
@@ -40,6 +51,6 @@ def encoder_from(spec: dict, d_in: int, **override) -> nn.Module:
     kw = {**spec, **override}
     if "name" not in kw:
         raise ValueError(
-            f"encoder config {dict(spec)!r} has no 'name'; choose one of {', '.join(sorted(ENCODERS))}"
+            f"encoder config {dict(spec)!r} has no 'name'; choose one of {_choices()}"
         )
     return build_encoder(kw.pop("name"), d_in, **kw)

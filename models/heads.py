@@ -1,14 +1,19 @@
-"""Per-task output heads: VA (2, tanh), EXPR (8 logits), AU (12 logits)."""
+"""Per-task output heads: VA (2, tanh or linear), EXPR (8 logits by default), AU (12 logits)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-# Task name -> (outputs, bounded by tanh).
+from models.transformer import ACTIVATIONS
+
+# Task name -> (outputs, bounded by tanh by default).
 TASKS: dict[str, tuple[int, bool]] = {"va": (2, True), "expr": (8, False), "au": (12, False)}
+# The two halves of ``va``, for structures that give valence and arousal a branch and head each.
+VA_PARTS = ("valence", "arousal")
+VA_OUTPUTS = ("tanh", "linear")  # linear VA is clipped to [-1, 1] only when scored and written
 
 
 def check_tasks(tasks: Iterable[str]) -> tuple[str, ...]:
@@ -20,15 +25,38 @@ def check_tasks(tasks: Iterable[str]) -> tuple[str, ...]:
     return tuple(t for t in TASKS if t in tasks)
 
 
-class TaskHead(nn.Module):
-    """(b, t, d_in) -> (b, t, d_out): a linear layer, or an MLP when ``hidden`` > 0; tanh if bounded."""
+def head_widths(hidden: int = 0, layers: Sequence[int] = ()) -> tuple[int, ...]:
+    """Hidden widths of a head: ``layers`` when given, else one layer of ``hidden`` (0 = none)."""
+    if layers and hidden:
+        raise ValueError(f"give head_layers={list(layers)} or head_hidden={hidden}, not both")
+    widths = tuple(int(w) for w in layers) or ((hidden,) if hidden > 0 else ())
+    if any(w <= 0 for w in widths):
+        raise ValueError(f"head_layers must be positive widths, got {list(widths)}")
+    return widths
 
-    def __init__(self, d_in: int, d_out: int, hidden: int = 0, dropout: float = 0.0, bounded: bool = False):
+
+class TaskHead(nn.Module):
+    """(b, t, d_in) -> (b, t, d_out): dropout, then Linear -> activation -> dropout per hidden width,
+    then a linear output (tanh if bounded)."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        hidden: Sequence[int] = (),
+        dropout: float = 0.0,
+        bounded: bool = False,
+        activation: str = "gelu",
+    ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"head_activation={activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         layers: list[nn.Module] = [nn.Dropout(dropout)]
-        if hidden > 0:
-            layers += [nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout)]
-            d_in = hidden
+        for width in hidden:
+            layers += [nn.Linear(d_in, width), ACTIVATIONS[activation](), nn.Dropout(dropout)]
+            d_in = width
+        self.depth = len(layers)  # layers before the output one; what they give is the head's feature
+        self.feature_dim = d_in
         layers.append(nn.Linear(d_in, d_out))
         if bounded:
             layers.append(nn.Tanh())
@@ -37,8 +65,33 @@ class TaskHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)
 
+    def with_feature(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output (b, t, d_out), last hidden feature (b, t, feature_dim)), for feedback to other tasks."""
+        feature = self.net[: self.depth](h)
+        return self.net[self.depth :](feature), feature
 
-def task_head(task: str, d_in: int, hidden: int = 0, dropout: float = 0.0) -> TaskHead:
-    """The head for one task of ``TASKS``."""
-    d_out, bounded = TASKS[task]
-    return TaskHead(d_in, d_out, hidden, dropout, bounded)
+
+def task_head(
+    task: str,
+    d_in: int,
+    hidden: int = 0,
+    dropout: float = 0.0,
+    *,
+    layers: Sequence[int] = (),
+    activation: str = "gelu",
+    va_output: str = "tanh",
+    expr_classes: int = TASKS["expr"][0],
+) -> TaskHead:
+    """The head for a task of ``TASKS`` or a half of VA (``valence``, ``arousal``: one output each)."""
+    if va_output not in VA_OUTPUTS:
+        raise ValueError(f"va_output={va_output!r}: choose one of {', '.join(VA_OUTPUTS)}")
+    if expr_classes < 2:
+        raise ValueError(f"expr_classes={expr_classes}: need at least 2")
+    if task in VA_PARTS:
+        d_out, bounded = 1, True
+    else:
+        d_out, bounded = TASKS[task]
+    if task == "expr":
+        d_out = expr_classes
+    bounded = bounded and va_output == "tanh"
+    return TaskHead(d_in, d_out, head_widths(hidden, layers), dropout, bounded, activation)

@@ -14,11 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.heads import TASKS
+from models.heads import TASKS, VA_PARTS
 
 VA_INVALID = -5.0
 VA_LOSSES = ("ccc", "mse")  # 1 - CCC over the batch, or mean squared error
 WEIGHTINGS = ("fixed", "uncertainty")  # task weights as given, or learned (Kendall et al.)
+AU_LOSSES = ("bce", "asymmetric")  # binary cross-entropy on logits, or the weighted asymmetric loss
+AU_OUTPUTS = ("logits", "cosine")  # what a model's AU outputs are: logits, or scores read as probabilities
+EPS = 1e-8
 
 
 def ccc(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -42,12 +45,21 @@ def _vector(values: Sequence[float] | torch.Tensor | None, n: int, what: str) ->
 
 
 class MultiTaskLoss(nn.Module):
-    """``loss(out, targets, mask) -> (total, parts)``; ``parts`` holds each task's detached loss.
+    """``loss(out, targets, mask) -> (total, parts)``; ``parts`` holds each term's detached loss.
 
     ``va``: ``"ccc"`` (1 - CCC over the batch's valid frames, pooled across sequences, averaged
     over valence and arousal) or ``"mse"``. ``weighting="uncertainty"`` learns one log-variance s
-    per task (Kendall et al. 2018) and adds ``exp(-s) * L + s``; the log-variances are parameters
-    of this module, so give them to the optimiser. ``task_weights`` multiply each task's term.
+    per term (Kendall et al. 2018) and adds ``exp(-s) * L + s``; the log-variances are parameters
+    of this module, so give them to the optimiser. ``task_weights`` multiply each term; naming
+    ``valence`` or ``arousal`` (instead of ``va``; a None weight counts as not given) makes VA two
+    terms, each dimension's loss over the frames where it is labelled.
+
+    ``au``: ``"bce"`` on logits (``au_pos_weight`` per AU) or ``"asymmetric"``, the weighted asymmetric
+    loss of Nguyen et al. 2022 (github.com/khanhnd185/MTL-ABAW4): with p the AU probability,
+    ``-(y log p + (1 - y) p' log(1 - p))`` where p' is p without gradient, so confident negatives
+    are pushed less; averaged over a frame's labelled AUs, then over frames. ``au_weight`` (12)
+    multiplies each AU's term in either loss. ``au_output="cosine"``: the model's AU outputs are
+    already probabilities (asymmetric loss only).
     """
 
     def __init__(
@@ -57,26 +69,46 @@ class MultiTaskLoss(nn.Module):
         label_smoothing: float = 0.0,
         au_pos_weight: Sequence[float] | torch.Tensor | None = None,
         weighting: str = "fixed",
-        task_weights: Mapping[str, float] | None = None,
+        task_weights: Mapping[str, float | None] | None = None,
+        au: str = "bce",
+        au_output: str = "logits",
+        au_weight: Sequence[float] | torch.Tensor | None = None,
+        expr_classes: int = TASKS["expr"][0],
     ) -> None:
         super().__init__()
-        if va not in VA_LOSSES:
-            raise ValueError(f"va loss {va!r}: choose one of {', '.join(VA_LOSSES)}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
-        unknown = set(task_weights or {}) - set(TASKS)
+        for option, value, choices in (
+            ("va loss", va, VA_LOSSES),
+            ("weighting", weighting, WEIGHTINGS),
+            ("au loss", au, AU_LOSSES),
+            ("au_output", au_output, AU_OUTPUTS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{option} {value!r}: choose one of {', '.join(choices)}")
+        if au == "bce" and au_output != "logits":
+            raise ValueError(f"au loss 'bce' needs logits; with au_output={au_output!r} use au='asymmetric'")
+        if au == "asymmetric" and au_pos_weight is not None:
+            raise ValueError("au_pos_weight is for au='bce'; the asymmetric loss takes au_weight")
+        weights = {k: float(v) for k, v in (task_weights or {}).items() if v is not None}
+        unknown = set(weights) - {*TASKS, *VA_PARTS}
         if unknown:
             raise ValueError(
-                f"task_weights for unknown tasks {sorted(unknown)}; tasks are {', '.join(TASKS)}"
+                f"task_weights for unknown tasks {sorted(unknown)}; tasks are {', '.join((*TASKS, *VA_PARTS))}"
             )
+        split_va = bool(set(weights) & set(VA_PARTS))
+        if split_va and "va" in weights:
+            raise ValueError(
+                f"task_weights names va and {', '.join(sorted(set(weights) & set(VA_PARTS)))}: "
+                "weight VA as a whole or valence and arousal apart, not both"
+            )
+        self.terms = (*(VA_PARTS if split_va else ("va",)), "expr", "au")
         self.va, self.weighting, self.label_smoothing = va, weighting, label_smoothing
-        self.task_weights = {t: float((task_weights or {}).get(t, 1.0)) for t in TASKS}
-        self.register_buffer(
-            "expr_class_weights", _vector(expr_class_weights, TASKS["expr"][0], "expr_class_weights")
-        )
+        self.au, self.au_output = au, au_output
+        self.task_weights = {t: weights.get(t, 1.0) for t in self.terms}
+        self.register_buffer("expr_class_weights", _vector(expr_class_weights, expr_classes, "expr_class_weights"))
         self.register_buffer("au_pos_weight", _vector(au_pos_weight, TASKS["au"][0], "au_pos_weight"))
+        self.register_buffer("au_weight", _vector(au_weight, TASKS["au"][0], "au_weight"))
         self.log_vars = (
-            nn.ParameterDict({t: nn.Parameter(torch.zeros(())) for t in TASKS})
+            nn.ParameterDict({t: nn.Parameter(torch.zeros(())) for t in self.terms})
             if weighting == "uncertainty"
             else None
         )
@@ -84,7 +116,8 @@ class MultiTaskLoss(nn.Module):
     def va_loss(
         self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
-        """pred, target (b, t, 2), mask (b, t) -> (loss, number of valid frames)."""
+        """pred, target (b, t, k) (k = 2, or 1 for one dimension), mask (b, t) -> (loss, number of
+        frames with all k labelled)."""
         valid = mask & (target != VA_INVALID).all(-1) & torch.isfinite(target).all(-1)
         n = int(valid.sum())
         if n == 0:
@@ -97,7 +130,7 @@ class MultiTaskLoss(nn.Module):
     def expr_loss(
         self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
-        """logits (b, t, 8), target (b, t) -> (cross-entropy over valid frames, their number)."""
+        """logits (b, t, expr_classes), target (b, t) -> (cross-entropy over valid frames, their number)."""
         valid = mask & (target >= 0)
         n = int(valid.sum())
         if n == 0:
@@ -111,36 +144,51 @@ class MultiTaskLoss(nn.Module):
         return loss, n
 
     def au_loss(
-        self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+        self, scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, int]:
-        """logits, target (b, t, 12) -> (BCE averaged over valid (frame, AU) pairs, their number)."""
+        """scores, target (b, t, 12) -> (loss, number of valid (frame, AU) pairs); BCE averages over
+        those pairs, the asymmetric loss over each frame's labelled AUs and then over frames."""
         valid = mask[..., None] & (target >= 0)
         n = int(valid.sum())
         if n == 0:
-            return logits.sum() * 0.0, 0
-        each = F.binary_cross_entropy_with_logits(
-            logits, target.clamp(min=0).to(logits.dtype), pos_weight=self.au_pos_weight, reduction="none"
-        )
-        return each[valid].mean(), n
+            return scores.sum() * 0.0, 0
+        y = target.clamp(min=0).to(scores.dtype)
+        if self.au == "bce":
+            each = F.binary_cross_entropy_with_logits(
+                scores, y, weight=self.au_weight, pos_weight=self.au_pos_weight, reduction="none"
+            )
+            return each[valid].mean(), n
+        p = scores.sigmoid() if self.au_output == "logits" else scores
+        each = -(y * torch.log(p.clamp(min=EPS)) + (1 - y) * p.detach() * torch.log((1 - p).clamp(min=EPS)))
+        if self.au_weight is not None:
+            each = each * self.au_weight
+        labelled = valid.sum(-1)
+        per_frame = torch.where(valid, each, 0.0).sum(-1) / labelled.clamp(min=1)
+        return per_frame[labelled > 0].mean(), n
 
     def forward(
         self, out: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], mask: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """out/targets {task: (b, t, ...)}, mask (b, t) bool -> (total with grad, {task: detached loss})."""
+        """out/targets {task: (b, t, ...)}, mask (b, t) bool -> (total with grad, {term: detached loss})."""
         mask = mask.bool()
         total = sum(o.sum() * 0.0 for o in out.values())
         parts: dict[str, torch.Tensor] = {}
         task_loss = {"va": self.va_loss, "expr": self.expr_loss, "au": self.au_loss}
-        for task in TASKS:
+        for term in self.terms:
+            task = "va" if term in VA_PARTS else term
             if task not in out or task not in targets:
                 continue
-            loss, n = task_loss[task](out[task], targets[task].to(out[task].device), mask)
-            parts[task] = loss.detach()
+            pred, target = out[task], targets[task].to(out[task].device)
+            if term in VA_PARTS:
+                k = VA_PARTS.index(term)
+                pred, target = pred[..., k : k + 1], target[..., k : k + 1]
+            loss, n = task_loss[task](pred, target, mask)
+            parts[term] = loss.detach()
             if n == 0:
                 total = total + loss
                 continue
             if self.log_vars is not None:
-                s = self.log_vars[task]
+                s = self.log_vars[term]
                 loss = torch.exp(-s) * loss + s
-            total = total + self.task_weights[task] * loss
+            total = total + self.task_weights[term] * loss
         return total, parts

@@ -1,7 +1,7 @@
 """Multi-task models over a temporal encoder, one class per task structure, picked by name.
 
 ``MultiTaskModel(d_in, encoder={"name": "gru", ...}, tasks=("va", "expr", "au"), structure=...)``
-maps features (b, t, d_in) and a mask (b, t) to ``{"va": (b, t, 2), "expr": (b, t, 8),
+maps features (b, t, d_in) and a mask (b, t) to ``{"va": (b, t, 2), "expr": (b, t, expr_classes),
 "au": (b, t, 12)}`` for the enabled tasks. ``MultiTaskModel(**model.args)`` rebuilds it.
 """
 
@@ -9,35 +9,79 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from models.amtl import AMTLModel
 from models.cross_task import CrossTaskModel
-from models.encoders import encoder_from
-from models.heads import TaskHead, check_tasks, task_head
+from models.encoders import encoder_from, encoder_options
+from models.heads import TASKS, VA_PARTS, check_tasks, head_widths, task_head
+
+
+def task_branch(encoder: dict, d_in: int, layers: int, head_dim: int = 0, projection: bool = True) -> nn.Module:
+    """A task's encoder of the bottom's kind, ``layers`` deep, on a ``d_in``-wide input.
+
+    ``head_dim`` > 0 (heads = width // head_dim) and ``projection=False`` (keep the input width) apply
+    where the kind has those options (the transformer); other kinds take what they have, so one model
+    config serves every encoder.
+    """
+    override = {"layers": layers}
+    if head_dim:
+        override["head_dim"] = head_dim
+    if not projection:
+        override["input_projection"] = False
+    known = encoder_options(encoder["name"]) if "name" in encoder else set(override)
+    return encoder_from(encoder, d_in, **{k: v for k, v in override.items() if k in known})
 
 
 class SharedModel(nn.Module):
-    """One encoder, one head per task (a uni-task model is ``tasks=("expr",)``)."""
+    """One encoder, one head per task (a uni-task model is ``tasks=("expr",)``), or per VA half
+    with ``split_va``."""
 
     def __init__(
-        self, d_in: int, encoder: dict, tasks: tuple[str, ...], head_hidden: int = 0, dropout: float = 0.0
+        self,
+        d_in: int,
+        encoder: dict,
+        tasks: tuple[str, ...],
+        head_hidden: int = 0,
+        dropout: float = 0.0,
+        head_layers: Sequence[int] = (),
+        head_activation: str = "gelu",
+        va_output: str = "tanh",
+        expr_classes: int = TASKS["expr"][0],
+        split_va: bool = False,
     ) -> None:
         super().__init__()
+        head = dict(layers=head_layers, activation=head_activation, va_output=va_output, expr_classes=expr_classes)
+        self.tasks = tasks
         self.encoder = encoder_from(encoder, d_in)
         self.heads = nn.ModuleDict(
-            {t: task_head(t, self.encoder.out_dim, head_hidden, dropout) for t in tasks}
+            {n: task_head(n, self.encoder.out_dim, head_hidden, dropout, **head) for n in branch_names(tasks, split_va)}
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.encoder(x, mask)
-        return {t: head(h) for t, head in self.heads.items()}
+        return join_va({n: head(h) for n, head in self.heads.items()}, self.tasks)
+
+
+def branch_names(tasks: tuple[str, ...], split_va: bool) -> list[str]:
+    """One branch per task, or per VA half when ``split_va``: ``[valence, arousal, expr, au]``."""
+    return [n for t in tasks for n in (VA_PARTS if t == "va" and split_va else (t,))]
+
+
+def join_va(out: dict[str, torch.Tensor], tasks: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Branch outputs -> task outputs, the VA halves (b, t, 1) joined into ``va`` (b, t, 2)."""
+    if "valence" in out:
+        out["va"] = torch.cat([out.pop("valence"), out.pop("arousal")], dim=-1)
+    return {t: out[t] for t in tasks}
 
 
 class TaskSpecificModel(nn.Module):
-    """Shared bottom encoder, then a small encoder of the same kind (``task_layers`` deep) per task."""
+    """Shared bottom encoder, then a small encoder of the same kind (``task_layers`` deep) per task,
+    or per VA half with ``split_va``; ``task_head_dim`` and ``task_projection`` as in ``task_branch``."""
 
     def __init__(
         self,
@@ -47,61 +91,117 @@ class TaskSpecificModel(nn.Module):
         head_hidden: int = 0,
         dropout: float = 0.0,
         task_layers: int = 1,
+        head_layers: Sequence[int] = (),
+        head_activation: str = "gelu",
+        va_output: str = "tanh",
+        expr_classes: int = TASKS["expr"][0],
+        task_head_dim: int = 0,
+        task_projection: bool = True,
+        split_va: bool = False,
     ) -> None:
         super().__init__()
-        self.bottom = encoder_from(encoder, d_in)
-        d = self.bottom.out_dim
-        self.tops = nn.ModuleDict({t: encoder_from(encoder, d, layers=task_layers) for t in tasks})
-        self.heads = nn.ModuleDict(
-            {t: task_head(t, self.tops[t].out_dim, head_hidden, dropout) for t in tasks}
-        )
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.bottom(x, mask)
-        return {t: self.heads[t](top(h, mask)) for t, top in self.tops.items()}
-
-
-class FeedbackModel(nn.Module):
-    """Task-specific branches with valence and arousal apart; arousal also reads the detached
-    hidden states of the valence and (if enabled) AU branches, which help it without letting
-    the arousal loss pull those branches. Needs the ``va`` task."""
-
-    def __init__(
-        self,
-        d_in: int,
-        encoder: dict,
-        tasks: tuple[str, ...],
-        head_hidden: int = 0,
-        dropout: float = 0.0,
-        task_layers: int = 1,
-    ) -> None:
-        super().__init__()
-        if "va" not in tasks:
-            raise ValueError(f"structure 'feedback' needs the va task; tasks={list(tasks)}")
+        head = dict(layers=head_layers, activation=head_activation, va_output=va_output, expr_classes=expr_classes)
         self.tasks = tasks
         self.bottom = encoder_from(encoder, d_in)
         d = self.bottom.out_dim
-        names = ["valence"] + [t for t in tasks if t != "va"]
-        self.branches = nn.ModuleDict({n: encoder_from(encoder, d, layers=task_layers) for n in names})
-        fed = sum(self.branches[n].out_dim for n in ("valence", "au") if n in self.branches)
-        self.branches["arousal"] = encoder_from(encoder, d + fed, layers=task_layers)
-        self.heads = nn.ModuleDict(
+        self.tops = nn.ModuleDict(
             {
-                n: TaskHead(b.out_dim, 1, head_hidden, dropout, bounded=True)
-                if n in ("valence", "arousal")
-                else task_head(n, b.out_dim, head_hidden, dropout)
-                for n, b in self.branches.items()
+                n: task_branch(encoder, d, task_layers, task_head_dim, task_projection)
+                for n in branch_names(tasks, split_va)
             }
+        )
+        self.heads = nn.ModuleDict(
+            {n: task_head(n, top.out_dim, head_hidden, dropout, **head) for n, top in self.tops.items()}
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.bottom(x, mask)
-        z = {n: b(h, mask) for n, b in self.branches.items() if n != "arousal"}
-        fed = [z[n].detach() for n in ("valence", "au") if n in z]
-        z["arousal"] = self.branches["arousal"](torch.cat([h, *fed], dim=-1), mask)
-        out = {n: self.heads[n](z[n]) for n in z}
-        out["va"] = torch.cat([out.pop("valence"), out.pop("arousal")], dim=-1)
-        return {t: out[t] for t in self.tasks}
+        return join_va({n: self.heads[n](top(h, mask)) for n, top in self.tops.items()}, self.tasks)
+
+
+FEEDBACK_TASKS = (*VA_PARTS, "expr", "au")  # names in feedback_sources / feedback_targets
+FEEDBACK_FROM = ("branch", "head")  # what a source feeds: its branch output or its head's last hidden layer
+
+
+class FeedbackModel(nn.Module):
+    """Task-specific branches (as ``TaskSpecificModel``) where each of ``feedback_targets`` also reads
+    the detached features of ``feedback_sources``: their branch outputs, or with
+    ``feedback_from="head"`` their heads' last hidden layers. Sources help the targets without the
+    targets' losses pulling them. Sources run first; a source whose task is not enabled is left out.
+    Valence and arousal get a branch each when either is named or ``split_va``.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        encoder: dict,
+        tasks: tuple[str, ...],
+        head_hidden: int = 0,
+        dropout: float = 0.0,
+        task_layers: int = 1,
+        head_layers: Sequence[int] = (),
+        head_activation: str = "gelu",
+        va_output: str = "tanh",
+        expr_classes: int = TASKS["expr"][0],
+        task_head_dim: int = 0,
+        task_projection: bool = True,
+        split_va: bool = False,
+        feedback_sources: Sequence[str] = ("valence", "au"),
+        feedback_targets: Sequence[str] = ("arousal",),
+        feedback_from: str = "branch",
+    ) -> None:
+        super().__init__()
+        if feedback_from not in FEEDBACK_FROM:
+            raise ValueError(f"feedback_from={feedback_from!r}: choose one of {', '.join(FEEDBACK_FROM)}")
+        for option, names in (("feedback_sources", feedback_sources), ("feedback_targets", feedback_targets)):
+            unknown = [n for n in names if n not in FEEDBACK_TASKS]
+            if unknown:
+                raise ValueError(f"{option} {unknown}: choose from {', '.join(FEEDBACK_TASKS)}")
+        if not feedback_targets or set(feedback_sources) & set(feedback_targets):
+            raise ValueError(
+                f"feedback_targets {list(feedback_targets)} must be non-empty and apart from "
+                f"feedback_sources {list(feedback_sources)}"
+            )
+        split_va = split_va or any(n in VA_PARTS for n in (*feedback_sources, *feedback_targets))
+        names = branch_names(tasks, split_va)
+        for n in feedback_targets:
+            if n not in names:
+                task = "va" if n in VA_PARTS else n
+                raise ValueError(
+                    f"structure 'feedback' needs the {task} task (feedback target {n!r}); tasks={list(tasks)}"
+                )
+        head = dict(layers=head_layers, activation=head_activation, va_output=va_output, expr_classes=expr_classes)
+        self.tasks, self.feed_heads = tasks, feedback_from == "head"
+        self.sources = [n for n in feedback_sources if n in names]
+        self.targets = list(feedback_targets)
+        self.bottom = encoder_from(encoder, d_in)
+        d = self.bottom.out_dim
+        self.branches = nn.ModuleDict(
+            {
+                n: task_branch(encoder, d, task_layers, task_head_dim, task_projection)
+                for n in names
+                if n not in self.targets
+            }
+        )
+        widths = head_widths(head_hidden, head_layers)
+        fed = sum(
+            widths[-1] if self.feed_heads and widths else self.branches[n].out_dim for n in self.sources
+        )
+        for n in self.targets:
+            self.branches[n] = task_branch(encoder, d + fed, task_layers, task_head_dim, task_projection)
+        self.heads = nn.ModuleDict(
+            {n: task_head(n, b.out_dim, head_hidden, dropout, **head) for n, b in self.branches.items()}
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.bottom(x, mask)
+        out, fed = {}, {}
+        for n, branch in self.branches.items():  # built sources and others first, targets last
+            inp = torch.cat([h, *(fed[s].detach() for s in self.sources)], dim=-1) if n in self.targets else h
+            z = branch(inp, mask)
+            out[n], feature = self.heads[n].with_feature(z)
+            fed[n] = feature if self.feed_heads else z
+        return join_va(out, self.tasks)
 
 
 STRUCTURES: dict[str, type[nn.Module]] = {
@@ -109,6 +209,7 @@ STRUCTURES: dict[str, type[nn.Module]] = {
     "task_specific": TaskSpecificModel,
     "feedback": FeedbackModel,
     "cross_attention": CrossTaskModel,
+    "amtl": AMTLModel,
 }
 
 
@@ -123,12 +224,21 @@ def _plain(value):
     return copy.deepcopy(value)
 
 
+# Options that shape every head: a structure that does not take one must get its default.
+HEAD_OPTIONS = ("head_layers", "head_activation", "va_output", "expr_classes")
+
+
 class MultiTaskModel(nn.Module):
     """A task structure from ``STRUCTURES`` with heads for ``tasks``.
 
-    Options used only by some structures: ``task_layers`` (task_specific, feedback),
-    ``au_dim``, ``au_graph`` (None | "learned" | 12x12 matrix), ``graph_layers``, ``attn_heads``
-    (cross_attention). ``dropout`` and ``head_hidden`` (0 = linear heads) shape every head.
+    Every head: ``dropout``, ``head_hidden`` (0 = linear heads) or ``head_layers`` (hidden widths),
+    ``head_activation``, ``va_output`` (``tanh`` | ``linear``), ``expr_classes``.
+    Options used only by some structures: ``task_layers``, ``task_head_dim``, ``task_projection``,
+    ``split_va`` (task_specific, feedback); ``feedback_sources``, ``feedback_targets``,
+    ``feedback_from`` (feedback); ``au_dim``, ``au_graph`` (None | "learned" | 12x12 matrix),
+    ``graph_layers``, ``attn_heads`` (cross_attention); ``au_neighbours``, ``au_metric``,
+    ``attention_dim`` (amtl). Each defaults to the behaviour before it existed, so older
+    ``model.args`` rebuild the same model.
     """
 
     def __init__(
@@ -144,6 +254,19 @@ class MultiTaskModel(nn.Module):
         au_graph: str | list | None = None,
         graph_layers: int = 1,
         attn_heads: int = 4,
+        head_layers: Sequence[int] = (),
+        head_activation: str = "gelu",
+        va_output: str = "tanh",
+        expr_classes: int = TASKS["expr"][0],
+        task_head_dim: int = 0,
+        task_projection: bool = True,
+        split_va: bool = False,
+        feedback_sources: Sequence[str] = ("valence", "au"),
+        feedback_targets: Sequence[str] = ("arousal",),
+        feedback_from: str = "branch",
+        au_neighbours: int = 4,
+        au_metric: str = "dots",
+        attention_dim: int = 64,
     ) -> None:
         super().__init__()
         if structure not in STRUCTURES:
@@ -157,15 +280,50 @@ class MultiTaskModel(nn.Module):
             au_graph=au_graph,
             graph_layers=graph_layers,
             attn_heads=attn_heads,
+            head_layers=head_layers,
+            head_activation=head_activation,
+            va_output=va_output,
+            expr_classes=expr_classes,
+            task_head_dim=task_head_dim,
+            task_projection=task_projection,
+            split_va=split_va,
+            feedback_sources=feedback_sources,
+            feedback_targets=feedback_targets,
+            feedback_from=feedback_from,
+            au_neighbours=au_neighbours,
+            au_metric=au_metric,
+            attention_dim=attention_dim,
         )
         self.args = _plain(
             dict(d_in=d_in, encoder=dict(encoder), tasks=tasks, structure=structure, **options)
         )
         cls = STRUCTURES[structure]
         used = inspect.signature(cls).parameters
+        defaults = inspect.signature(MultiTaskModel).parameters
+        ignored = [k for k in HEAD_OPTIONS if k not in used and _plain(options[k]) != _plain(defaults[k].default)]
+        if ignored:
+            raise ValueError(
+                f"structure {structure!r} does not take {', '.join(ignored)}; leave them at their defaults"
+            )
         self.net = cls(d_in, dict(encoder), tasks, **{k: v for k, v in options.items() if k in used})
         self.tasks = tasks
+        self.au_output: str = getattr(self.net, "au_output", "logits")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (b, t, d_in), mask (b, t) bool True = valid -> {task: (b, t, outputs)}."""
         return self.net(x, mask)
+
+    def probabilities(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Raw outputs -> what is scored and written: ``va`` clipped to [-1, 1] (a linear VA head is
+        trained unclipped), ``expr`` class probabilities, ``au`` probabilities (sigmoid of logits, or
+        cosine scores clipped to [0, 1])."""
+        scores = {}
+        for task, value in out.items():
+            if task == "va":
+                value = value.clamp(-1.0, 1.0)
+            elif task == "expr":
+                value = value.softmax(-1)
+            elif task == "au":
+                value = value.sigmoid() if self.au_output == "logits" else value.clamp(0.0, 1.0)
+            scores[task] = value
+        return scores

@@ -24,7 +24,13 @@ def valid_lengths(mask: torch.Tensor) -> torch.Tensor:
 
 
 class RecurrentEncoder(nn.Module):
-    """Input projection to ``hidden``, then ``layers`` stacked ``cell`` layers."""
+    """Input projection to ``hidden`` (or, with ``input_projection=False``, the features straight
+    into the first cell, as the ABAW4 winner's LSTM and GRU), then ``layers`` stacked ``cell`` layers.
+
+    With ``carry_state`` (one direction only) each call starts from the state the previous call
+    ended in, detached, as when a video is fed chunk after chunk; :meth:`reset_state` starts a new
+    batch of videos. The caller keeps the batch's rows the same videos from chunk to chunk.
+    """
 
     cell: type[nn.RNNBase] = nn.LSTM
 
@@ -35,11 +41,17 @@ class RecurrentEncoder(nn.Module):
         layers: int = 2,
         bidirectional: bool = True,
         dropout: float = 0.1,
+        input_projection: bool = True,
+        carry_state: bool = False,
     ) -> None:
         super().__init__()
-        self.inp = nn.Sequential(nn.Linear(d_in, hidden), nn.Dropout(dropout))
+        if carry_state and bidirectional:
+            raise ValueError("carry_state needs a one-directional encoder (bidirectional=false)")
+        self.carry_state = carry_state
+        self.state: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+        self.inp = nn.Sequential(nn.Linear(d_in, hidden), nn.Dropout(dropout)) if input_projection else nn.Identity()
         self.rnn = self.cell(
-            hidden,
+            hidden if input_projection else d_in,
             hidden,
             num_layers=layers,
             batch_first=True,
@@ -55,6 +67,29 @@ class RecurrentEncoder(nn.Module):
         mask = mask.bool()
         h = torch.where(mask[..., None], self.inp(x), 0.0)
         packed = pack_padded_sequence(h, valid_lengths(mask), batch_first=True, enforce_sorted=False)
-        out, _ = self.rnn(packed)
+        if not self.carry_state:
+            out, _ = self.rnn(packed)
+        else:
+            if self.state is not None and _rows(self.state) != x.shape[0]:
+                raise ValueError(f"carried state holds {_rows(self.state)} videos, this chunk {x.shape[0]}; "
+                                 f"call reset_state() before a new batch of videos")
+            out, state = self.rnn(packed, self.state)
+            self.state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=t)
         return self.drop(out)
+
+    def reset_state(self) -> None:
+        """Forget the carried state: the next call starts a new batch of videos from zeros."""
+        self.state = None
+
+
+def _rows(state: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
+    return (state[0] if isinstance(state, tuple) else state).shape[1]
+
+
+def reset_carried_state(model: nn.Module) -> bool:
+    """Reset every state-carrying encoder inside ``model``; True if there is one."""
+    carrying = [m for m in model.modules() if getattr(m, "carry_state", False)]
+    for m in carrying:
+        m.reset_state()
+    return bool(carrying)

@@ -1,4 +1,5 @@
-"""Pre-norm transformer encoder over a feature sequence, with key padding and an optional local band."""
+"""Transformer encoder over a feature sequence (pre-norm, or post-norm as torch's defaults), with key
+padding and an optional local band."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from einops import rearrange
 from torch import nn
 
 POSITIONS = ("sinusoidal", "learned", "none")  # how a step's position enters: fixed, learned embedding, not at all
+NORMS = ("pre", "post")  # LayerNorm before each residual branch (and at the end), or after each residual sum
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 def sinusoidal_positions(t: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -38,40 +41,54 @@ def attention_mask(mask: torch.Tensor, window: int = 0) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """Pre-norm self-attention + MLP, both residual."""
+    """Self-attention + MLP, both residual; ``norm="post"`` computes as ``nn.TransformerEncoderLayer``
+    with ``norm_first=False``."""
 
-    def __init__(self, dim: int, heads: int, ffn_mult: int, dropout: float) -> None:
+    def __init__(
+        self, dim: int, heads: int, ffn_dim: int, dropout: float, norm: str = "pre", activation: str = "gelu"
+    ) -> None:
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"transformer hidden={dim} must be divisible by heads={heads}")
+        if heads < 1 or dim % heads:
+            raise ValueError(f"transformer width {dim} must be divisible by heads={heads}")
         self.heads = heads
         self.dropout = dropout
+        self.pre = norm == "pre"
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * dim, dim)
+            nn.Linear(dim, ffn_dim), ACTIVATIONS[activation](), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """h (b, t, d), allowed (b, 1, t, t) -> (b, t, d)."""
-        q, k, v = rearrange(
-            self.qkv(self.norm1(h)), "b t (three n d) -> three b n t d", three=3, n=self.heads
-        )
+    def attend(self, h: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """h (b, t, d), allowed (b, 1, t, t) -> the attention branch (b, t, d)."""
+        q, k, v = rearrange(self.qkv(h), "b t (three n d) -> three b n t d", three=3, n=self.heads)
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
         )
-        h = h + self.drop(self.proj(rearrange(a, "b n t d -> b t (n d)")))
-        return h + self.drop(self.mlp(self.norm2(h)))
+        return self.drop(self.proj(rearrange(a, "b n t d -> b t (n d)")))
+
+    def forward(self, h: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """h (b, t, d), allowed (b, 1, t, t) -> (b, t, d)."""
+        if self.pre:
+            h = h + self.attend(self.norm1(h), allowed)
+            return h + self.drop(self.mlp(self.norm2(h)))
+        h = self.norm1(h + self.attend(h, allowed))
+        return self.norm2(h + self.drop(self.mlp(h)))
 
 
 class TransformerEncoder(nn.Module):
-    """Input projection, positions, ``layers`` pre-norm blocks and a final LayerNorm.
+    """Input projection, positions, ``layers`` blocks and, when pre-norm, a final LayerNorm.
 
     ``positions``: ``sinusoidal`` (any length), ``learned`` (up to ``max_len`` steps) or ``none``.
     ``window``: each step attends to keys at most ``window`` steps away; 0 = the whole sequence.
+    ``norm``: ``pre`` or ``post`` (torch's ``nn.TransformerEncoderLayer`` default, no final LayerNorm).
+    ``ffn_dim``: MLP width; 0 = ``ffn_mult * hidden``. ``head_dim`` > 0 sets heads = width // head_dim
+    instead of ``heads``, so branches of different widths keep one head size.
+    ``input_projection=False`` keeps the input width (``hidden`` is then unused), for branches that
+    read another encoder's output; ``input_dropout`` drops out the (projected) input.
     """
 
     def __init__(
@@ -85,19 +102,40 @@ class TransformerEncoder(nn.Module):
         positions: str = "sinusoidal",
         window: int = 0,
         max_len: int = 1024,
+        norm: str = "pre",
+        ffn_dim: int = 0,
+        activation: str = "gelu",
+        input_projection: bool = True,
+        input_dropout: bool = True,
+        head_dim: int = 0,
     ) -> None:
         super().__init__()
-        if positions not in POSITIONS:
-            raise ValueError(f"positions={positions!r}: choose one of {', '.join(POSITIONS)}")
+        for option, value, choices in (
+            ("positions", positions, POSITIONS),
+            ("norm", norm, NORMS),
+            ("activation", activation, ACTIVATIONS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{option}={value!r}: choose one of {', '.join(choices)}")
+        width = hidden if input_projection else d_in
+        if head_dim:
+            if not 0 < head_dim <= width:
+                raise ValueError(f"head_dim={head_dim} must lie in 1..{width} (the transformer width)")
+            heads = width // head_dim
         self.positions, self.window, self.max_len = positions, window, max_len
-        self.inp = nn.Sequential(nn.Linear(d_in, hidden), nn.Dropout(dropout))
-        self.pos = nn.Embedding(max_len, hidden) if positions == "learned" else None
-        self.blocks = nn.ModuleList(Block(hidden, heads, ffn_mult, dropout) for _ in range(layers))
-        self.norm = nn.LayerNorm(hidden)
-        self.out_dim = hidden
+        self.inp = nn.Sequential(
+            *([nn.Linear(d_in, width)] if input_projection else []),
+            *([nn.Dropout(dropout)] if input_dropout else []),
+        )
+        self.pos = nn.Embedding(max_len, width) if positions == "learned" else None
+        self.blocks = nn.ModuleList(
+            Block(width, heads, ffn_dim or ffn_mult * width, dropout, norm, activation) for _ in range(layers)
+        )
+        self.norm = nn.LayerNorm(width) if norm == "pre" else nn.Identity()
+        self.out_dim = width
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (b, t, d_in), mask (b, t) bool True = valid -> (b, t, hidden)."""
+        """x (b, t, d_in), mask (b, t) bool True = valid -> (b, t, out_dim)."""
         b, t, _ = x.shape
         mask = mask.bool()
         # Invalid steps may hold anything, even NaN, which would leak through 0-weighted values.
