@@ -4,6 +4,12 @@ Arrays keep the ABAW sentinels: ``va`` (n, 2) float32 with -5 where invalid, ``e
 0..7 with -1 invalid, ``au`` (n, 12) int64 in {0, 1} with -1 invalid. Frame ``i`` is 0-based: the
 first row after a header, and the image ``00001.jpg``, are frame 0.
 
+Expression class sets (:data:`EXPRESSION_SETS`): ``abaw8``, ABAW's eight classes, and ``basic7``,
+the seven basic emotions without Other. Every set is a prefix of :data:`EXPRESSIONS`, so a class
+keeps its ABAW index in every set and a model of k classes outputs the first k;
+:func:`restrict_expressions` marks frames of the classes outside a set invalid. A per-task
+expression file may carry the header of any set; its values must then lie in that set.
+
 Formats read by :func:`load_annotations`:
 
 - ``abaw_tasks`` (ABAW3 and later): ``VA_Estimation_Challenge/``, ``EXPR_Recognition_Challenge/``
@@ -35,6 +41,7 @@ TASKS = ("va", "expr", "au")
 EXPRESSIONS = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other")
 AUS = ("AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "AU24", "AU25", "AU26")
 INVALID = {"va": -5.0, "expr": -1, "au": -1}
+EXPRESSION_SETS = {"abaw8": EXPRESSIONS, "basic7": EXPRESSIONS[:7]}
 
 TASK_DIRS = {
     "va": ("VA_Estimation_Challenge",),
@@ -114,6 +121,21 @@ class Labels:
         return {task: int(self.valid(task).sum()) for task in TASKS}
 
 
+def expression_set(name: str) -> tuple[str, ...]:
+    """The class names of the expression set ``name`` (a key of :data:`EXPRESSION_SETS`)."""
+    if name not in EXPRESSION_SETS:
+        raise ValueError(f"expression set {name!r}: choose one of {', '.join(EXPRESSION_SETS)}")
+    return EXPRESSION_SETS[name]
+
+
+def restrict_expressions(labels: Labels, name: str) -> Labels:
+    """A copy of ``labels`` where frames labelled with a class outside the set ``name`` are invalid
+    (-1); the kept classes keep their indices. ``basic7`` drops Other (7)."""
+    k = len(expression_set(name))
+    expr = np.where(labels.expr >= k, INVALID["expr"], labels.expr)
+    return Labels(labels.va.copy(), expr, labels.au.copy())
+
+
 def concat(labels: Iterable[Labels]) -> Labels:
     """Labels of several videos one after the other."""
     labels = list(labels)
@@ -160,15 +182,17 @@ def _to_float(path: Path, rows: list[list[str]], width: int, first_line: int = 2
         raise
 
 
-def _check_values(path: Path, task: str, values: np.ndarray, lines: np.ndarray, columns: str = "") -> None:
-    """Refuse values outside the task's range; ``lines`` gives each row's line number."""
+def _check_values(path: Path, task: str, values: np.ndarray, lines: np.ndarray, columns: str = "",
+                  n_classes: int = len(EXPRESSIONS)) -> None:
+    """Refuse values outside the task's range (expression classes 0..n_classes-1); ``lines`` gives
+    each row's line number."""
     v = values if values.ndim == 2 else values[:, None]
     if task == "va":
         bad = ~((np.abs(v) <= 1.0) | (v == INVALID["va"]))
         want = "in [-1, 1] or -5"
     elif task == "expr":
-        bad = ~np.isin(v, np.arange(-1, len(EXPRESSIONS)))
-        want = f"an integer in 0..{len(EXPRESSIONS) - 1} or -1"
+        bad = ~np.isin(v, np.arange(-1, n_classes))
+        want = f"an integer in 0..{n_classes - 1} or -1"
     else:
         bad = ~np.isin(v, (-1, 0, 1))
         want = "0, 1 or -1"
@@ -182,16 +206,18 @@ def _check_values(path: Path, task: str, values: np.ndarray, lines: np.ndarray, 
 
 def read_task_file(path: str | Path, task: str) -> np.ndarray:
     """One per-task annotation (or prediction) txt -> ``va`` (n, 2) float32, ``expr`` (n,) int64
-    or ``au`` (n, 12) int64, one row per frame. Wrong header, column count or value raises
+    or ``au`` (n, 12) int64, one row per frame. An expression file's header names its class set
+    (any of :data:`EXPRESSION_SETS`). Wrong header, column count or value raises
     :class:`AnnotationError` naming the file and line."""
     path = Path(path)
     if task not in TASK_HEADERS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     lines = _lines(path)
-    want = TASK_HEADERS[task]
     header = _split_header(lines[0])
-    if [h.lower() for h in header] != [w.lower() for w in want]:
-        raise _bad_header(path, header, ",".join(want))
+    headers = EXPRESSION_SETS.values() if task == "expr" else [TASK_HEADERS[task]]
+    want = next((h for h in headers if [c.lower() for c in header] == [c.lower() for c in h]), None)
+    if want is None:
+        raise _bad_header(path, header, " or ".join(",".join(h) for h in headers))
     width = 1 if task == "expr" else len(want)
     rows = [ln.split(",") for ln in lines[1:]]
     for i, r in enumerate(rows):
@@ -201,7 +227,8 @@ def read_task_file(path: str | Path, task: str) -> np.ndarray:
     if np.isnan(values).any():
         r = int(np.flatnonzero(np.isnan(values).any(1))[0])
         raise AnnotationError(f"{path}:{r + 2}: empty field")
-    _check_values(path, task, values, np.arange(len(values)) + 2, "" if task == "expr" else ",".join(want))
+    _check_values(path, task, values, np.arange(len(values)) + 2, "" if task == "expr" else ",".join(want),
+                  n_classes=len(want))
     if task == "va":
         return values.astype(np.float32)
     return values.astype(np.int64).reshape(-1) if task == "expr" else values.astype(np.int64)

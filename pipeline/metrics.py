@@ -7,7 +7,9 @@
   average="macro")`` computes it: the average runs over the classes present in the labels or in
   the predictions. A class predicted but never labelled (or labelled but never predicted) counts
   with F1 = 0; a class absent from both is left out. With all 8 classes labelled, as in every
-  ABAW split, this is the challenge's sum(F1) / 8.
+  ABAW split, this is the challenge's sum(F1) / 8. With the ``basic7`` class set
+  (:data:`~pipeline.labels.EXPRESSION_SETS`) the classes are 0..6: labels of Other must have been
+  made invalid first (:func:`~pipeline.labels.restrict_expressions`), and a prediction of 7 is refused.
 - AU: binary F1 of each of the 12 AUs, averaged. An AU with no positive frame in either labels or
   predictions has F1 = 0 (sklearn's ``zero_division`` default).
 - P_MTL = P_VA + F1_EXPR + F1_AU.
@@ -16,6 +18,11 @@ Frames whose label is invalid (-5 / -1) are left out, per task and for AUs per A
 labelled frame scores NaN, and so does P_MTL: the score then says plainly that it is incomplete
 instead of silently counting the task as 0. ``n_va``, ``n_expr`` and ``n_au`` report the frames
 scored.
+
+ABAW scores every labelled frame, also those of a video where no face was found. Given a prior
+(:func:`prior_from_labels`: the training split's mean VA, most frequent expression and AU base
+rates), :func:`score_videos` predicts it for each labelled frame that has no prediction, and counts
+those frames in ``filled_<task>``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.labels import AUS, EXPRESSIONS, INVALID, TASKS, Labels, concat
+from pipeline.labels import AUS, EXPRESSIONS, INVALID, TASKS, Labels, concat, expression_set
 
 AU_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
 
@@ -60,8 +67,9 @@ def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
 
 
-def expr_f1(pred_cls: np.ndarray, true: np.ndarray) -> float:
-    """Macro F1 of (n,) predicted classes against (n,) labels; -1 labels are left out.
+def expr_f1(pred_cls: np.ndarray, true: np.ndarray, n_classes: int = len(EXPRESSIONS)) -> float:
+    """Macro F1 of (n,) predicted classes against (n,) labels, both in 0..n_classes-1; -1 labels
+    are left out.
 
     Averaged over the classes present in the labels or the predictions (see the module
     docstring); NaN when no frame is labelled.
@@ -74,9 +82,12 @@ def expr_f1(pred_cls: np.ndarray, true: np.ndarray) -> float:
     pred, true = pred[keep].astype(np.int64), true[keep].astype(np.int64)
     if len(true) == 0:
         return math.nan
-    k = len(EXPRESSIONS)
+    k = n_classes
     if pred.min() < 0 or pred.max() >= k:
         raise ValueError(f"expr_f1: predicted classes must be in 0..{k - 1}")
+    if true.min() < 0 or true.max() >= k:
+        raise ValueError(f"expr_f1: labelled classes must be in 0..{k - 1}; restrict the labels to the "
+                         f"class set first")
     confusion = np.bincount(true * k + pred, minlength=k * k).reshape(k, k)  # rows: true
     tp = np.diag(confusion)
     present = (confusion.sum(0) + confusion.sum(1)) > 0
@@ -135,7 +146,7 @@ def _labels_of(labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def expr_classes(expr: np.ndarray) -> np.ndarray:
-    """(n, 8) logits or probabilities, or (n,) classes -> (n,) int64 classes, -1 where missing."""
+    """(n, k) logits or probabilities, or (n,) classes -> (n,) int64 classes, -1 where missing."""
     expr = np.asarray(expr)
     if expr.ndim == 1:
         return (np.where(np.isnan(expr), -1, expr) if expr.dtype.kind == "f" else expr).astype(np.int64)
@@ -156,16 +167,21 @@ def _check_present(task: str, missing: np.ndarray) -> None:
 
 
 def score(
-    preds: Mapping[str, np.ndarray], labels: Any, au_thresholds: np.ndarray | None = None
+    preds: Mapping[str, np.ndarray],
+    labels: Any,
+    au_thresholds: np.ndarray | None = None,
+    expressions: str = "abaw8",
 ) -> dict[str, float]:
     """ABAW scores of pooled per-frame predictions against labels.
 
-    ``preds``: any of ``va`` (n, 2) float, ``expr`` (n, 8) logits/probabilities or (n,) classes,
+    ``preds``: any of ``va`` (n, 2) float, ``expr`` (n, k) logits/probabilities or (n,) classes,
     ``au`` (n, 12) probabilities (thresholded at ``au_thresholds``, default 0.5). ``labels``: a
-    :class:`~pipeline.labels.Labels` or a mapping with ``va``, ``expr``, ``au`` arrays. A task
-    without predictions or labels scores NaN. Returns ``ccc_v``, ``ccc_a``, ``p_va``, ``f1_expr``,
+    :class:`~pipeline.labels.Labels` or a mapping with ``va``, ``expr``, ``au`` arrays. The macro
+    F1 runs over the k classes of the set ``expressions`` ("abaw8" or "basic7"). A task without
+    predictions or labels scores NaN. Returns ``ccc_v``, ``ccc_a``, ``p_va``, ``f1_expr``,
     ``f1_au``, ``p_mtl``, ``f1_<AU>`` for each AU and ``n_va``, ``n_expr``, ``n_au``.
     """
+    n_classes = len(expression_set(expressions))
     va_true, expr_true, au_true = _labels_of(labels)
     out: dict[str, float] = {"ccc_v": math.nan, "ccc_a": math.nan, "p_va": math.nan, "f1_expr": math.nan,
                              "f1_au": math.nan, "p_mtl": math.nan, "n_va": 0, "n_expr": 0, "n_au": 0}
@@ -179,9 +195,12 @@ def score(
         out["p_va"] = (out["ccc_v"] + out["ccc_a"]) / 2
         out["n_va"] = int(valid.sum())
     if preds.get("expr") is not None and expr_true is not None:
+        width = np.shape(preds["expr"])[1:]
+        if width and width[0] != n_classes:
+            raise ValueError(f"expr: {width[0]} class scores per frame for the {n_classes} classes of {expressions}")
         cls, t = expr_classes(preds["expr"]), np.asarray(expr_true).reshape(-1)
         _check_present("expr", (t != INVALID["expr"]) & (cls < 0))
-        out["f1_expr"] = expr_f1(np.where(t == INVALID["expr"], 0, cls), t)
+        out["f1_expr"] = expr_f1(np.where(t == INVALID["expr"], 0, cls), t, n_classes)
         out["n_expr"] = int((t != INVALID["expr"]).sum())
     if preds.get("au") is not None and au_true is not None:
         b, t = binarise_au(preds["au"], au_thresholds), np.asarray(au_true).reshape(-1, len(AUS))
@@ -211,18 +230,42 @@ def dense_predictions(pred: Mapping[str, np.ndarray], n: int) -> dict[str, np.nd
     return out
 
 
+def prior_from_labels(labels: Mapping[str, Labels]) -> dict[str, np.ndarray | int]:
+    """The prediction that knows nothing about a frame, from (training) labels: ``va`` (2,) mean
+    valence and arousal over the valid frames, ``expr`` the most frequent valid class (the lowest
+    on ties), ``au`` (12,) each AU's positive rate over its valid labels (0 for an AU never
+    labelled). A task without any valid label is left out. For a class set other than ABAW's,
+    give the labels restricted to it (:func:`~pipeline.labels.restrict_expressions`)."""
+    truth = concat(labels.values())
+    prior: dict[str, np.ndarray | int] = {}
+    if truth.valid("va").any():
+        prior["va"] = truth.va[truth.valid("va")].astype(np.float64).mean(0)
+    if truth.valid("expr").any():
+        prior["expr"] = int(np.argmax(np.bincount(truth.expr[truth.valid("expr")])))
+    valid = truth.au != INVALID["au"]
+    if valid.any():
+        prior["au"] = ((truth.au == 1) & valid).sum(0) / np.maximum(valid.sum(0), 1)
+    return prior
+
+
 def score_videos(
     preds: Mapping[str, Mapping[str, np.ndarray]],
     labels: Mapping[str, Labels],
     au_thresholds: np.ndarray | None = None,
     allow_missing: bool = True,
+    prior: Mapping[str, Any] | None = None,
+    expressions: str = "abaw8",
 ) -> dict[str, float]:
     """:func:`score` over the labelled videos, matching predictions to labels by frame.
 
     ``preds[video]`` holds optional ``frame`` (m,) indices (default 0..m-1) and ``va`` / ``expr``
     / ``au`` as in :func:`score`, NaN (or class -1) where a frame has no prediction. A task is
-    scored when some frame has a prediction for it. Labelled frames without a prediction are
-    counted in ``missing_<task>`` and left out, or with ``allow_missing=False`` raise ValueError.
+    scored when some frame has a prediction for it. Labelled frames without a prediction (no face
+    in the whole video, no features, or no entry in ``preds``) are counted in ``missing_<task>``
+    and left out, or with ``allow_missing=False`` raise ValueError. With a ``prior`` (see
+    :func:`prior_from_labels`; any of its tasks), they get the prior's ``va``, ``expr`` or ``au``
+    (probabilities, thresholded like predictions) instead and are scored: the count is then
+    ``filled_<task>`` and there is no ``missing_<task>``. A task that no video predicts stays NaN.
     """
     per_video = [dense_predictions(preds.get(video, {}), len(lab)) for video, lab in labels.items()]
     pooled = dense_predictions({}, 0)
@@ -239,6 +282,13 @@ def score_videos(
             pooled[task] = None
             continue
         holes = absent[task] & labelled[task]
+        if prior is not None and prior.get(task) is not None:
+            if task == "expr":
+                pooled[task][holes] = int(prior[task])
+            else:
+                pooled[task][holes] = np.asarray(prior[task], np.float64)
+            missing[f"filled_{task}"] = int(holes.sum())
+            continue
         missing[f"missing_{task}"] = int(holes.sum())
         if holes.any() and not allow_missing:
             names = np.repeat(np.array(list(labels), dtype=object), [len(lab) for lab in labels.values()])
@@ -246,10 +296,11 @@ def score_videos(
             raise ValueError(f"{task}: {int(holes.sum())} labelled frames of {len(videos)} videos have no "
                              f"prediction, e.g. in {', '.join(videos[:3])}")
         getattr(truth, task)[holes] = INVALID[task]
-    return {**score(pooled, truth, au_thresholds), **missing}
+    return {**score(pooled, truth, au_thresholds, expressions), **missing}
 
 
-def _cell(x: float) -> str:
+def score_cell(x: float | None) -> str:
+    """A score as a table cell: four decimals, ``n/a`` when undefined (None or NaN)."""
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
@@ -260,7 +311,7 @@ def format_table(scores: Mapping[str, float]) -> str:
     lines = [
         "| " + " | ".join(h for h, _ in head) + " | frames (va/expr/au) |",
         "|" + "---:|" * (len(head) + 1),
-        "| " + " | ".join(_cell(scores.get(k, math.nan)) for _, k in head)
+        "| " + " | ".join(score_cell(scores.get(k, math.nan)) for _, k in head)
         + f" | {scores.get('n_va', 0)}/{scores.get('n_expr', 0)}/{scores.get('n_au', 0)} |",
     ]
     if any(f"f1_{a}" in scores for a in AUS):
@@ -268,7 +319,7 @@ def format_table(scores: Mapping[str, float]) -> str:
             "",
             "| " + " | ".join(AUS) + " |",
             "|" + "---:|" * len(AUS),
-            "| " + " | ".join(_cell(scores.get(f"f1_{a}", math.nan)) for a in AUS) + " |",
+            "| " + " | ".join(score_cell(scores.get(f"f1_{a}", math.nan)) for a in AUS) + " |",
         ]
     return "\n".join(lines)
 

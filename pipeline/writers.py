@@ -1,10 +1,11 @@
 """Per-frame predictions to files in the ABAW submission layouts, and back.
 
 Written predictions of one video are a mapping with optional ``frame`` (m,) int (default
-``0..m-1``) and any of ``va`` (m, 2) float, ``expr`` (m, 8) logits/probabilities or (m,) classes,
-``au`` (m, 12) probabilities. Valence and arousal are clipped to [-1, 1]; expressions become the
-arg-max class; AUs are thresholded (default 0.5) except in the plain csv, which keeps the
-probabilities so that thresholds can be tuned later.
+``0..m-1``) and any of ``va`` (m, 2) float, ``expr`` (m, k) logits/probabilities over the k classes
+of an expression set (8 for ABAW's, 7 for ``basic7``; see :data:`~pipeline.labels.EXPRESSION_SETS`)
+or (m,) classes, ``au`` (m, 12) probabilities. Valence and arousal are clipped to [-1, 1];
+expressions become the arg-max class; AUs are thresholded (default 0.5) except in the plain csv,
+which keeps the probabilities so that thresholds can be tuned later.
 
 Layouts:
 
@@ -12,8 +13,9 @@ Layouts:
   ``video/00001.jpg,v,a,expr,au1,...,au12`` per predicted frame (the ABAW MTL submission).
 - ``tasks``: ``<folder>/VA_Estimation_Challenge/<video>.txt``, ``EXPR_Recognition_Challenge/``,
   ``AU_Detection_Challenge/``, one row per frame from frame 0 under the per-task headers (the ABAW
-  uni-task submission; the same layout as the annotations). Frames without a prediction are
-  written as -5 / -1 with a warning, since row i must be frame i.
+  uni-task submission; the same layout as the annotations). The expression header lists the class
+  set's names, one class index per row. Frames without a prediction are written as -5 / -1 with a
+  warning, since row i must be frame i.
 - ``csv``: ``video,frame,valence,arousal,expression,AU1,...,AU12``.
 
 :func:`read_predictions` reads any of these into dense arrays per video, indexed by frame:
@@ -31,12 +33,14 @@ import numpy as np
 
 from pipeline.labels import (
     AUS,
+    EXPRESSION_SETS,
     EXPRESSIONS,
     INVALID,
     TASK_DIRS,
     TASK_HEADERS,
     TASKS,
     AnnotationError,
+    expression_set,
     group_rows,
     read_frame_csv,
     read_mtl_file,
@@ -102,20 +106,46 @@ def write_mtl(path: str | Path, preds: Mapping[str, Preds], au_thresholds: np.nd
     return _write_lines(Path(path), lines)
 
 
+def _expression_names(pred: Preds, video: str, expressions: str | None) -> tuple[str, ...]:
+    """The class set of a video's expression predictions: ``expressions``, else the set with as
+    many classes as the scores have columns (ABAW's 8 for predictions given as classes)."""
+    expr = pred.get("expr")
+    width = np.shape(expr)[1] if expr is not None and np.ndim(expr) == 2 else None
+    if expressions is not None:
+        names = expression_set(expressions)
+        if width is not None and width != len(names):
+            raise ValueError(f"{video}: {width} expression scores per frame for the {len(names)} classes "
+                             f"of {expressions}")
+        return names
+    if width is None:
+        return EXPRESSIONS
+    names = next((n for n in EXPRESSION_SETS.values() if len(n) == width), None)
+    if names is None:
+        sizes = ", ".join(f"{k} ({len(v)})" for k, v in EXPRESSION_SETS.items())
+        raise ValueError(f"{video}: {width} expression scores per frame; the class sets are {sizes}")
+    return names
+
+
 def write_task_files(
     folder: str | Path,
     preds: Mapping[str, Preds],
     tasks: tuple[str, ...] | None = None,
     au_thresholds: np.ndarray | None = None,
+    expressions: str | None = None,
 ) -> list[Path]:
     """One txt per video per task (default: those predicted) under ``folder/<task folder>/``.
 
     Row i is frame i from 0 to the last predicted frame; frames without a prediction are -5 / -1.
-    Returns the files written.
+    The expression header names the classes of the set ``expressions`` (default: the set with as
+    many classes as the scores have columns). Returns the files written.
     """
     written = []
     for video, pred in preds.items():
         frames, d = _rows(pred, video, au_thresholds)
+        names = _expression_names(pred, video, expressions)
+        if len(d["expr"]) and d["expr"].max() >= len(names):
+            raise ValueError(f"{video}: expression class {d['expr'].max()} is outside the {len(names)} classes "
+                             f"{','.join(names)}")
         if len(d["expr"]) > len(frames):
             log.warning("%s: %d of %d frames lack a prediction; written as -5/-1", video,
                         len(d["expr"]) - len(frames), len(d["expr"]))
@@ -130,8 +160,9 @@ def write_task_files(
                 body = [str(x) for x in d["expr"]]
             else:
                 body = [",".join(str(x) for x in r) for r in d["au_bin"]]
+            header = names if task == "expr" else TASK_HEADERS[task]
             path = Path(folder) / TASK_DIRS[task][0] / f"{video}.txt"
-            written.append(_write_lines(path, [",".join(TASK_HEADERS[task]), *body]))
+            written.append(_write_lines(path, [",".join(header), *body]))
     return written
 
 
@@ -154,13 +185,18 @@ def write_csv(path: str | Path, preds: Mapping[str, Preds]) -> Path:
 
 
 def write_predictions(
-    path: str | Path, preds: Mapping[str, Preds], layout: str, au_thresholds: np.ndarray | None = None
+    path: str | Path,
+    preds: Mapping[str, Preds],
+    layout: str,
+    au_thresholds: np.ndarray | None = None,
+    expressions: str | None = None,
 ) -> Path:
-    """Write in ``layout`` ("mtl", "tasks" or "csv"); ``path`` is a file, or a folder for "tasks"."""
+    """Write in ``layout`` ("mtl", "tasks" or "csv"); ``path`` is a file, or a folder for "tasks"
+    (whose expression header names the class set ``expressions``, see :func:`write_task_files`)."""
     if layout == "mtl":
         return write_mtl(path, preds, au_thresholds)
     if layout == "tasks":
-        write_task_files(path, preds, au_thresholds=au_thresholds)
+        write_task_files(path, preds, au_thresholds=au_thresholds, expressions=expressions)
         return Path(path)
     if layout == "csv":
         return write_csv(path, preds)

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.labels import (
     AUS,
+    EXPRESSION_SETS,
     EXPRESSIONS,
     AnnotationError,
     Labels,
@@ -21,6 +22,7 @@ from pipeline.labels import (
     read_mtl_file,
     read_task_file,
     read_video_list,
+    restrict_expressions,
     split_videos,
 )
 
@@ -265,3 +267,21 @@ def test_video_lists(tmp_path: Path) -> None:
     assert read_video_list(["x", " y "]) == ["x", "y"]
     with pytest.raises(ValueError, match="more than once"):
         read_video_list(["x", "x"])
+
+
+def test_basic7_restriction_drops_other_and_keeps_indices(tmp_path: Path) -> None:
+    assert EXPRESSION_SETS["basic7"] == EXPRESSIONS[:7] and EXPRESSION_SETS["abaw8"] == EXPRESSIONS
+    lab = Labels(np.zeros((6, 2)), [0, 7, 6, -1, 7, 3], np.ones((6, 12)))
+    basic = restrict_expressions(lab, "basic7")
+    assert basic.expr.tolist() == [0, -1, 6, -1, -1, 3]
+    assert lab.expr.tolist() == [0, 7, 6, -1, 7, 3]  # the original is left alone
+    np.testing.assert_array_equal(basic.au, lab.au)
+    assert basic.counts() == {"va": 6, "expr": 3, "au": 6}
+    assert restrict_expressions(lab, "abaw8").expr.tolist() == lab.expr.tolist()
+    with pytest.raises(ValueError, match="choose one of abaw8, basic7"):
+        restrict_expressions(lab, "basic6")
+    # a per-task file may carry the seven names; its classes are then 0..6
+    head7 = ",".join(EXPRESSIONS[:7])
+    assert read_task_file(write(tmp_path / "b.txt", head7, "6", "-1", "0"), "expr").tolist() == [6, -1, 0]
+    with pytest.raises(AnnotationError, match=r"b7.txt:3: .*0..6"):
+        read_task_file(write(tmp_path / "b7.txt", head7, "1", "7"), "expr")

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from pipeline.labels import AUS, Labels
+from pipeline.labels import AUS, Labels, restrict_expressions
 from pipeline.metrics import (
     AU_GRID,
     au_f1,
     ccc,
     expr_f1,
     format_table,
+    prior_from_labels,
     score,
     score_videos,
     tune_au_thresholds,
@@ -210,3 +211,73 @@ def test_score_videos_matches_frames() -> None:
     no_expr = {k: v for k, v in preds.items() if k != "expr"}
     s = score_videos({"v": no_expr}, {"v": labels, "w": Labels.empty(3)}, allow_missing=False)
     assert math.isnan(s["f1_expr"]) and "missing_expr" not in s and s["missing_va"] == 0
+
+
+def test_prior_from_labels() -> None:
+    a = Labels([[0.2, -0.4], [-5, -5], [0.6, 0.0]], [3, 3, 1], [[1] * 12, [0] * 12, [-1] * 12])
+    b = Labels([[0.1, 0.1]], [-1], [[1] + [0] * 11])
+    prior = prior_from_labels({"a": a, "b": b})
+    np.testing.assert_allclose(prior["va"], [0.3, -0.1], atol=1e-7)
+    assert prior["expr"] == 3
+    np.testing.assert_allclose(prior["au"], [2 / 3] + [1 / 3] * 11)
+    assert prior_from_labels({"c": Labels.empty(4)}) == {}
+
+
+def test_prior_fills_and_scores_a_video_without_predictions() -> None:
+    preds, labels = random_task_data(60, seed=5)
+    _, unseen = random_task_data(25, seed=6)
+    val = {"seen": labels, "unseen": unseen}
+    prior = {"va": np.array([0.1, -0.2]), "expr": 4, "au": np.linspace(0.1, 0.9, 12)}
+    got = score_videos({"seen": preds}, val, prior=prior)
+    n = len(unseen)
+    filled = {"va": np.concatenate([preds["va"], np.tile(prior["va"], (n, 1))]),
+              "expr": np.concatenate([preds["expr"].argmax(1), np.full(n, 4)]),
+              "au": np.concatenate([preds["au"], np.tile(prior["au"], (n, 1))])}
+    whole = Labels(*(np.concatenate([getattr(labels, t), getattr(unseen, t)]) for t in ("va", "expr", "au")))
+    expected = score(filled, whole)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-12, nan_ok=True), key
+    assert got["n_va"] == labels.valid("va").sum() + unseen.valid("va").sum()
+    assert (got["filled_va"], got["filled_expr"], got["filled_au"]) == (20, 19, 23)
+    assert not any(k.startswith("missing_") for k in got)
+    # a strict caller gets every labelled frame scored, nothing refused
+    assert score_videos({"seen": preds}, val, allow_missing=False, prior=prior)["p_mtl"] == got["p_mtl"]
+    # without a prior the unseen video's frames are left out, as before
+    plain = score_videos({"seen": preds}, val)
+    assert plain["p_mtl"] == pytest.approx(score(preds, labels)["p_mtl"], abs=1e-12)
+    assert (plain["missing_va"], plain["missing_expr"], plain["missing_au"]) == (20, 19, 23)
+    assert plain["n_va"] == labels.valid("va").sum() and "filled_va" not in plain
+    with pytest.raises(ValueError, match="have no prediction, e.g. in unseen"):
+        score_videos({"seen": preds}, val, allow_missing=False)
+    # a task no video predicts is not invented from the prior
+    no_au = score_videos({"seen": {k: v for k, v in preds.items() if k != "au"}}, val, prior=prior)
+    assert math.isnan(no_au["f1_au"]) and "filled_au" not in no_au and no_au["filled_va"] == 20
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_expr_f1_over_the_basic7_set_matches_sklearn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, 7, 400)
+    p = np.where(rng.random(400) < 0.4, t, rng.integers(0, 7, 400))
+    t[rng.random(400) < 0.1] = -1
+    keep = t >= 0
+    expected = sk_f1(t[keep], p[keep], average="macro", labels=range(7))
+    assert expr_f1(p, t, n_classes=7) == pytest.approx(expected, abs=1e-12)
+    logits = rng.normal(size=(400, 7))
+    logits[np.arange(400), p] += 10
+    lab = Labels(np.full((400, 2), -5), t, np.full((400, 12), -1))
+    assert score({"expr": logits}, lab, expressions="basic7")["f1_expr"] == pytest.approx(expected, abs=1e-12)
+    assert score_videos({"v": {"expr": logits}}, {"v": lab}, expressions="basic7")["f1_expr"] == pytest.approx(
+        expected, abs=1e-12)
+    # eight classes as before; Other is neither a label nor a prediction of basic7
+    with pytest.raises(ValueError, match="0..6"):
+        expr_f1(np.array([7]), np.array([1]), n_classes=7)
+    with pytest.raises(ValueError, match="restrict the labels"):
+        expr_f1(np.array([1]), np.array([7]), n_classes=7)
+    with pytest.raises(ValueError, match="8 class scores per frame for the 7 classes of basic7"):
+        score({"expr": rng.normal(size=(400, 8))}, lab, expressions="basic7")
+    eight = Labels(lab.va, np.where(rng.random(400) < 0.1, 7, t), lab.au)
+    pred8 = np.where(rng.random(400) < 0.1, 7, p)
+    assert score({"expr": pred8}, eight)["f1_expr"] == expr_f1(pred8, eight.expr)
+    basic = restrict_expressions(eight, "basic7")
+    assert not math.isnan(score({"expr": p}, basic, expressions="basic7")["f1_expr"])

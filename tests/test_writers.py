@@ -13,7 +13,7 @@ from sklearn.metrics import f1_score
 
 from pipeline.config import InputError, load_config
 from pipeline.evaluate import main as evaluate
-from pipeline.labels import AUS, EXPRESSIONS, AnnotationError, Labels, read_mtl_file, read_task_file
+from pipeline.labels import AUS, EXPRESSIONS, AnnotationError, Labels, load_annotations, read_mtl_file, read_task_file
 from pipeline.writers import (
     detect_layout,
     read_csv_predictions,
@@ -101,6 +101,35 @@ def test_csv_predictions(tmp_path: Path) -> None:
         write_csv(tmp_path / "c.csv", {"v": {"au": np.full((2, 12), -1.0)}})
     with pytest.raises(ValueError, match="contains a comma"):
         write_csv(tmp_path / "c.csv", {"a,b": {"expr": np.array([1])}})
+
+
+@pytest.mark.parametrize("layout", ["mtl", "tasks", "csv"])
+def test_seven_class_predictions_round_trip(tmp_path: Path, layout: str) -> None:
+    outputs = {v: {**out, "expr": out["expr"][:, :7]} for v, out in
+               {"a": model_outputs(np.arange(8), seed=3), "b": model_outputs(np.arange(5), seed=4)}.items()}
+    target = tmp_path / ("preds" if layout == "tasks" else f"preds.{'csv' if layout == 'csv' else 'txt'}")
+    write_predictions(target, outputs, layout)
+    back = read_predictions(target)
+    for video, out in outputs.items():
+        np.testing.assert_array_equal(back[video]["expr"], out["expr"].argmax(1))
+    if layout == "tasks":
+        path = target / "EXPR_Recognition_Challenge" / "a.txt"
+        assert path.read_text().splitlines()[0] == ",".join(EXPRESSIONS[:7])
+        # the file is an annotation file too, and the class set may be named for classes
+        write_task_files(tmp_path / "named", {"a": {"expr": outputs["a"]["expr"].argmax(1)}}, expressions="basic7")
+        head = (tmp_path / "named" / "EXPR_Recognition_Challenge" / "a.txt").read_text().splitlines()[0]
+        assert head == ",".join(EXPRESSIONS[:7])
+        with pytest.raises(ValueError, match="class 7 is outside the 7 classes"):
+            write_task_files(tmp_path / "bad", {"a": {"expr": np.array([1, 7])}}, expressions="basic7")
+        with pytest.raises(ValueError, match="7 expression scores per frame for the 8 classes of abaw8"):
+            write_task_files(tmp_path / "bad", outputs, expressions="abaw8")
+        with pytest.raises(ValueError, match="5 expression scores per frame; the class sets are"):
+            write_task_files(tmp_path / "bad", {"a": {"expr": np.zeros((2, 5))}})
+        (target / "EXPR_Recognition_Challenge" / "a.txt").rename(target / "a.txt")
+        ann = tmp_path / "ann" / "EXPR_Recognition_Challenge" / "Validation_Set"
+        ann.mkdir(parents=True)
+        (target / "a.txt").rename(ann / "a.txt")
+        assert load_annotations(tmp_path / "ann", "val")["a"].expr.tolist() == outputs["a"]["expr"].argmax(1).tolist()
 
 
 def test_detect_layout(tmp_path: Path) -> None:
