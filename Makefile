@@ -32,7 +32,7 @@ TRAIN_CHOICES  = $(if $(TRAIN_SOURCE),,extractors=[$(EXTRACTOR)] encoder=$(ENCOD
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
-.PHONY: help setup test lint demo sample faces features train sweep experiments evaluate predict bench bench-faces bench-features bench-pipeline bench-memory test-faults clean
+.PHONY: help setup test lint demo sample faces features train sweep experiments ensemble evaluate predict bench bench-faces bench-features bench-pipeline bench-memory test-faults clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -79,6 +79,10 @@ sweep: features ## a grid of training overrides times seeds, mean +- std per set
 experiments: features ## a sweep over configs/experiments/ named in EXPERIMENTS, seeds SEEDS
 	$(PY) -m pipeline.sweep data=$(DATA) runs_dir=$(RUNS) experiment=$(subst $(space),$(comma),$(strip $(EXPERIMENTS))) \
 		seed=$(SEEDS) $(call args_for,experiments)
+
+ensemble: setup ## average the outputs of finished runs and score them as one: make ensemble RUNS="dir dir dir"
+	@test -n "$(filter command environment,$(origin RUNS))" || { echo 'error: set RUNS="run_dir run_dir ..."' >&2; exit 1; }
+	$(PY) -m pipeline.ensemble $(RUNS) $(ARGS)
 
 evaluate: setup ## score a predictions folder: make evaluate PRED=folder [DATA=...]
 	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(or $(PRED),$(RUNS)/$(DATA)/train/$(RUN)/predictions) $(ARGS)
