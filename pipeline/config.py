@@ -156,6 +156,9 @@ def read_config(path: str | Path, _seen: frozenset[Path] = frozenset()) -> tuple
     if parent.resolve() in _seen | {path.resolve()}:
         raise ConfigError(f"{path}: base {base!r} leads back to itself")
     merged, parent_dotted = read_config(parent, _seen | {path.resolve()})
+    # a component this file names again (encoder: lstm) replaces the base's, field overrides included
+    renamed = {group for group in GROUPS if group in data and data[group] != merged.get(group)}
+    parent_dotted = [d for d in parent_dotted if d[0].split(".")[0] not in renamed]
     return merge(merged, data), parent_dotted + dotted
 
 
@@ -204,8 +207,11 @@ def component_names(group: str) -> list[str]:
 
 
 def load_component(group: str, name: str) -> dict:
-    """Load ``configs/<group folder>/<name>.yaml``; a ``module:function`` name needs no YAML."""
+    """Load ``configs/<group folder>/<name>.yaml``, or a YAML file given by its path (named by its
+    stem); a ``module:function`` name needs no YAML."""
     path = CONFIG_DIR / GROUPS[group] / f"{name}.yaml"
+    if name.endswith((".yaml", ".yml")) and Path(name).is_file():
+        path, name = Path(name), Path(name).stem
     if path.is_file():
         data = read_yaml(path)
     elif ":" in name:  # a plug-in such as ``my_package.my_module:build``
@@ -217,6 +223,21 @@ def load_component(group: str, name: str) -> dict:
         )
     data["name"] = name
     return data
+
+
+def pooled_data(stage: str, names: list) -> dict:
+    """``data: [a, b]``: several data sets in one training run, each labelling the tasks it has.
+    The section is named ``a+b`` and holds each data set's own section under ``members``."""
+    if stage != "train":
+        raise ConfigError(f"data={names}: several data sets train together; the {stage} stage reads one at a time")
+    if not all(isinstance(n, str) for n in names) or len(set(names)) < len(names):
+        raise ConfigError(f"data={names}: name each data set once")
+    members = [load_component("data", n) for n in names]
+    sets = {m["name"]: m.get("expressions", "abaw8") for m in members}
+    if len(set(sets.values())) > 1:
+        raise ConfigError(f"data={names}: the data sets use different expression sets {sets}; choose one")
+    return {"name": "+".join(m["name"] for m in members), "expressions": next(iter(sets.values())),
+            "members": members}
 
 
 def parse_value(text: str) -> Any:
@@ -318,6 +339,11 @@ def load_config(
         chosen = [v for k, v in pairs if k == group]
         name = chosen[-1] if chosen else cfg[group]
         if isinstance(name, dict):  # a section written inline in the stage YAML
+            continue
+        if group == "data" and isinstance(name, list) and len(name) == 1:
+            name = name[0]
+        if group == "data" and isinstance(name, list):
+            cfg[group] = pooled_data(stage, name)
             continue
         if not isinstance(name, str):
             raise ConfigError(f"config key {group!r} names a component and must be a string, got {name!r}")

@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from pipeline.feature_cache import FeatureCache
 from pipeline.labels import Labels
@@ -73,6 +73,11 @@ def window_starts(n: int, length: int, stride: int) -> list[int]:
     return starts
 
 
+def chunk_starts(n: int, length: int) -> list[int]:
+    """Starts of the non-overlapping chunks of ``length`` that cover ``[0, n)``; the last may be short."""
+    return list(range(0, max(n, 1), length))
+
+
 def labels_at(labels: Labels | None, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels of the given frame indices; frames past the labels' end are invalid."""
     t = len(frames)
@@ -107,7 +112,9 @@ class SequenceDataset(Dataset):
 
     In training mode (``train=True``) call ``set_epoch`` each epoch: window starts then move by
     a random offset so that every frame is seen at every position over the epochs. In evaluation
-    mode the windows overlap by ``length - stride`` and cover every frame.
+    mode the windows overlap by ``length - stride`` and cover every frame. With ``consecutive``
+    the windows are the video's non-overlapping chunks 0, length, 2 length, ... in every epoch
+    (the last one padded), as the ABAW4 winner cut its videos.
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class SequenceDataset(Dataset):
         noise: bool = False,
         cache_in_memory: bool = False,
         seed: int = 0,
+        consecutive: bool = False,
     ) -> None:
         if length < 1 or stride < 1:
             raise ValueError(f"window length and stride must be positive, got {length} and {stride}")
@@ -131,6 +139,7 @@ class SequenceDataset(Dataset):
         self.cache, self.labels, self.videos = cache, labels, list(videos)
         self.length, self.stride, self.train = length, stride, train
         self.normaliser, self.noise, self.seed = normaliser, noise, seed
+        self.consecutive = consecutive
         self.lengths = [cache.length(v) for v in self.videos]
         for video, n in zip(self.videos, self.lengths, strict=True):
             if video in labels and n:
@@ -142,6 +151,9 @@ class SequenceDataset(Dataset):
         rng = np.random.default_rng((self.seed, epoch))
         self.items = []
         for i, n in enumerate(self.lengths):
+            if self.consecutive:
+                self.items.extend((i, s) for s in chunk_starts(n, self.length))
+                continue
             starts = window_starts(n, self.length, self.stride)
             if self.train and n > self.length:
                 shift = int(rng.integers(0, self.stride))
@@ -151,6 +163,11 @@ class SequenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def empty_item(self, i: int) -> int:
+        """An index past ``len(self)`` whose item lies past the end of video ``i``: all padding,
+        every label invalid."""
+        return len(self.items) + i
+
     def _read(self, video: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._memory is not None:
             feats, present, frames = self._memory[video]
@@ -158,7 +175,8 @@ class SequenceDataset(Dataset):
         return self.cache.read(video, start, stop)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        i, start = self.items[index]
+        i, start = self.items[index] if index < len(self.items) else (index - len(self.items), None)
+        start = self.lengths[i] if start is None else start
         video = self.videos[i]
         feats, present, frames = self._read(video, start, start + self.length)
         if self.noise:
@@ -197,3 +215,34 @@ def feature_paths(runs_dir: str | Path, data_name: str, extractors: Sequence[str
         if made_by != name:
             raise ValueError(f"{path}: written by extractor {made_by!r}, not {name!r}; re-run the features stage")
     return paths
+
+
+class VideoChunkBatches(Sampler):
+    """Batches for encoders that carry their state from chunk to chunk: the videos are shuffled
+    into groups of ``size``, and batch k of a group holds chunk k of each of its videos (an empty,
+    fully masked chunk once a video has ended), so each row stays one video. Needs a dataset of
+    consecutive chunks; a group's first batch is the one whose windows all start at frame 0."""
+
+    def __init__(self, dataset: SequenceDataset, size: int, generator: torch.Generator) -> None:
+        if not dataset.consecutive:
+            raise ValueError("chunk-by-chunk batches need consecutive windows (train_windows: consecutive)")
+        self.dataset, self.size, self.generator = dataset, size, generator
+
+    def _groups(self) -> list[list[int]]:
+        order = torch.randperm(len(self.dataset.lengths), generator=self.generator).tolist()
+        return [order[i : i + self.size] for i in range(0, len(order), self.size)]
+
+    def __iter__(self):
+        chunks: dict[int, list[int]] = {}
+        for index, (i, _) in enumerate(self.dataset.items):
+            chunks.setdefault(i, []).append(index)
+        for group in self._groups():
+            for k in range(max(len(chunks.get(i, [])) for i in group)):
+                yield [chunks[i][k] if k < len(chunks.get(i, [])) else self.dataset.empty_item(i) for i in group]
+
+    def __len__(self) -> int:
+        per_video = [len(chunk_starts(n, self.dataset.length)) for n in self.dataset.lengths]
+        state = self.generator.get_state()
+        groups = self._groups()
+        self.generator.set_state(state)
+        return sum(max(per_video[i] for i in group) for group in groups)

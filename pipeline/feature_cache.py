@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +152,41 @@ class FeatureCache:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PooledCache:
+    """Several data sets' caches as one, for a run that trains on all of them: each video is
+    ``<data set>/<video>``. Every data set must give features of the same width."""
+
+    def __init__(self, caches: Mapping[str, FeatureCache]) -> None:
+        self.caches = dict(caches)
+        bad = [name for name in self.caches if "/" in name]
+        if bad:
+            raise ValueError(f"data set names cannot hold '/': {', '.join(bad)}")
+        dims = {name: cache.dim for name, cache in self.caches.items()}
+        if len(set(dims.values())) > 1:
+            raise ValueError(f"the data sets' features differ in width: {dims}; use the same extractors for all")
+        first = next(iter(self.caches.values()))
+        self.dim, self.dims, self.attrs = first.dim, first.dims, first.attrs
+        self.paths = [p for cache in self.caches.values() for p in cache.paths]
+        self.videos = [f"{name}/{v}" for name, cache in self.caches.items() for v in cache.videos]
+
+    def _split(self, video: str) -> tuple[FeatureCache, str]:
+        name, _, inner = video.partition("/")
+        return self.caches[name], inner
+
+    def length(self, video: str) -> int:
+        cache, inner = self._split(video)
+        return cache.length(inner)
+
+    def read(self, video: str, start: int = 0,
+             stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cache, inner = self._split(video)
+        return cache.read(inner, start, stop)
+
+    def identity(self) -> dict[str, list[dict[str, Any]]]:
+        return {name: cache.identity() for name, cache in self.caches.items()}
+
+    def close(self) -> None:
+        for cache in self.caches.values():
+            cache.close()

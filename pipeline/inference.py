@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from models import MultiTaskModel
-from pipeline.data import Normaliser, window_starts
+from models.recurrent import reset_carried_state
+from pipeline.data import Normaliser, chunk_starts, window_starts
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, **extra: Any) -> None:
@@ -24,8 +25,37 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, **extra: Any) -> N
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[MultiTaskModel, dict]:
-    """Rebuild the model of a checkpoint written by ``save_checkpoint``; returns (model, contents)."""
+def rewrite_checkpoint(path: str | Path, ckpt: dict, **changes: Any) -> None:
+    """Write ``ckpt`` back to ``path`` with ``changes`` (e.g. settings chosen after training)."""
+    from pipeline.runs import atomic_output
+
+    with atomic_output(path) as tmp:
+        torch.save({**ckpt, **changes}, tmp)
+
+
+class PerTaskModel(torch.nn.Module):
+    """Each task's output from the weights of the epoch that was best for that task (a checkpoint
+    trained with ``selection: per_task``), behind the interface of one ``MultiTaskModel``."""
+
+    def __init__(self, args: dict, states: dict[str, dict]) -> None:
+        super().__init__()
+        self.models = torch.nn.ModuleDict()
+        for task, state in states.items():
+            self.models[task] = MultiTaskModel(**args)
+            self.models[task].load_state_dict(state)
+        first = next(iter(self.models.values()))
+        self.args, self.tasks, self.au_output = first.args, first.tasks, first.au_output
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {task: model(x, mask)[task] for task, model in self.models.items()}
+
+    def probabilities(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return next(iter(self.models.values())).probabilities(out)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model of a checkpoint written by ``save_checkpoint``; returns (model, contents).
+    A checkpoint holding each task's best weights rebuilds as a :class:`PerTaskModel`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -33,19 +63,28 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         ckpt = torch.load(path, map_location=device, weights_only=False)
         model = MultiTaskModel(**ckpt["model_args"])
         model.load_state_dict(ckpt["state_dict"])
+        if ckpt.get("task_state_dicts"):
+            states = {t: ckpt["task_state_dicts"].get(t, ckpt["state_dict"]) for t in model.tasks}
+            model = PerTaskModel(ckpt["model_args"], states)
     except Exception as e:
         raise ValueError(f"{path}: not a usable checkpoint of this project ({type(e).__name__}: {e})") from e
     return model.to(device).eval(), ckpt
 
 
-def smooth(values: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average of (n, c) values over ``window`` frames (1 or less: unchanged)."""
-    if window <= 1 or len(values) == 0:
+def smooth(values: np.ndarray, window: int | list[int]) -> np.ndarray:
+    """Centred moving average of (n, c) values over ``window`` frames (1 or less: unchanged); a list
+    gives each column its own window (valence and arousal smoothed apart)."""
+    windows = list(window) if isinstance(window, list | tuple) else [window] * values.shape[-1]
+    if len(windows) != values.shape[-1]:
+        raise ValueError(f"{len(windows)} smoothing windows for {values.shape[-1]} columns")
+    if all(w <= 1 for w in windows) or len(values) == 0:
         return values
-    half = window // 2
-    padded = np.pad(values, ((half, half), (0, 0)), mode="edge")
-    kernel = np.ones(2 * half + 1) / (2 * half + 1)
-    return np.stack([np.convolve(padded[:, j], kernel, mode="valid") for j in range(values.shape[1])], 1)
+    columns = []
+    for j, w in enumerate(windows):
+        half = max(int(w), 1) // 2
+        padded = np.pad(values[:, j], (half, half), mode="edge")
+        columns.append(np.convolve(padded, np.ones(2 * half + 1) / (2 * half + 1), mode="valid"))
+    return np.stack(columns, 1)
 
 
 def fill_missing(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -74,39 +113,49 @@ def predict_features(
     stride: int,
     device: str | torch.device = "cpu",
     batch_size: int = 32,
+    consecutive: bool = False,
 ) -> dict[str, np.ndarray]:
     """Per-frame outputs for one video of features (n, d) with its present mask (n,).
 
     Windows of ``length`` every ``stride`` frames; where windows overlap, outputs are averaged.
-    Returns ``va`` (n, 2) in [-1, 1], ``expr`` (n, 8) class probabilities and ``au`` (n, 12)
-    probabilities for the tasks the model has; frames without a face are filled from the nearest
-    frame with one (all outputs are NaN if the video has no face at all).
+    With ``consecutive`` the windows are the video's non-overlapping chunks (the last padded), fed
+    one after the other when the model carries an encoder state from chunk to chunk.
+    Returns ``model.probabilities``: ``va`` (n, 2) in [-1, 1], ``expr`` (n, classes) class
+    probabilities and ``au`` (n, 12) probabilities for the tasks the model has; frames without a
+    face are filled from the nearest frame with one (all outputs are NaN if the video has no face
+    at all).
     """
     n = len(feats)
     x = normaliser(feats) if normaliser is not None else feats
     x = np.where(present[:, None], x, 0.0).astype(np.float32)
     sums: dict[str, np.ndarray] = {}
-    counts = np.zeros(n, np.float32)
-    starts = window_starts(n, length, stride)
     model.eval()
+    if consecutive:  # pad to whole chunks; the padding is masked and cut off below
+        starts, t = chunk_starts(n, length), length
+        padded = -n % length
+        x = np.pad(x, ((0, padded), (0, 0)))
+        valid = np.pad(present, (0, padded))
+        if reset_carried_state(model):
+            batch_size = 1  # chunk after chunk, each from the state the last one ended in
+    else:
+        starts, t, valid = window_starts(n, length, stride), min(length, n), present
+    sums_len = len(x)
+    counts = np.zeros(sums_len, np.float32)
     for i in range(0, len(starts), batch_size):
         chunk = starts[i : i + batch_size]
-        t = min(length, n)
         xb = torch.from_numpy(np.stack([x[s : s + t] for s in chunk])).to(device)
-        mb = torch.from_numpy(np.stack([present[s : s + t] for s in chunk])).to(device)
+        mb = torch.from_numpy(np.stack([valid[s : s + t] for s in chunk])).to(device)
         out = model(xb, mb)
-        for task, value in out.items():
-            if task == "expr":
-                value = value.softmax(-1)
-            elif task == "au":
-                value = value.sigmoid()
+        # A stand-in module without ``probabilities`` returns scores as they are to be averaged.
+        scores = model.probabilities(out) if hasattr(model, "probabilities") else out
+        for task, value in scores.items():
             value = value.float().cpu().numpy()
-            acc = sums.setdefault(task, np.zeros((n, value.shape[-1]), np.float32))
+            acc = sums.setdefault(task, np.zeros((sums_len, value.shape[-1]), np.float32))
             for s, v in zip(chunk, value, strict=True):
                 acc[s : s + t] += v
         for s in chunk:
             counts[s : s + t] += 1
-    preds = {task: acc / counts[:, None] for task, acc in sums.items()}
+    preds = {task: acc[:n] / counts[:n, None] for task, acc in sums.items()}
     if not present.any():
         return {task: np.full_like(v, np.nan) for task, v in preds.items()}
     return {task: fill_missing(v, present) for task, v in preds.items()}

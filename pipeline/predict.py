@@ -232,7 +232,8 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module, ckpt: dict, out: P
     for key in cache.videos:
         feats, present, frames = cache.read(key)
         norm = Normaliser.from_state(ckpt["normaliser"]) if ckpt.get("normaliser") else None
-        preds = predict_features(model, feats, present, norm, ckpt["window"], ckpt["eval_stride"], cfg.device)
+        preds = predict_features(model, feats, present, norm, ckpt["window"], ckpt["eval_stride"], cfg.device,
+                                 consecutive=ckpt.get("eval_windows") == "consecutive")
         if "va" in preds:
             preds["va"] = smooth(preds["va"], cfg.smooth or ckpt.get("va_smoothing", 1))
         results[key] = {"frame": frames, **preds}

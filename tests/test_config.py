@@ -89,7 +89,7 @@ def test_a_config_holds_only_what_differs_from_its_base(tmp_path: Path) -> None:
     cfg = load_config("train", child)
     default = load_config("train", overrides=["encoder=lstm"])
     assert cfg.model.structure == "feedback" and cfg.model.tasks == default.model.tasks  # sections merge
-    assert cfg.loss.task_weights == {"va": 2.0, "expr": 1.0, "au": 1.0}
+    assert cfg.loss.task_weights == {"va": 2.0, "valence": None, "arousal": None, "expr": 1.0, "au": 1.0}
     assert cfg.encoder.name == "lstm" and cfg.encoder.hidden == 48  # a dotted key, after the component loads
     assert set(cfg) == set(default)
     # and builds on a base of its own, beside it; the command line still has the last word

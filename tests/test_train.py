@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline import metrics, train
-from pipeline.config import Config, load_config
+from pipeline.config import Config, _base_path, load_config, read_config
 from pipeline.data import Normaliser
 from pipeline.feature_cache import FeatureCache
 from pipeline.inference import load_checkpoint, predict_features
@@ -137,6 +138,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(syn: dict[str, Path], tm
 EXPERIMENTS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
 
 
+def _flat(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    return [pair for key, value in tree.items()
+            for pair in (_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)])]
+
+
 def _keys(tree: dict, prefix: str = "") -> set[str]:
     return {k for key, value in tree.items()
             for k in ([f"{prefix}{key}"] if not isinstance(value, dict) else _keys(value, f"{prefix}{key}."))}
@@ -156,8 +162,13 @@ def test_there_are_experiments_for_each_encoder_task_and_structure() -> None:
 def test_experiment_config_loads_and_builds_its_model(path: Path) -> None:
     cfg = load_config("train", path)
     assert cfg == load_config("train", overrides=[f"experiment={path.stem}"])
-    # it holds only what differs from configs/train.yaml, and resolves to a full training config
-    assert len(path.read_text().splitlines()) < 20
+    # it holds only what differs from its base, and resolves to a full training config
+    written = yaml.safe_load(path.read_text())
+    base, _ = read_config(_base_path(written["base"], path))
+    flat_base = dict(_flat(base))
+    repeated = [k for k, v in _flat({k: v for k, v in written.items() if k != "base" and "." not in k})
+                if k in flat_base and flat_base[k] == v and k not in ("name", "encoder")]
+    assert not repeated, f"{path.name} repeats its base's values for {repeated}"
     default = load_config("train", overrides=[f"encoder={cfg.encoder.name}"])
     assert _keys(cfg) == _keys(default)
     assert cfg.name == path.stem == train.run_name(cfg)

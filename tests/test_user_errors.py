@@ -41,7 +41,7 @@ def syn_args(syn: dict[str, Path]) -> list[str]:
 
 # Each stage's keys with a set of values, a wrong value of each, and the words the refusal must hold.
 WRONG = [
-    ("train", "schedule=cosin", "'schedule' = 'cosin': choose one of cosine, linear"),
+    ("train", "schedule=cosin", "'schedule' = 'cosin': choose one of cosine, linear, constant"),
     ("train", "loss.expr_class_weights=Auto", "'loss.expr_class_weights' = 'Auto': choose one of auto, none"),
     ("train", "loss.au_pos_weight=balanced", "'loss.au_pos_weight' = 'balanced'"),
     ("train", "loss.va=mae", "'loss.va' = 'mae': choose one of ccc, mse"),
@@ -51,6 +51,25 @@ WRONG = [
     ("train", "model.tasks=[va,exp]", "'model.tasks' = 'exp': choose one of va, expr, au"),
     ("train", "data.format=abaw5", "'data.format' = 'abaw5'"),
     ("train", "device=gpu", "'device' = 'gpu': choose cpu, cuda, cuda:<index> or mps"),
+    ("train", "optimizer=sgd", "'optimizer' = 'sgd': choose one of adamw, adam"),
+    ("train", "schedule_unit=batch", "'schedule_unit' = 'batch': choose one of step, epoch"),
+    ("train", "selection=best", "'selection' = 'best': choose one of p_mtl, per_task"),
+    ("train", "train_windows=sliding", "'train_windows' = 'sliding': choose one of overlapping, consecutive"),
+    ("train", "eval_windows=chunks", "'eval_windows' = 'chunks'"),
+    ("train", "batches=clips", "'batches' = 'clips': choose one of windows, videos"),
+    ("train", "clip_groups=layer", "'clip_groups' = 'layer': choose one of whole, task"),
+    ("train", "init=xavier", "'init' = 'xavier': choose one of default, normal"),
+    ("train", "loss.au=focal", "'loss.au' = 'focal': choose one of bce, asymmetric"),
+    ("train", "loss.au_weight=auto", "'loss.au_weight' = 'auto': choose one of none, inverse_positive"),
+    ("train", "model.va_output=sigmoid", "'model.va_output' = 'sigmoid': choose one of tanh, linear"),
+    ("train", "model.head_activation=silu", "'model.head_activation' = 'silu': choose one of gelu, relu"),
+    ("train", "model.feedback_sources=[valence,v]", "'model.feedback_sources' = 'v': choose one of valence"),
+    ("train", "model.feedback_targets=[a]", "'model.feedback_targets' = 'a'"),
+    ("train", "model.feedback_from=logits", "'model.feedback_from' = 'logits': choose one of branch, head"),
+    ("train", "encoder=transformer encoder.norm=mid", "'encoder.norm' = 'mid': choose one of pre, post"),
+    ("train", "encoder=transformer encoder.activation=tanh", "'encoder.activation' = 'tanh'"),
+    ("train", "data.expressions=basic6", "'data.expressions' = 'basic6': choose one of abaw8, basic7"),
+    ("train", "stages=[[au],[exp]]", "'stages' = [['au'], ['exp']]: each stage a non-empty list of the model's tasks"),
     ("faces", "subject=middle", "'subject' = 'middle': choose one of auto, main, left, right"),
     ("faces", "template=vgg", "'template' = 'vgg': choose one of arcface"),
     ("faces", "compression=zip", "'compression' = 'zip': choose one of gzip, lzf, "),
@@ -71,7 +90,7 @@ def test_a_value_outside_its_choices_is_refused_before_any_work(stage: str, over
                "features": ["faces_dir=/no/faces", f"out_dir={tmp_path / 'features'}"],
                "predict": ["video=/no/clip.mp4", "checkpoint=/no/best.pt"],
                "evaluate": ["predictions=/no/predictions"]}[stage]
-    message = one_line_error(stage, *nowhere, override)
+    message = one_line_error(stage, *nowhere, *override.split(" "))
     assert words in message
     assert not (tmp_path / "faces").exists() and not (tmp_path / "features").exists()
 
@@ -163,4 +182,4 @@ def test_the_process_prints_one_line_and_exits_1_before_loading_data() -> None:
     done = subprocess.run([sys.executable, "-m", "pipeline.train", "schedule=cosin", "data.annotations=/no/labels"],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 1
-    assert done.stderr.strip() == "error: config key 'schedule' = 'cosin': choose one of cosine, linear"
+    assert done.stderr.strip() == "error: config key 'schedule' = 'cosin': choose one of cosine, linear, constant"

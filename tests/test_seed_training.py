@@ -1,0 +1,177 @@
+"""Training with the seed systems' settings on small learnable features: every labelled validation
+frame scored (the training prior where nothing was predicted), several data sets in one run, the
+7 basic emotions, staged training with a frozen task, each task's own best epoch, chunk-by-chunk
+batches with a carried encoder state."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pipeline import metrics, train
+from pipeline.config import Config, InputError, load_config
+from pipeline.inference import PerTaskModel, load_checkpoint
+from pipeline.labels import Labels, load_annotations
+from tests.synthetic import learnable_set, write_annotations
+
+FAST = ["encoder.hidden=32", "encoder.layers=1", "window=24", "stride=8", "eval_stride=12", "batch_size=4",
+        "lr=0.005", "patience=0", "extractors=[syn]"]
+
+
+def config(paths: dict[str, Path], out: Path, *overrides: str) -> Config:
+    fast = [o for o in FAST if not ("encoder=none" in overrides and o.startswith("encoder."))]
+    cfg = load_config("train", overrides=[*fast, f"runs_dir={paths['runs']}", f"out_dir={out}", *overrides])
+    cfg.data.update(name="syn", annotations=str(paths["annotations"]), format="abaw_tasks")
+    return cfg
+
+
+def scores_of(out: Path) -> dict:
+    return json.loads((out / "scores.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return learnable_set(tmp_path_factory.mktemp("syn"))
+
+
+def test_every_labelled_validation_frame_is_scored_with_the_prior_where_nothing_was_predicted(
+        tmp_path: Path) -> None:
+    paths = learnable_set(tmp_path, videos=7)
+    # v6 joins the validation split without features (no face file, say); v5 has no face at all
+    labels = load_annotations(paths["annotations"], "val")
+    extra = Labels(labels["v4"].va.copy(), labels["v4"].expr.copy(), labels["v4"].au.copy())
+    write_annotations(paths["annotations"], "val", {"v6": extra})
+    with h5py.File(paths["cache"], "a") as f:
+        del f["v6"]
+        f["v5"]["present"][...] = False
+    out = tmp_path / "run"
+    assert train.main(config(paths, out, "epochs=2")) == 0
+    scores = scores_of(out)
+    val = load_annotations(paths["annotations"], "val")
+    faceless = {t: int(val["v5"].valid(t).sum() + val["v6"].valid(t).sum()) for t in ("va", "expr")}
+    assert scores["filled_va"] == faceless["va"] and scores["filled_expr"] == faceless["expr"]
+    assert scores["n_va"] == sum(int(lab.valid("va").sum()) for lab in val.values())  # none dropped
+    assert scores["videos"]["val_labelled"] == 3 and scores["videos"]["val"] == 2
+
+    # the same numbers by hand: predictions where there are any, the training prior elsewhere
+    model, _ = load_checkpoint(out / "best.pt")
+    train_labels = load_annotations(paths["annotations"], "train")
+    prior = metrics.prior_from_labels(train_labels)
+    cfg = config(paths, out, "epochs=2")
+    cache = train.open_features(cfg)
+    normaliser = train.Normaliser.fit(cache, sorted(train_labels))
+    _, preds = train.evaluate(model, cache, val, ["v4", "v5"], normaliser, cfg)
+    dense = {v: metrics.dense_predictions(preds.get(v, {}), len(lab)) for v, lab in val.items()}
+    for v in ("v5", "v6"):
+        dense[v]["va"][:] = prior["va"]
+        dense[v]["expr"][:] = prior["expr"]
+        dense[v]["au"][:] = prior["au"]
+    by_hand = metrics.score({t: np.concatenate([dense[v][t] for v in val]) for t in ("va", "expr", "au")},
+                            {t: np.concatenate([getattr(val[v], t) for v in val]) for t in ("va", "expr", "au")})
+    for key in ("ccc_v", "ccc_a", "f1_expr", "f1_au"):
+        assert scores[key] == pytest.approx(by_hand[key], abs=1e-9), key
+
+
+def test_splits_that_share_a_video_are_refused(tmp_path: Path) -> None:
+    paths = learnable_set(tmp_path)
+    labels = load_annotations(paths["annotations"], "train")
+    write_annotations(paths["annotations"], "val", {"v0": labels["v0"]})
+    with pytest.raises(InputError, match=r"share 1 video\(s\), e.g. v0"):
+        train.main(config(paths, tmp_path / "run", "epochs=1"))
+
+
+def test_two_data_sets_train_together_each_on_the_tasks_it_labels(tmp_path: Path) -> None:
+    a = learnable_set(tmp_path / "a", name="syn_a")
+    b = learnable_set(tmp_path / "b", name="syn_b", seed=1)
+    # data set b labels action units only
+    shutil.rmtree(b["annotations"] / "VA_Estimation_Challenge")
+    shutil.rmtree(b["annotations"] / "EXPR_Recognition_Challenge")
+    shutil.copytree(b["runs"] / "syn_b", a["runs"] / "syn_b")
+    for name, paths in (("syn_a", a), ("syn_b", b)):
+        (tmp_path / f"{name}.yaml").write_text(
+            f"name: {name}\nvideos: none\nannotations: {paths['annotations']}\nformat: abaw_tasks\n"
+            f"train_split: train\nval_split: val\nexpressions: abaw8\n")
+    out = tmp_path / "run"
+    cfg = load_config("train", overrides=[
+        *FAST, f"runs_dir={a['runs']}", f"out_dir={out}", "epochs=20",
+        f"data=[{tmp_path / 'syn_a.yaml'},{tmp_path / 'syn_b.yaml'}]"])
+    assert cfg.data.name == "syn_a+syn_b" and [m.name for m in cfg.data.members] == ["syn_a", "syn_b"]
+    assert train.main(cfg) == 0
+    scores = scores_of(out)
+    assert scores["videos"] == {"train": 8, "val": 4, "val_labelled": 4}
+    per_data = scores["data"]
+    assert per_data["syn_b"]["n_va"] == 0 and per_data["syn_b"]["n_au"] > 0
+    assert per_data["syn_a"]["n_va"] > 0 and scores["n_au"] == per_data["syn_a"]["n_au"] + per_data["syn_b"]["n_au"]
+    assert per_data["syn_b"]["f1_au"] > 0.8 and per_data["syn_a"]["p_mtl"] > 1.5, per_data
+    with pytest.raises(Exception, match="several data sets train together"):
+        load_config("features", overrides=[f"data=[{tmp_path / 'syn_a.yaml'},{tmp_path / 'syn_b.yaml'}]"])
+
+
+def test_seven_basic_emotions(syn: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = config(syn, out, "epochs=15")
+    cfg.data.expressions = "basic7"
+    assert train.main(cfg) == 0
+    model, ckpt = load_checkpoint(out / "best.pt")
+    assert model.args["expr_classes"] == 7 and ckpt["expressions"] == [
+        "Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise"]
+    scores = scores_of(out)
+    val = load_annotations(syn["annotations"], "val")
+    assert scores["n_expr"] == sum(int(((lab.expr >= 0) & (lab.expr < 7)).sum()) for lab in val.values())
+    assert scores["expressions"] == "basic7" and scores["f1_expr"] > 0.6
+    header = (out / "predictions" / "EXPR_Recognition_Challenge" / "v4.txt").read_text().splitlines()[0]
+    assert header == "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise"
+
+
+def test_staged_training_freezes_au_after_its_stage_and_keeps_each_tasks_best(syn: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = config(syn, out, "epochs=4", "model.structure=amtl", "encoder=none", "loss.au=asymmetric",
+                 "loss.au_pos_weight=none", "stages=[[au],[expr,va]]", "selection=per_task")
+    assert train.main(cfg) == 0
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["stage"] for h in history] == [0] * 4 + [1] * 4
+    model, ckpt = load_checkpoint(out / "best.pt")
+    assert isinstance(model, PerTaskModel)
+    epochs = ckpt["task_epochs"]
+    assert epochs["au"] < 4 <= min(epochs["expr"], epochs["va"])
+    # the AU part of every later weight set is the AU stage's best, untouched by the second stage
+    au_keys = [k for k in ckpt["state_dict"] if k.startswith("net.au.")]
+    assert au_keys
+    for task in ("expr", "va"):
+        for key in au_keys:
+            torch.testing.assert_close(ckpt["task_state_dicts"][task][key], ckpt["task_state_dicts"]["au"][key])
+    assert scores_of(out)["epoch"] == epochs
+
+
+def test_chunk_by_chunk_batches_with_a_carried_state(syn: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = config(syn, out, "epochs=12", "encoder.bidirectional=false", "encoder.carry_state=true",
+                 "batches=videos", "train_windows=consecutive", "eval_windows=consecutive",
+                 "va_smoothing_per_dimension=true")
+    assert train.main(cfg) == 0
+    scores = scores_of(out)
+    assert scores["p_mtl"] > 1.5, scores
+    window = scores["va_smoothing"]
+    assert isinstance(window, list) and len(window) == 2
+    # evaluation fed each video chunk after chunk from the carried state: equal to the whole video at once
+    model, ckpt = load_checkpoint(out / "best.pt")
+    assert ckpt["eval_windows"] == "consecutive"
+    cache = train.open_features(cfg)
+    feats, present, _ = cache.read("v4")
+    norm = train.Normaliser.from_state(ckpt["normaliser"])
+    chunked = train.predict_features(model, feats, present, norm, 24, 12, consecutive=True)
+    x = torch.from_numpy(np.where(present[:, None], norm(feats), 0.0).astype(np.float32))[None]
+    model.net.encoder.reset_state()
+    with torch.no_grad():
+        whole = model.probabilities(model(x, torch.from_numpy(present)[None]))
+    ok = present
+    np.testing.assert_allclose(chunked["va"][ok], whole["va"][0].numpy()[ok], atol=1e-5)
+    with pytest.raises(InputError, match="carry_state needs batches: videos"):
+        train.main(config(syn, tmp_path / "bad", "encoder.bidirectional=false", "encoder.carry_state=true"))
