@@ -84,7 +84,7 @@ def plot_timeline(preds: dict[str, np.ndarray], timestamps: np.ndarray, present:
             ax.plot(timestamps, preds["va"][:, 1], label="arousal")
             ax.set_ylim(-1.05, 1.05), ax.axhline(0, color="grey", lw=0.5), ax.legend(loc="upper right", fontsize=8)
         else:
-            names = EXPRESSIONS if task == "expr" else AUS
+            names = EXPRESSIONS[: preds[task].shape[1]] if task == "expr" else AUS  # 8, or the 7 basic
             ax.imshow(preds[task].T, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1,
                       extent=(*extent, len(names) - 0.5, -0.5))
             ax.set_yticks(range(len(names)), names, fontsize=7)

@@ -374,7 +374,7 @@ def main(cfg: Config) -> int:
                 if not cfg.out_dir:
                     link_newest(out, run_name(cfg))
                 print(f"\n{out}: finished earlier with these settings; not trained again")
-                print(metrics.format_table(scores))
+                print_scores(scores)
             return 0
         return run(cfg, world, device, out, cache, identity)
 
@@ -682,6 +682,17 @@ def run(cfg: Config, world: World, device: torch.device, out: Path, cache: Featu
     return 0
 
 
+def print_scores(scores: dict) -> None:
+    """The scores table, and each data set's own line when the run pooled several."""
+    print(metrics.format_table(scores))
+    if scores.get("data"):
+        keys = ("ccc_v", "ccc_a", "f1_expr", "f1_au", "p_mtl")
+        print("\n" + metrics.markdown_table(
+            ["data set", "CCC-V", "CCC-A", "F1-EXPR", "F1-AU", "P_MTL", "frames (va/expr/au)"],
+            [[name, *(metrics.score_cell(own[k]) for k in keys), f"{own['n_va']}/{own['n_expr']}/{own['n_au']}"]
+             for name, own in scores["data"].items()]))
+
+
 def best_state(best_path: Path, device: torch.device, tasks: list[str], task_states: dict) -> dict:
     """The weights a finished stage hands on: its task's own best with per-task selection and one
     task, else the stage's best epoch."""
@@ -722,7 +733,7 @@ def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, val
     write_json(out / "scores.json", scores)
     print(f"\nValidation scores ({cfg.data.name}, {'+'.join(cfg.extractors)} features, {cfg.encoder.name}, "
           f"best epoch {epoch}){' -- NOISE CONTROL' if cfg.noise_features else ''}")
-    print(metrics.format_table(scores))
+    print_scores(scores)
     filled = {k[len("filled_"):]: v for k, v in scores.items() if k.startswith("filled_") and v}
     if filled:
         print("labelled frames without a prediction, scored with the training prior: "
