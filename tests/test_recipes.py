@@ -31,10 +31,11 @@ import torch
 from torch import nn
 
 from models.amtl import AMTLModel
-from models.transformer import Block, TransformerEncoder
+from models.transformer import TransformerEncoder
 from pipeline import train
 from pipeline.config import load_config
 from pipeline.labels import Labels
+from tests.test_seed_options import head_layout
 
 D_IN = 48  # the recipes' features are MAE + IResNet; any width builds the same structure around it
 
@@ -61,31 +62,14 @@ def built(name: str, *overrides: str, meta: bool = False):
     return cfg, model, train.build_loss(cfg, model, lab, ["v0"])
 
 
-def head_layers(head: nn.Module) -> list[tuple]:
-    """A head as (kind, in, out) / (kind, p) tuples, to compare with FcRegressor / FcClassifier."""
-    out = []
-    for m in head.net:
-        if isinstance(m, nn.Linear):
-            out.append(("linear", m.in_features, m.out_features))
-        elif isinstance(m, nn.Dropout):
-            out.append(("dropout", m.p))
-        else:
-            out.append((type(m).__name__.lower(),))
-    return out
-
-
 def fc(d_in: int, widths: list[int], d_out: int, p: float) -> list[tuple]:
     """What the authors' FcRegressor / FcClassifier builds (dropout on the input, Linear-ReLU-Dropout
     per width, then a linear output with no activation)."""
-    layers = [("dropout", p)]
+    layers = [("Dropout", p)]
     for w in widths:
-        layers += [("linear", d_in, w), ("relu",), ("dropout", p)]
+        layers += [("Linear", d_in, w), ("ReLU",), ("Dropout", p)]
         d_in = w
-    return [*layers, ("linear", d_in, d_out)]
-
-
-def blocks(encoder: TransformerEncoder) -> list[Block]:
-    return list(encoder.blocks)
+    return [*layers, ("Linear", d_in, d_out)]
 
 
 def schedule(cfg, steps_per_epoch: int = 7) -> list[float]:
@@ -128,7 +112,7 @@ def test_zhang2022_transformer_heads_are_fc_512_256_with_a_linear_va() -> None:
     outs = {"valence": 1, "arousal": 1, "expr": 8, "au": 12}
     widths = {"valence": 1024, "expr": 1024, "au": 1024, "arousal": 1536}
     for name, head in model.net.heads.items():
-        assert head_layers(head) == fc(widths[name], [512, 256], outs[name], 0.3), name
+        assert head_layout(head) == fc(widths[name], [512, 256], outs[name], 0.3), name
     assert model.args["va_output"] == "linear"
 
 
@@ -197,7 +181,7 @@ def test_zhang2022_recurrent_recipes(name: str, cell: type, layers: int, widths:
     outs = {"valence": 1, "arousal": 1, "expr": 8, "au": 12}
     assert sorted(model.net.heads) == sorted(outs)
     for head_name, head in model.net.heads.items():
-        assert head_layers(head) == fc(256, widths, outs[head_name], 0.3), head_name
+        assert head_layout(head) == fc(256, widths, outs[head_name], 0.3), head_name
     assert loss.task_weights["valence"] == 12 and loss.task_weights["expr"] == 0.35 and loss.va == "mse"
     opt = train.build_optimizer(cfg, list(model.parameters()))
     assert type(opt) is torch.optim.Adam and opt.defaults["betas"] == (0.5, 0.999) and opt.defaults["lr"] == 5e-5

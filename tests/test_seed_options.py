@@ -13,6 +13,8 @@ from models import ENCODERS, STRUCTURES, MultiTaskLoss, MultiTaskModel, encoder_
 from models.transformer import Block, TransformerEncoder, attention_mask
 from pipeline.config import load_component
 from pipeline.inference import predict_features
+from tests.test_losses import case as loss_case
+from tests.test_losses import numpy_ccc
 
 torch.set_num_threads(1)
 
@@ -271,30 +273,6 @@ def test_choices_are_checked_by_name():
     ]:
         with pytest.raises(ValueError, match=message):
             MultiTaskLoss(**kwargs)
-
-
-def loss_case(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    out = {
-        "va": torch.rand(2, 6, 2, generator=g) * 2 - 1,
-        "expr": torch.randn(2, 6, 8, generator=g),
-        "au": torch.randn(2, 6, 12, generator=g),
-    }
-    mask = torch.ones(2, 6, dtype=torch.bool)
-    mask[0, 5] = mask[1, 0] = False
-    va = torch.rand(2, 6, 2, generator=g) * 2 - 1
-    va[0, 1, 0] = -5.0  # valence missing, arousal labelled
-    va[1, 3] = -5.0
-    expr = torch.randint(0, 8, (2, 6), generator=g)
-    au = torch.randint(0, 2, (2, 6, 12), generator=g)
-    au[0, 0, :3] = -1
-    au[1, 2] = -1
-    return out, {"va": va, "expr": expr, "au": au}, mask
-
-
-def numpy_ccc(p: np.ndarray, y: np.ndarray) -> float:
-    cov = np.mean((p - p.mean()) * (y - y.mean()))
-    return 2 * cov / (p.var() + y.var() + (p.mean() - y.mean()) ** 2)
 
 
 @pytest.mark.parametrize("va", ["mse", "ccc"])
