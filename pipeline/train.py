@@ -573,7 +573,7 @@ def run(cfg: Config, world: World, device: torch.device, out: Path, cache: Featu
     for epoch in range(start_epoch, n_epochs):
         if epoch // cfg.epochs != stage:
             if epoch > 0:  # the next stage starts from the best weights of the last
-                model.load_state_dict(best_state(best_path, device, stages[stage or 0], task_states))
+                model.load_state_dict(best_state(best_path, device, stages[epoch // cfg.epochs - 1], task_states))
                 log.info("stage %d: %s, with %s frozen", epoch // cfg.epochs, "+".join(stages[epoch // cfg.epochs]),
                          "+".join(sorted({t for s in stages[: epoch // cfg.epochs] for t in s})) or "nothing")
             stage = epoch // cfg.epochs
