@@ -187,7 +187,7 @@ def ensemble(members: list[Member], device: str = "cpu") -> tuple[dict, Outputs,
         if "au" in m.cfg.model.tasks:
             thresholds.append(m.ckpt.get("au_thresholds"))
     preds = mean_outputs(total)
-    expressions = first.cfg.data.get("expressions", "abaw8")
+    expressions = train.expressions(first.cfg)
     scores = metrics.score_videos(preds, labels, prior=prior, expressions=expressions)
     if thresholds and all(t is not None for t in thresholds):
         mean = np.mean(np.asarray(thresholds, np.float64), 0)

@@ -55,7 +55,7 @@ from pipeline.data import Normaliser, SequenceDataset, VideoChunkBatches, featur
 from pipeline.distributed import GlobalBatches, Shares, World, gather_batch, init_world
 from pipeline.feature_cache import FeatureCache, PooledCache
 from pipeline.inference import load_checkpoint, predict_features, rewrite_checkpoint, save_checkpoint, smooth
-from pipeline.labels import EXPRESSION_SETS, FORMATS, load_annotations, restrict_expressions
+from pipeline.labels import EXPRESSION_SETS, FORMATS, expression_set, load_annotations, restrict_expressions
 from pipeline.runs import (
     ForeignRun,
     RunLocked,
@@ -145,9 +145,9 @@ def run_folder(cfg: Config) -> Path:
     return run_dir(cfg, run_identity(cfg, open_features(cfg)))
 
 
-def expression_set(cfg: Config) -> tuple[str, ...]:
-    """The expression classes the run's data set labels (ABAW's 8 unless its config says otherwise)."""
-    return EXPRESSION_SETS[cfg.data.get("expressions", "abaw8")]
+def expressions(cfg: Config) -> str:
+    """The name of the expression set the run's data labels (ABAW's 8 unless its config says otherwise)."""
+    return cfg.data.get("expressions", "abaw8")
 
 
 def data_sets(cfg: Config) -> list[Config]:
@@ -277,15 +277,15 @@ def evaluate(
         out = predict_features(model, feats, present, norm, cfg.window, cfg.eval_stride, cfg.device,
                                consecutive=cfg.eval_windows == "consecutive")
         preds[video] = {"frame": frames, **out}
-    expressions = cfg.data.get("expressions", "abaw8")
-    scores = metrics.score_videos(preds, labels, au_thresholds=au_thresholds, prior=prior, expressions=expressions)
+    scores = metrics.score_videos(preds, labels, au_thresholds=au_thresholds, prior=prior,
+                                  expressions=expressions(cfg))
     if isinstance(cache, PooledCache):  # each data set's own scores beside the pooled ones
         scores["data"] = {}
         for name in cache.caches:
             own = {v: lab for v, lab in labels.items() if v.startswith(f"{name}/")}
             scores["data"][name] = metrics.score_videos({v: p for v, p in preds.items() if v in own}, own,
                                                         au_thresholds=au_thresholds, prior=prior,
-                                                        expressions=expressions)
+                                                        expressions=expressions(cfg))
     return scores, preds
 
 
@@ -385,7 +385,7 @@ def build_model(cfg: Config, d_in: int, train_labels: dict, train_videos: list[s
     model_args = dict(cfg.model)
     if model_args["au_graph"] == "cooccurrence":
         model_args["au_graph"] = au_cooccurrence(np.concatenate([train_labels[v].au for v in train_videos])).tolist()
-    model = MultiTaskModel(d_in=d_in, encoder=dict(cfg.encoder), expr_classes=len(expression_set(cfg)),
+    model = MultiTaskModel(d_in=d_in, encoder=dict(cfg.encoder), expr_classes=len(expression_set(expressions(cfg))),
                            **model_args)
     if cfg.init == "normal":
         normal_init(model)
@@ -394,7 +394,7 @@ def build_model(cfg: Config, d_in: int, train_labels: dict, train_videos: list[s
 
 def build_loss(cfg: Config, model: MultiTaskModel, train_labels: dict, train_videos: list[str]) -> MultiTaskLoss:
     """The loss of ``cfg``, its class weights from the training split's labels."""
-    n_classes = len(expression_set(cfg))
+    n_classes = len(expression_set(expressions(cfg)))
     expr_w, au_pw = class_balance(train_labels, train_videos, n_classes)
     return MultiTaskLoss(
         va=cfg.loss.va,
@@ -433,9 +433,8 @@ def load_splits(cfg: Config, cache: FeatureCache) -> tuple[dict, dict, list[str]
         prefix = f"{data.name}/" if pooled else ""
         train_labels.update({prefix + v: lab for v, lab in train.items()})
         val_labels.update({prefix + v: lab for v, lab in val.items()})
-    classes = cfg.data.get("expressions", "abaw8")
-    train_labels = {v: restrict_expressions(lab, classes) for v, lab in train_labels.items()}
-    val_labels = {v: restrict_expressions(lab, classes) for v, lab in val_labels.items()}
+    train_labels = {v: restrict_expressions(lab, expressions(cfg)) for v, lab in train_labels.items()}
+    val_labels = {v: restrict_expressions(lab, expressions(cfg)) for v, lab in val_labels.items()}
     train_videos = sorted(v for v in train_labels if v in cache.videos)
     val_videos = sorted(v for v in val_labels if v in cache.videos)
     for split, labelled, kept in (("train", train_labels, train_videos), ("val", val_labels, val_videos)):
@@ -498,7 +497,7 @@ def run(cfg: Config, world: World, device: torch.device, out: Path, cache: Featu
         log.warning("batch_size=%d does not split evenly over %d processes: shares are padded",
                     cfg.batch_size, world.size)
 
-    classes = expression_set(cfg)
+    classes = expression_set(expressions(cfg))
     model = build_model(cfg, cache.dim, train_labels, train_videos).to(device)
     loss_fn = build_loss(cfg, model, train_labels, train_videos).to(device)
     n_epochs = cfg.epochs * len(stages)
@@ -634,9 +633,9 @@ def run(cfg: Config, world: World, device: torch.device, out: Path, cache: Featu
         score = selection_score(val_scores, tasks_now)
         if cfg.selection == "per_task":
             better = [t for t in tasks_now if val_scores[TERMS[t]] > task_best[t]]  # NaN is never better
-            for t in better:
-                task_best[t], task_epochs[t] = val_scores[TERMS[t]], epoch
-                task_states[t] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()} if better else None
+            for t in better:  # tasks best at the same epoch share its weights, in memory and in best.pt
+                task_best[t], task_epochs[t], task_states[t] = val_scores[TERMS[t]], epoch, snapshot
             improved = bool(better)
             best = max(best, score) if improved else best
         else:
@@ -728,7 +727,7 @@ def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, val
     write_task_files(out / "predictions", preds, tasks=tuple(cfg.model.tasks))
     epoch = ckpt.get("task_epochs") if cfg.selection == "per_task" else ckpt["epoch"]
     scores.update({"encoder": cfg.encoder.name, "extractors": list(cfg.extractors), "epoch": epoch,
-                   "expressions": cfg.data.get("expressions", "abaw8"), "noise_features": cfg.noise_features,
+                   "expressions": expressions(cfg), "noise_features": cfg.noise_features,
                    "videos": counts, "identity": identity})
     write_json(out / "scores.json", scores)
     print(f"\nValidation scores ({cfg.data.name}, {'+'.join(cfg.extractors)} features, {cfg.encoder.name}, "
