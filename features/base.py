@@ -33,6 +33,7 @@ class Extractor(nn.Module):
     interpolation: str = "bilinear"
     dim: int = 0
     weights_sha256: str | None = None  # None: random weights
+    weights_file: str | None = None  # the weights' file name, recorded beside the checksum
 
     def preprocess(self, crops: torch.Tensor) -> torch.Tensor:
         """uint8 RGB crops (b, h, w, 3) -> normalised float input (b, 3, s, s) on the crops' device."""

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -67,7 +69,7 @@ class IResNet(Extractor):
         self.features = nn.BatchNorm1d(self.dim, eps=1e-5)
         if weights is not None:
             load_checked(self, read_state_dict(weights), weights)
-            self.weights_sha256 = sha256_file(weights)
+            self.weights_sha256, self.weights_file = sha256_file(weights), Path(weights).name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prelu(self.bn1(self.conv1(x)))

@@ -31,7 +31,7 @@ class ONetExtractor(Extractor):
             return
         weights = weights or str(Path(facenet_pytorch.__file__).parent / "data" / "onet.pt")
         load_checked(self.net, read_state_dict(weights), weights)
-        self.weights_sha256 = sha256_file(weights)
+        self.weights_sha256, self.weights_file = sha256_file(weights), Path(weights).name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -70,7 +71,7 @@ class ViTExtractor(Extractor):
             state["pos_embed"] = resample_abs_pos_embed(
                 pos, new_size=grid, num_prefix_tokens=self.vit.num_prefix_tokens)
         load_checked(self.vit, state, weights)
-        self.weights_sha256 = sha256_file(weights)
+        self.weights_sha256, self.weights_file = sha256_file(weights), Path(weights).name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit(x)

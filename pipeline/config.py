@@ -269,6 +269,10 @@ def _check_type(key: str, old: Any, new: Any) -> Any:
     )
 
 
+# Sections that map names the user chooses to values (extractor name -> weights file).
+OPEN_SECTIONS = ("extractor_weights",)
+
+
 def _unknown(key: str, where: Mapping, prefix: str) -> ConfigError:
     close = difflib.get_close_matches(key.split(".")[-1], list(where), n=3)
     hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
@@ -281,7 +285,8 @@ def check_keys(given: Mapping, known: Mapping, where: str = "", prefix: str = ""
     for key, value in given.items():
         if key not in known:
             raise ConfigError(where + str(_unknown(str(key), known, prefix)))
-        if isinstance(value, Mapping) and isinstance(known[key], Mapping) and not (not prefix and key in GROUPS):
+        open_map = (not prefix and key in GROUPS) or f"{prefix}{key}" in OPEN_SECTIONS
+        if isinstance(value, Mapping) and isinstance(known[key], Mapping) and not open_map:
             check_keys(value, known[key], where, f"{prefix}{key}.")
 
 
@@ -295,6 +300,9 @@ def apply_override(cfg: dict, key: str, value: Any) -> None:
         node = node[part]
     leaf = parts[-1]
     prefix = ".".join(parts[:-1]) + ("." if len(parts) > 1 else "")
+    if isinstance(node, dict) and leaf not in node and prefix.rstrip(".") in OPEN_SECTIONS:
+        node[leaf] = value  # a map whose keys the user names
+        return
     if not isinstance(node, dict) or leaf not in node:
         raise _unknown(leaf, node if isinstance(node, dict) else {}, prefix)
     old = node[leaf]

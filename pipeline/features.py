@@ -247,6 +247,7 @@ def cache_attrs(cfg: Config, extractor: Extractor) -> dict:
     identity = Config({"extractor": section, "weights_sha256": sha, "preprocessing": preprocessing,
                        "dtype": cfg.dtype})
     return {"extractor": cfg.extractor.name, "dim": int(extractor.dim), "weights_sha256": sha,
+            "weights_file": extractor.weights_file or "",
             "preprocessing": json.dumps(preprocessing, sort_keys=True), "dtype": cfg.dtype,
             "config_hash": identity.hash()}
 

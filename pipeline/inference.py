@@ -3,6 +3,8 @@ checkpoints that rebuild the model from the file alone."""
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +16,39 @@ from models.recurrent import reset_carried_state
 from pipeline.data import Normaliser, chunk_starts, window_starts
 
 
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint that needs code beyond tensors and plain data to load."""
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype)
+
+
+def check_plain(obj: Any, where: str = "checkpoint") -> None:
+    """Refuse anything but tensors and plain data (str, numbers, None, lists, tuples, dicts with
+    plain keys), so every checkpoint loads with ``torch.load(weights_only=True)``."""
+    if isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, dict):  # OrderedDict included: state dicts are plain
+        for key, value in obj.items():
+            if not isinstance(key, str | int | float | bool | type(None)):
+                raise TypeError(f"{where}: key {key!r} of type {type(key).__name__} is not plain data")
+            check_plain(value, f"{where}.{key}")
+    elif isinstance(obj, list | tuple):
+        for i, value in enumerate(obj):
+            check_plain(value, f"{where}[{i}]")
+    else:
+        raise TypeError(f"{where}: {type(obj).__module__}.{type(obj).__qualname__} is not a tensor or plain "
+                        "data; convert it (numpy arrays with .tolist(), configs with .to_dict())")
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, **extra: Any) -> None:
     """Everything needed to rebuild and use the model: its arguments, weights and ``extra``
-    (config, feature normalisation, AU thresholds, extractors, optimiser state, ...)."""
+    (config, feature normalisation, AU thresholds, extractors, optimiser state, ...), all plain."""
     from pipeline.runs import atomic_output
 
     model = getattr(model, "module", model)  # unwrap DDP
     state = {"model_args": model.args, "state_dict": model.state_dict(), **extra}
+    check_plain(state)
     with atomic_output(path) as tmp:
         torch.save(state, tmp)
 
@@ -29,8 +57,27 @@ def rewrite_checkpoint(path: str | Path, ckpt: dict, **changes: Any) -> None:
     """Write ``ckpt`` back to ``path`` with ``changes`` (e.g. settings chosen after training)."""
     from pipeline.runs import atomic_output
 
+    state = {**ckpt, **changes}
+    check_plain(state)
     with atomic_output(path) as tmp:
-        torch.save({**ckpt, **changes}, tmp)
+        torch.save(state, tmp)
+
+
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
+    """The contents of a checkpoint, loaded as tensors and plain data only: unpickling never runs
+    code, and a file that would need it is refused with :class:`UnsafeCheckpoint`."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        needs = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({needs.group(1)})" if needs else ""
+        raise UnsafeCheckpoint(f"{path}: refused: it holds objects that would run code when loaded{what}; "
+                               "a checkpoint of this project holds tensors and plain data only") from None
+    except Exception as e:  # truncated, not a torch file, ...
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: not a checkpoint of this project (holds a {type(ckpt).__name__})")
+    return ckpt
 
 
 class PerTaskModel(torch.nn.Module):
@@ -59,8 +106,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    ckpt = read_checkpoint(path, device)
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
         model = MultiTaskModel(**ckpt["model_args"])
         model.load_state_dict(ckpt["state_dict"])
         if ckpt.get("task_state_dicts"):

@@ -49,8 +49,9 @@ from pipeline.writers import write_csv, write_mtl, write_task_files
 log = logging.getLogger("pipeline")
 
 CHOICES = {"subject": SUBJECTS, "device": DEVICE}
-# Keys that do not change the predictions: where they go and the device that computes them.
-_NOT_DEFINING = ("video", "checkpoint", "out_dir", "runs_dir", "device")
+# Keys that do not change the predictions: where they go, the device that computes them and
+# where the (checksum-verified) extractor weights are.
+_NOT_DEFINING = ("video", "checkpoint", "out_dir", "runs_dir", "device", "extractor_weights")
 
 
 def prediction_identity(cfg: Config, video: Path, checkpoint: Path) -> str:
@@ -66,6 +67,38 @@ def stage_config(stage: str, saved: dict | None, path: Path, overrides: list[str
         return load_config(stage, overrides=overrides)
     path.write_text(yaml.safe_dump(saved, sort_keys=False))
     return load_config(stage, path, overrides)
+
+
+def extractor_weights(cfg: Config, ckpt: dict) -> dict[str, str]:
+    """Per extractor of the checkpoint, the weights file its features will be computed from: the
+    user's copy in ``extractor_weights.<name>``, else the file the training features came from.
+
+    The checkpoint records each extractor's weights by SHA-256 and file name; a file that is not
+    byte-identical would give the model features it never saw, so it is refused, before any work.
+    """
+    given = dict(cfg.get("extractor_weights") or {})
+    unknown = sorted(set(given) - set(ckpt["extractors"]))
+    if unknown:
+        raise InputError(f"extractor_weights: {', '.join(unknown)} not among the checkpoint's extractors "
+                         f"({', '.join(ckpt['extractors'])})")
+    saved = ckpt.get("stage_configs", {})
+    records = ckpt.get("feature_attrs") or [{}] * len(ckpt["extractors"])
+    paths = {}
+    for name, record in zip(ckpt["extractors"], records, strict=True):
+        sha, file = str(record.get("weights_sha256", "")), record.get("weights_file") or "its weights file"
+        path = given.get(name) or ((saved.get(f"features:{name}") or {}).get("extractor") or {}).get("weights")
+        if not path or not sha or sha.startswith("random-init"):
+            continue  # the extractor's own default file (checked once built) or random weights
+        hint = f"give your copy of {file} with extractor_weights.{name}=/path/to/{file}"
+        if not Path(path).is_file():
+            raise InputError(f"{name} weights {path} not found: the model was trained on {file} "
+                             f"(SHA-256 {sha[:16]}...); {hint}")
+        own = sha256_file(path)
+        if own != sha:
+            raise InputError(f"{name} weights {path} have SHA-256 {own[:16]}..., not the {sha[:16]}... of the "
+                             f"{file} the model was trained on; refused ({hint})")
+        paths[name] = str(path)
+    return paths
 
 
 def plot_timeline(preds: dict[str, np.ndarray], timestamps: np.ndarray, present: np.ndarray, path: Path,
@@ -179,6 +212,7 @@ def main(cfg: Config) -> int:
         model, ckpt = load_checkpoint(checkpoint, cfg.device)
     except ValueError as e:
         raise InputError(str(e)) from None
+    weights = extractor_weights(cfg, ckpt)
     identity = prediction_identity(cfg, video, checkpoint)
     out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.runs_dir) / "predict" / f"{video.stem}-{identity[:8]}"
     with contextlib.ExitStack() as stack:
@@ -191,7 +225,7 @@ def main(cfg: Config) -> int:
         if done:
             print(f"predictions for {video} with these settings were written before to {out}")
         else:
-            status = predict(cfg, video, model, ckpt, out)
+            status = predict(cfg, video, model, ckpt, out, weights)
             if status:
                 return status
             finish_run(out, identity)
@@ -200,8 +234,10 @@ def main(cfg: Config) -> int:
     return 0
 
 
-def predict(cfg: Config, video: Path, model: torch.nn.Module, ckpt: dict, out: Path) -> int:
-    """Faces, features and the model on ``video``, into ``out``; 1 if a stage failed."""
+def predict(cfg: Config, video: Path, model: torch.nn.Module, ckpt: dict, out: Path,
+            weights: dict[str, str] | None = None) -> int:
+    """Faces, features and the model on ``video``, into ``out``; 1 if a stage failed. ``weights``:
+    extractor name -> the checked weights file to compute its features from."""
     cfg.save(out / "config.yaml")
     saved = ckpt.get("stage_configs", {})
     if not saved:
@@ -213,20 +249,28 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module, ckpt: dict, out: P
     if faces.main(face_cfg) != 0:
         log.error("%s: the faces stage failed; see %s", video, out / "faces" / "failures.jsonl")
         return 1
-    paths = []
+    paths, weights = [], weights or {}
     for name in ckpt["extractors"]:
         saved_features = saved.get(f"features:{name}")
         feat_cfg = stage_config("features", saved_features, out / f"features_{name}.yaml", [
             *([] if saved_features else [f"extractor={name}"]),
+            *([f"extractor.weights={weights[name]}"] if name in weights else []),
             f"faces_dir={out / 'faces'}", f"out_dir={out / 'features'}", f"device={cfg.device}", "shard="])
         if features.main(feat_cfg) != 0:
             log.error("%s: the features stage failed for %s", video, name)
             return 1
         paths.append(out / "features" / f"{name}.h5")
-    trained_sha = [a.get("weights_sha256") for a in ckpt.get("feature_attrs", [])]
+    trained_sha = [a.get("weights_sha256") for a in ckpt.get("feature_attrs") or [{}] * len(paths)]
     cache = FeatureCache(paths)
-    if trained_sha and [a.get("weights_sha256") for a in cache.attrs] != trained_sha:
-        log.warning("the extractor weights differ from those the model was trained on: predictions may be poor")
+    for name, trained, now in zip(ckpt["extractors"], trained_sha, [a.get("weights_sha256") for a in cache.attrs],
+                                  strict=True):
+        if not trained:
+            log.warning("%s: the checkpoint records no checksum of the extractor weights; they cannot be checked",
+                        name)
+        elif trained != now:  # an extractor's default file that is not the one the model was trained on
+            log.error("%s: features computed from weights with SHA-256 %s, not the %s the model was trained on; "
+                      "refused", name, str(now)[:16], str(trained)[:16])
+            return 1
 
     results = {}
     for key in cache.videos:

@@ -54,7 +54,14 @@ from pipeline.config import DEVICE, Config, InputError, check_choices, read_yaml
 from pipeline.data import Normaliser, SequenceDataset, VideoChunkBatches, feature_paths
 from pipeline.distributed import GlobalBatches, Shares, World, gather_batch, init_world
 from pipeline.feature_cache import FeatureCache, PooledCache
-from pipeline.inference import load_checkpoint, predict_features, rewrite_checkpoint, save_checkpoint, smooth
+from pipeline.inference import (
+    load_checkpoint,
+    predict_features,
+    read_checkpoint,
+    rewrite_checkpoint,
+    save_checkpoint,
+    smooth,
+)
 from pipeline.labels import EXPRESSION_SETS, FORMATS, expression_set, load_annotations, restrict_expressions
 from pipeline.runs import (
     ForeignRun,
@@ -546,7 +553,7 @@ def run(cfg: Config, world: World, device: torch.device, out: Path, cache: Featu
         task_best.update(ckpt.get("task_best", {}))
         task_epochs = ckpt.get("task_epochs", {})
         if task_epochs:
-            task_states = torch.load(best_path, map_location=device, weights_only=False)["task_state_dicts"]
+            task_states = read_checkpoint(best_path, device)["task_state_dicts"]
         log.info("resuming from %s at epoch %d", last_path, start_epoch)
     world.barrier()  # every rank has read last.pt before rank 0 may replace it
     net = model
@@ -697,7 +704,7 @@ def best_state(best_path: Path, device: torch.device, tasks: list[str], task_sta
     task, else the stage's best epoch."""
     if len(tasks) == 1 and tasks[0] in task_states:
         return task_states[tasks[0]]
-    return torch.load(best_path, map_location=device, weights_only=False)["state_dict"]
+    return read_checkpoint(best_path, device)["state_dict"]
 
 
 def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, val_labels: dict, val_videos: list[str],

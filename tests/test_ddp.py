@@ -83,8 +83,8 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    a = torch.load(one / "last.pt", weights_only=False)
-    b = torch.load(two / "last.pt", weights_only=False)
+    a = torch.load(one / "last.pt", weights_only=True)
+    b = torch.load(two / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-4, atol=1e-5)

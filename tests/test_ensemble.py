@@ -116,7 +116,7 @@ def test_runs_that_cannot_be_averaged_are_refused_by_name(syn: dict[str, Path], 
         run_ensemble(str(runs[0]), str(runs[0]))
     other = tmp_path / "other"
     shutil.copytree(runs[1], other)
-    ckpt = torch.load(other / "best.pt", weights_only=False)
+    ckpt = torch.load(other / "best.pt", weights_only=True)
     ckpt["config"]["data"]["val_split"] = "train"
     ckpt["identity"] = "f" * 64  # sorts after the real run, which is then the one compared with
     torch.save(ckpt, other / "best.pt")

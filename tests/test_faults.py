@@ -296,8 +296,8 @@ def test_chain_killed_at_random_points_ends_as_an_uninterrupted_one(pyfeat_clips
             assert found[name]["data"] == expected[name]["data"], f"{sub}/{name} differs (seed {seed})"
             same = lambda attrs: {k: v for k, v in attrs.items() if k != "config"}  # config names out_dir
             assert same(found[name]["attrs"]) == same(expected[name]["attrs"]), f"{sub}/{name}"
-    a = torch.load(ref / "train" / "best.pt", weights_only=False)
-    b = torch.load(got / "train" / "best.pt", weights_only=False)
+    a = torch.load(ref / "train" / "best.pt", weights_only=True)
+    b = torch.load(got / "train" / "best.pt", weights_only=True)
     assert a["epoch"] == b["epoch"]
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-6)

@@ -126,8 +126,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(syn: dict[str, Path], tm
     resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr
-    a = torch.load(tmp_path / "whole" / "best.pt", weights_only=False)
-    b = torch.load(out / "best.pt", weights_only=False)
+    a = torch.load(tmp_path / "whole" / "best.pt", weights_only=True)
+    b = torch.load(out / "best.pt", weights_only=True)
     assert a["epoch"] == b["epoch"]
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-6)
