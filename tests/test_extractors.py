@@ -35,7 +35,8 @@ def test_builds_from_its_config_with_declared_shape(name):
     cfg["random_init"] = True
     with torch.device("meta"):  # shapes only: no memory, no compute
         model = build_extractor(name, **cfg)
-        out = model(torch.empty(2, 3, model.input_size, model.input_size))
+        channels = model.describe().get("channels", 3)  # 1 for a grey network
+        out = model(torch.empty(2, channels, model.input_size, model.input_size))
     assert out.shape == (2, model.dim)
     info = model.describe()
     assert info["input_size"] == model.input_size and info["dim"] == model.dim
