@@ -68,15 +68,16 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     code, and a file that would need it is refused with :class:`UnsafeCheckpoint`."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as e:
-        needs = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" ({needs.group(1)})" if needs else ""
-        raise UnsafeCheckpoint(f"{path}: refused: it holds objects that would run code when loaded{what}; "
-                               "a checkpoint of this project holds tensors and plain data only") from None
-    except Exception as e:  # truncated, not a torch file, ...
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    except Exception as e:  # code it would run, or a file that is truncated or no torch file at all
+        needs = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if needs:
+            raise UnsafeCheckpoint(f"{path}: refused: it holds objects that would run code when loaded "
+                                   f"({needs.group(1)}); a checkpoint of this project holds tensors and plain "
+                                   "data only") from None
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise ValueError(f"{path}: not a usable checkpoint of this project ({type(e).__name__}: {first})") from e
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: not a checkpoint of this project (holds a {type(ckpt).__name__})")
+        raise ValueError(f"{path}: not a usable checkpoint of this project (holds a {type(ckpt).__name__})")
     return ckpt
 
 

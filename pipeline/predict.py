@@ -6,8 +6,10 @@ The face and feature settings come from the checkpoint (the configs of the runs 
 features came from), so crops, template and extractor weights match what the model learnt on.
 Writes under ``<runs_dir>/predict/<video>-<hash>/`` (or ``out_dir``), the hash naming the video's
 and the checkpoint's contents and the settings, with ``<runs_dir>/predict/<video>`` linking to the
-newest; the same call again skips, other settings get their own folder: ``predictions.csv`` (per frame: valence,
-arousal, expression class and AU probabilities), the ABAW layouts with AUs at the checkpoint's
+newest; the same call again skips, other settings get their own folder: ``predictions.csv`` (one row per
+frame from 1: the face's detection, valence, arousal, the expression class and AU decisions with their
+probabilities; the columns are listed in :mod:`pipeline.tables`; ``format=openface`` writes OpenFace 2's
+columns instead), the ABAW layouts with AUs at the checkpoint's
 thresholds (``abaw/mtl.txt`` and one txt per task), ``timeline.png`` and, with ``overlay=true``,
 ``overlay.mp4``: the video with the face box, valence/arousal bars, the expression and the active
 AUs drawn on every frame.
@@ -42,13 +44,14 @@ from pipeline.runs import (
     setup_logging,
     stage_lock,
 )
+from pipeline.tables import FORMATS, read_face_track
 from pipeline.vision.track import SUBJECTS
 from pipeline.vision.video import iter_chunks, open_video
 from pipeline.writers import write_csv, write_mtl, write_task_files
 
 log = logging.getLogger("pipeline")
 
-CHOICES = {"subject": SUBJECTS, "device": DEVICE}
+CHOICES = {"subject": SUBJECTS, "device": DEVICE, "format": FORMATS}
 # Keys that do not change the predictions: where they go, the device that computes them and
 # where the (checksum-verified) extractor weights are.
 _NOT_DEFINING = ("video", "checkpoint", "out_dir", "runs_dir", "device", "extractor_weights")
@@ -284,7 +287,12 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module, ckpt: dict, out: P
         if not present.any():
             log.warning("%s: no face found in any frame; predictions are empty", key)
     thresholds = np.asarray(ckpt["au_thresholds"]) if ckpt.get("au_thresholds") else None
-    write_csv(out / "predictions.csv", results)
+    tracks = {key: read_face_track(out / "faces" / f"{key}.h5") for key in results}
+    if cfg.format == "openface" and len(results) > 1:  # OpenFace's format holds one face per file
+        for key in results:
+            write_csv(out / f"predictions_{key}.csv", {key: results[key]}, thresholds, tracks, cfg.format)
+    else:
+        write_csv(out / "predictions.csv", results, thresholds, tracks, cfg.format)
     write_task_files(out / "abaw", results, tasks=tuple(model.tasks), au_thresholds=thresholds)
     if set(model.tasks) == {"va", "expr", "au"}:
         write_mtl(out / "abaw" / "mtl.txt", results, au_thresholds=thresholds)

@@ -4,8 +4,8 @@ Written predictions of one video are a mapping with optional ``frame`` (m,) int 
 ``0..m-1``) and any of ``va`` (m, 2) float, ``expr`` (m, k) logits/probabilities over the k classes
 of an expression set (8 for ABAW's, 7 for ``basic7``; see :data:`~pipeline.labels.EXPRESSION_SETS`)
 or (m,) classes, ``au`` (m, 12) probabilities. Valence and arousal are clipped to [-1, 1];
-expressions become the arg-max class; AUs are thresholded (default 0.5) except in the plain csv,
-which keeps the probabilities so that thresholds can be tuned later.
+expressions become the arg-max class; AUs are thresholded (default 0.5); the csv keeps the
+probabilities beside the decisions, so that thresholds can be tuned later.
 
 Layouts:
 
@@ -16,7 +16,9 @@ Layouts:
   uni-task submission; the same layout as the annotations). The expression header lists the class
   set's names, one class index per row. Frames without a prediction are written as -5 / -1 with a
   warning, since row i must be frame i.
-- ``csv``: ``video,frame,valence,arousal,expression,AU1,...,AU12``.
+- ``csv``: the per-frame table of :mod:`pipeline.tables`: ``video,frame`` (from 1), the face's
+  detection, ``valence,arousal,expression``, each class's probability, ``AU1,...,AU26`` decisions and
+  their probabilities. Read back, only the prediction columns count.
 
 :func:`read_predictions` reads any of these into dense arrays per video, indexed by frame:
 ``va`` (n, 2) float32 and ``au`` (n, 12) float32 with NaN, ``expr`` (n,) int64 with -1 where a
@@ -170,18 +172,21 @@ def _num(x: float) -> str:
     return "" if np.isnan(x) else f"{x:.6f}"
 
 
-def write_csv(path: str | Path, preds: Mapping[str, Preds]) -> Path:
-    """All videos' predictions as ``video,frame,...`` rows; AU probabilities are kept and frames
-    without a prediction for a task have empty fields."""
-    lines = [",".join(("video", "frame", *CSV_COLUMNS))]
+def write_csv(path: str | Path, preds: Mapping[str, Preds], au_thresholds: np.ndarray | None = None,
+              faces: Mapping[str, Mapping[str, np.ndarray]] | None = None, format: str = "abaw") -> Path:
+    """All videos' predictions as one table of :mod:`pipeline.tables` (frames from 1; decisions,
+    probabilities and, given each video's face track in ``faces``, the detections). Frames without
+    a prediction for a task have empty fields."""
+    from pipeline.tables import frame_table, write_table
+
+    tables = []
     for video, pred in preds.items():
-        if "," in video:
-            raise ValueError(f"video name {video!r} contains a comma")
-        frames, d = _rows(pred, video, None)
-        for f in frames:
-            expr = "" if d["expr"][f] < 0 else str(d["expr"][f])
-            lines.append(",".join([video, str(f), *map(_num, d["va"][f]), expr, *map(_num, d["au"][f])]))
-    return _write_lines(Path(path), lines)
+        frames, _ = _rows(pred, video, None)  # checks the frame indices and the AU range
+        expr = pred.get("expr")
+        classes = EXPRESSIONS[: expr.shape[1]] if expr is not None and np.ndim(expr) == 2 else EXPRESSIONS
+        face = None if faces is None else faces[video]
+        tables.append(frame_table(video, {**pred, "frame": frames}, face, au_thresholds, classes))
+    return write_table(path, tables, format)
 
 
 def write_predictions(
@@ -252,12 +257,20 @@ def read_mtl(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
 def read_csv_predictions(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """A ``video,frame,...`` prediction csv -> dense predictions per video; empty fields are missing,
     AU values are probabilities in [0, 1]."""
+    from pipeline.tables import COLUMNS
+
     path = Path(path)
-    videos, frames, cols, line_no = read_frame_csv(path, CSV_COLUMNS)
+    known = (*CSV_COLUMNS, *(c for c in COLUMNS[2:] if c not in CSV_COLUMNS))  # the table's other columns
+    videos, frames, cols, line_no = read_frame_csv(path, known)
+    if len(frames) and frames.min() < 1:
+        first = int(np.argmin(frames))
+        raise AnnotationError(f"{path}:{int(line_no[first])}: frame {frames[first]}: frames are numbered from 1, "
+                              "as ABAW names them (00001.jpg)")
+    frames = frames - 1
     k = len(EXPRESSIONS)
     checks = [("valence", np.isfinite, "a finite number"), ("arousal", np.isfinite, "a finite number"),
               ("expression", lambda x: np.isin(x, np.arange(k)), f"a class in 0..{k - 1}")]
-    checks += [(a, lambda x: (x >= 0) & (x <= 1), "a probability in [0, 1]") for a in AUS]
+    checks += [(a, lambda x: (x >= 0) & (x <= 1), "a probability in [0, 1]") for a in (*AUS, *(f"p_{a}" for a in AUS))]
     for name, ok, want in checks:
         if name in cols:
             x = cols[name]
@@ -274,9 +287,10 @@ def read_csv_predictions(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
         pred["va"][np.isnan(pred["va"]).any(1)] = np.nan  # a frame needs both values
         if "expression" in cols:
             pred["expr"][f] = np.nan_to_num(cols["expression"][rows], nan=-1).astype(np.int64)
-        for j, name in enumerate(AUS):
-            if name in cols:
-                pred["au"][f, j] = cols[name][rows]
+        for j, name in enumerate(AUS):  # the probability where the table has it, else the decision
+            source = f"p_{name}" if f"p_{name}" in cols else name
+            if source in cols:
+                pred["au"][f, j] = cols[source][rows]
         pred["au"][np.isnan(pred["au"]).any(1)] = np.nan
         out[video] = pred
     return out

@@ -88,8 +88,11 @@ def test_predict_on_a_real_clip(pipeline_run: dict[str, Path], pyfeat_clips: Pat
     with open(tmp_path / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     with h5py.File(tmp_path / "faces" / "single_face.h5", "r") as f:
-        n, found = len(f["frame"]), int(f["present"][:].sum())
+        n, found, present, frames = len(f["frame"]), int(f["present"][:].sum()), f["present"][:], f["frame"][:]
     assert len(rows) == n and found > 0.9 * n
+    assert [int(r["frame"]) for r in rows] == (frames + 1).tolist(), "frames numbered from 1, as 00001.jpg"
+    assert [r["face_present"] == "1" for r in rows] == present.tolist()
+    assert all((r["confidence"] != "") == bool(p) for r, p in zip(rows, present, strict=True))
     valence = np.array([float(r["valence"]) for r in rows])
     assert np.isfinite(valence).all() and (np.abs(valence) <= 1).all()
     assert (tmp_path / "timeline.png").stat().st_size > 10_000

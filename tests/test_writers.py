@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import warnings
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
+from pipeline import tables
 from pipeline.config import InputError, load_config
 from pipeline.evaluate import main as evaluate
 from pipeline.labels import AUS, EXPRESSIONS, AnnotationError, Labels, load_annotations, read_mtl_file, read_task_file
@@ -28,8 +30,9 @@ from pipeline.writers import (
 def model_outputs(frames: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     m = len(frames)
-    return {"frame": frames, "va": rng.uniform(-1.3, 1.3, (m, 2)), "expr": rng.normal(size=(m, 8)),
-            "au": rng.random((m, 12))}
+    logits = rng.normal(size=(m, 8))
+    return {"frame": frames, "va": rng.uniform(-1.3, 1.3, (m, 2)),
+            "expr": np.exp(logits) / np.exp(logits).sum(1, keepdims=True), "au": rng.random((m, 12))}
 
 
 @pytest.fixture()
@@ -90,12 +93,20 @@ def test_task_files_use_the_annotation_headers(tmp_path: Path, outputs: dict) ->
 
 def test_csv_predictions(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "p.csv", {"v": {"expr": np.array([2, 5]), "frame": np.array([1, 0])}})
-    assert path.read_text().splitlines()[1] == "v,1,,,2," + "," * 11
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == list(tables.COLUMNS)
+    # frame index 1 is ABAW's 00002.jpg; classes without probabilities leave the p_ columns empty
+    assert [(r["frame"], r["expression"], r["p_Anger"], r["valence"], r["AU1"]) for r in rows] == [
+        ("2", "2", "", "", ""), ("1", "5", "", "", "")]
     got = read_csv_predictions(path)["v"]
     assert got["expr"].tolist() == [5, 2] and np.isnan(got["va"]).all() and np.isnan(got["au"]).all()
     bad = tmp_path / "bad.csv"
-    bad.write_text("video,frame,AU4\nv,0,0.2\nv,1,1.5\n")
+    bad.write_text("video,frame,AU4\nv,1,0.2\nv,2,1.5\n")
     with pytest.raises(AnnotationError, match=r"bad.csv:3: AU4 = 1.5 is not a probability"):
+        read_csv_predictions(bad)
+    bad.write_text("video,frame,valence\nv,1,0.2\nv,0,0.1\n")
+    with pytest.raises(AnnotationError, match=r"bad.csv:3: frame 0: frames are numbered from 1"):
         read_csv_predictions(bad)
     with pytest.raises(ValueError, match="AU probabilities must lie in"):
         write_csv(tmp_path / "c.csv", {"v": {"au": np.full((2, 12), -1.0)}})
