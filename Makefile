@@ -94,10 +94,12 @@ ensemble: setup ## average the outputs of finished runs and score them as one: m
 evaluate: setup ## score a predictions folder: make evaluate PRED=folder [DATA=...]
 	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(or $(PRED),$(RUNS)/$(DATA)/train/$(RUN)/predictions) $(ARGS)
 
-predict: setup ## one new video through all stages: make predict VIDEO=clip.mp4 CHECKPOINT=runs/.../best.pt
+# Without CHECKPOINT (or RUN, EXPERIMENT, ENCODER, CONFIG naming a run), predict runs the expression network alone (no trained model needed).
+PREDICT_CHECKPOINT = $(or $(CHECKPOINT),$(if $(filter command environment,$(foreach v,RUN EXPERIMENT ENCODER CONFIG,$(origin $(v)))),$(RUNS)/$(DATA)/train/$(RUN)/best.pt))
+
+predict: setup ## one new video through all stages: make predict VIDEO=clip.mp4 [CHECKPOINT=runs/.../best.pt]
 	@test -n "$(VIDEO)" || { echo "error: set VIDEO=path/to/video.mp4" >&2; exit 1; }
-	$(PY) -m pipeline.predict video=$(VIDEO) checkpoint=$(or $(CHECKPOINT),$(RUNS)/$(DATA)/train/$(RUN)/best.pt) \
-		runs_dir=$(RUNS) $(ARGS)
+	$(PY) -m pipeline.predict video=$(VIDEO) checkpoint=$(PREDICT_CHECKPOINT) runs_dir=$(RUNS) $(ARGS)
 
 bench: features ## encoders side by side: parameters, throughput, memory, validation P_MTL
 	$(PY) -m pipeline.bench.encoders data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(ARGS)

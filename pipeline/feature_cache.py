@@ -128,6 +128,16 @@ class FeatureCache:
                 present = present & p
         return np.concatenate(feats, axis=1), present, frame
 
+    def probabilities(self, video: str) -> tuple[np.ndarray, list[str]]:
+        """The class probabilities (n, k) that a classifying extractor stored for ``video`` (NaN
+        where there was no face) and the class names, from the first cache that has them."""
+        for i in range(len(self.paths)):
+            g = self._group(i, video)
+            if "probabilities" in g:
+                return g["probabilities"][:].astype(np.float32), [str(c) for c in g["probabilities"].attrs["classes"]]
+        raise ValueError(f"video {video!r}: no class probabilities in {', '.join(map(str, self.paths))}; "
+                         "only an extractor that classifies (fer_xception) stores them")
+
     def identity(self) -> list[dict[str, Any]]:
         """What the features are made of, per cache: the extractor's settings and weights (its
         ``config_hash``) and, per video, the hash of the face file behind its part. Two caches with

