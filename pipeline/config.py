@@ -374,6 +374,9 @@ def run_stage(stage: str, main: Callable[[Any], int], argv: list[str] | None = N
     """The command line of ``python -m pipeline.<stage>``: parse, run ``main``, exit with its status;
     a config or input error, found while parsing or inside ``main``, becomes one ``error: ...`` line
     (status 1)."""
+    from pipeline.runs import command_line_process  # here, so that reading a config needs no h5py
+
+    command_line_process(stage)
     try:
         status = main((parse or parse_args)(stage, argv))
     except InputError as e:

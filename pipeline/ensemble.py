@@ -49,7 +49,7 @@ from pipeline.config import (
 from pipeline.data import Normaliser
 from pipeline.inference import load_checkpoint
 from pipeline.labels import TASKS
-from pipeline.runs import ForeignRun, RunLocked, claim_run, finish_run, setup_logging, stage_lock, write_json
+from pipeline.runs import ForeignRun, RunLocked, claim_run, finish_run, stage_lock, write_json
 from pipeline.writers import write_task_files
 
 log = logging.getLogger("pipeline")
@@ -218,7 +218,6 @@ def report(out: Path, members: list[dict], scores: dict) -> None:
 def main(cfg: Config) -> int:
     """Average and score the runs of ``cfg.runs``; 0 when done, 2 when the output folder is locked,
     unwritable or holds other results."""
-    setup_logging()
     check_choices(cfg, CHOICES)
     if not cfg.runs:
         raise ConfigError("give the run folders to average: python -m pipeline.ensemble RUN_DIR RUN_DIR ...")

@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.config import Config, ConfigError, InputError, check_choices, run_stage
 from pipeline.labels import AUS, FORMATS, SPLIT_DIRS, AnnotationError, load_annotations
 from pipeline.metrics import format_table, score_videos
-from pipeline.runs import setup_logging, write_json
+from pipeline.runs import write_json
 from pipeline.writers import read_predictions
 
 log = logging.getLogger("pipeline")
@@ -34,7 +34,6 @@ def output_path(cfg: Config) -> Path:
 
 def main(cfg: Config) -> int:
     """Score ``cfg.predictions`` against ``cfg.annotations``; an unusable input is an InputError."""
-    setup_logging()
     check_choices(cfg, CHOICES)
     try:
         if not cfg.predictions:

@@ -25,9 +25,7 @@ from pipeline.runs import (
     h5_is_done,
     h5_writer,
     list_inputs,
-    release_large_buffers,
     run_each,
-    setup_logging,
     shard_of,
     stage_lock,
     sweep_partials,
@@ -239,8 +237,6 @@ def resolve(cfg: Config) -> Config:
 def main(cfg: Config) -> int:
     """Run the face stage over every video of this shard; exit status 1 if any failed, 2 if the
     output folder is locked by another run or cannot be written."""
-    setup_logging()
-    release_large_buffers()
     cfg = resolve(cfg)
     out_dir = Path(cfg.out_dir)
     with contextlib.ExitStack() as stack:

@@ -32,7 +32,6 @@ from pipeline.runs import (
     h5_is_done,
     list_inputs,
     run_each,
-    setup_logging,
     shard_of,
     stage_lock,
     sweep_partials,
@@ -275,7 +274,6 @@ def _face_hash(path: Path) -> str:
 def main(cfg: Config) -> int:
     """Extract features for every face source of this shard; exit status 1 if any video failed,
     2 if the run could not go on (output folder locked by another run, unwritable or full)."""
-    setup_logging()
     cfg = resolve(cfg)
     name = cfg.extractor.name
     torch.manual_seed(cfg.seed)  # random-init smoke runs stay reproducible, hence resumable

@@ -46,7 +46,6 @@ from pipeline.runs import (
     claim_run,
     finish_run,
     link_newest,
-    setup_logging,
     stage_lock,
 )
 from pipeline.tables import FORMATS, read_face_track
@@ -230,7 +229,6 @@ def write_overlay(video: Path, preds: dict[str, np.ndarray], faces_h5: Path, pat
 def main(cfg: Config) -> int:
     """Predict ``cfg.video`` with ``cfg.checkpoint`` unless done before with the same inputs and
     settings; 1 if a stage failed on the video, 2 if the output folder is locked or taken."""
-    setup_logging()
     check_choices(cfg, CHOICES)
     video = Path(cfg.video)
     if not cfg.video or not video.is_file():

@@ -33,6 +33,18 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
+DECODING_STAGES = ("faces", "predict")  # the stages that decode video, whose frames churn the heap
+
+
+def command_line_process(stage: str) -> None:
+    """The process-wide settings of a stage run from the command line (``python -m pipeline.<stage>``):
+    log lines on stderr and, where video is decoded, glibc's allocator returning large buffers.
+    Never applied by importing or calling the stages as a library."""
+    setup_logging()
+    if stage in DECODING_STAGES:
+        release_large_buffers()
+
+
 def list_inputs(source: str | Path, suffixes: Sequence[str] = VIDEO_SUFFIXES) -> list[Path]:
     """Inputs from a folder (searched recursively), a glob, a list file (one path per line,
     relative paths taken from the list's folder) or a single file; sorted, without duplicates."""

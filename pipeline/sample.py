@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 
 from pipeline.config import Config, ConfigError, run_stage
-from pipeline.runs import setup_logging, write_json
+from pipeline.runs import write_json
 
 log = logging.getLogger("pipeline")
 
@@ -587,5 +587,4 @@ def main(cfg: Config) -> int:
 
 
 if __name__ == "__main__":
-    setup_logging()
     run_stage("sample", main)

@@ -26,7 +26,7 @@ from typing import Any
 from pipeline import train
 from pipeline.config import Config, ConfigError, check_choices, load_config, run_stage
 from pipeline.metrics import markdown_table, summarise
-from pipeline.runs import setup_logging, write_json, write_text
+from pipeline.runs import write_json, write_text
 
 log = logging.getLogger("pipeline")
 
@@ -116,7 +116,6 @@ def format_summary(rows: list[dict]) -> str:
 
 
 def main(sweep: Sweep) -> int:
-    setup_logging()
     results: list[dict[str, Any]] = []
     for i, (run, cfg) in enumerate(sweep.runs, start=1):
         log.info("sweep run %d/%d: %s", i, len(sweep.runs), " ".join(run))

@@ -69,7 +69,6 @@ from pipeline.runs import (
     claim_run,
     finish_run,
     link_newest,
-    setup_logging,
     stage_lock,
     write_json,
     write_text,
@@ -355,7 +354,8 @@ def main(cfg: Config) -> int:
     check_choices(cfg, CHOICES)
     check_stages(cfg)
     world, device = init_world(cfg.device)
-    setup_logging(logging.INFO if world.main else logging.WARNING)
+    if not world.main:  # one rank speaks for all
+        logging.getLogger().setLevel(logging.WARNING)
     cache = open_features(cfg)
     identity = run_identity(cfg, cache)
     out = run_dir(cfg, identity)

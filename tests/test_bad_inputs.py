@@ -173,7 +173,8 @@ def test_4k_video_memory_does_not_grow_with_its_length(pyfeat_clips, tmp_path):
     big = np.kron(frame, np.ones((6, 6, 1), np.uint8))  # 2160 x 3840
     # the child's own peak: ru_maxrss would carry over the forked test runner's resident memory
     code = ("import sys\nfrom pathlib import Path\nfrom pipeline.config import load_config\n"
-            "from pipeline.faces import main\nPath('/proc/self/clear_refs').write_text('5')\n"
+            "from pipeline.faces import main\nfrom pipeline.runs import command_line_process\n"
+            "command_line_process('faces')\nPath('/proc/self/clear_refs').write_text('5')\n"
             "status = main(load_config('faces', None, sys.argv[1:]))\n"
             "lines = Path('/proc/self/status').read_text().splitlines()\n"
             "print('peak', next(ln.split()[1] for ln in lines if ln.startswith('VmHWM')), status)\n")

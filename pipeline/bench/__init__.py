@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import load_config
+from pipeline.runs import command_line_process
 
 
 def time_call(
@@ -66,6 +67,7 @@ def _stage_child(stage: str, overrides: list[str]) -> None:
     """Entry point of a measuring process: import the stage, note the RSS, reset the peak, run the
     stage, print ``{"status", "baseline_mb", "peak_rss_mb", "seconds"}`` as the last JSON line."""
     module = importlib.import_module(f"pipeline.{stage}")
+    command_line_process(stage)  # as python -m pipeline.<stage> would
     cfg = load_config(stage, None, overrides)
     baseline = status_mb("VmRSS")
     # the high-water mark may carry the parent's over fork/exec; resetting makes it this process's alone
