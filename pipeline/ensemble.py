@@ -273,5 +273,10 @@ def parse(stage: str, argv: list[str] | None = None) -> Config:
     return cfg
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``affect-ensemble`` command, the same as ``python -m pipeline.ensemble``."""
     run_stage("ensemble", main, parse=parse)
+
+
+if __name__ == "__main__":
+    cli()

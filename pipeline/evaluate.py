@@ -59,5 +59,10 @@ def main(cfg: Config) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``affect-evaluate`` command, the same as ``python -m pipeline.evaluate``."""
     run_stage("evaluate", main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -293,5 +293,10 @@ def run(cfg: Config, out_dir: Path) -> int:
     return 0 if summary.ok else 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``affect-faces`` command, the same as ``python -m pipeline.faces``."""
     run_stage("faces", main)
+
+
+if __name__ == "__main__":
+    cli()

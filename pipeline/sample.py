@@ -586,5 +586,10 @@ def main(cfg: Config) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``affect-sample`` command, the same as ``python -m pipeline.sample``."""
     run_stage("sample", main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -150,5 +150,10 @@ def parse(stage: str, argv: list[str] | None = None) -> Sweep:
     return Sweep(path, argv)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``affect-sweep`` command, the same as ``python -m pipeline.sweep``."""
     run_stage("sweep", main, parse=parse)
+
+
+if __name__ == "__main__":
+    cli()

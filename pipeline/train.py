@@ -747,5 +747,10 @@ def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, val
     print(f"written to {out / 'scores.json'}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``affect-train`` command, the same as ``python -m pipeline.train``."""
     run_stage("train", main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import config, runs
 from pipeline.config import CONFIG_DIR, GROUPS, ConfigError, component_names, load_component, load_config
 
 STAGES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -124,3 +125,39 @@ def test_experiment_picks_its_file_and_is_refused_elsewhere(tmp_path: Path) -> N
         load_config("train", CONFIG_DIR / "train.yaml", ["experiment=va_only"])
     with pytest.raises(ConfigError, match="the faces stage has none"):
         load_config("faces", overrides=["experiment=va_only"])
+
+
+def test_a_users_config_folder_adds_components_and_experiments_beside_the_shipped_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = tmp_path / "my_configs"
+    (mine / "encoders").mkdir(parents=True)
+    (mine / "experiments").mkdir()
+    (mine / "encoders" / "gru.yaml").write_text("hidden: 24\nlayers: 1\nbidirectional: false\ndropout: 0.0\n"
+                                                 "input_projection: true\ncarry_state: false\n")
+    (mine / "experiments" / "small_gru.yaml").write_text("base: train.yaml\nname: small_gru\nencoder: gru\n")
+    monkeypatch.setenv("AFFECT_CONFIG_DIR", str(mine))
+    cfg = load_config("train", overrides=["experiment=small_gru"])
+    assert cfg.name == "small_gru" and cfg.encoder.hidden == 24, "the user's gru.yaml comes before the shipped one"
+    assert "small_gru" in config.experiment_names() and "mtl_gru" in config.experiment_names()
+    shipped = yaml.safe_load((CONFIG_DIR / "encoders" / "lstm.yaml").read_text())
+    assert load_config("train", overrides=["encoder=lstm"]).encoder.hidden == shipped["hidden"]
+    monkeypatch.setenv("AFFECT_CONFIG_DIR", str(tmp_path / "gone"))
+    with pytest.raises(ConfigError, match=r"AFFECT_CONFIG_DIR=.*gone: no such folder"):
+        load_config("train")
+
+
+def test_config_dir_on_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "mine.yaml").write_text("base: train.yaml\nname: mine\n")
+    monkeypatch.delenv("AFFECT_CONFIG_DIR", raising=False)
+    monkeypatch.setattr(runs, "command_line_process", lambda stage: None)  # no log handlers in the test process
+    seen = {}
+
+    def main(cfg) -> int:
+        seen["name"] = cfg.name
+        return 0
+
+    with pytest.raises(SystemExit) as e:
+        config.run_stage("train", main, argv=["--config-dir", str(tmp_path), "experiment=mine"])
+    assert e.value.code == 0 and seen == {"name": "mine"}
+    monkeypatch.delenv("AFFECT_CONFIG_DIR")  # run_stage set it for the process, as a command line does
