@@ -6,7 +6,7 @@
 # named on the command line (make faces ARGS="device=cuda" passes it to the faces stage only).
 
 DATA       ?= sample
-EXTRACTOR  ?= onet
+EXTRACTOR  ?= fer_xception
 ENCODER    ?= gru
 EXPERIMENT ?=
 CONFIG     ?=
