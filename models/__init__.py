@@ -1,6 +1,6 @@
 """Temporal encoders, multi-task heads and structures, and their losses."""
 
-from models.encoders import ENCODERS, build_encoder, encoder_from
+from models.encoders import ENCODERS, build_encoder, encoder_from, encoder_options
 from models.heads import TASKS
 from models.losses import MultiTaskLoss
 from models.multitask import STRUCTURES, MultiTaskModel
@@ -13,4 +13,5 @@ __all__ = [
     "MultiTaskModel",
     "build_encoder",
     "encoder_from",
+    "encoder_options",
 ]

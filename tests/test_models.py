@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from models import ENCODERS, STRUCTURES, MultiTaskModel, build_encoder, encoder_from
+from models import ENCODERS, STRUCTURES, MultiTaskLoss, MultiTaskModel, build_encoder, encoder_from, encoder_options
 from models.cross_task import AUGraph, au_cooccurrence
-from pipeline.config import component_names, load_component
+from pipeline.config import component_names, load_component, load_config
 
 torch.set_num_threads(1)
 D_IN = 16
@@ -26,11 +28,53 @@ ENCODER_VARIANTS = {
     "lstm_uni": dict(name="lstm", hidden=24, layers=1, bidirectional=False, dropout=0.0),
     "gru_bi": dict(name="gru", hidden=24, layers=2, bidirectional=True, dropout=0.0),
     "gru_uni": dict(name="gru", hidden=24, layers=2, bidirectional=False, dropout=0.0),
+    "tcn": dict(name="tcn", hidden=24, layers=3, kernel=3, dropout=0.0),
+    "tcn_causal": dict(name="tcn", hidden=24, layers=3, kernel=3, causal=True, dropout=0.0),
+    "frame": dict(name="frame", hidden=24, layers=2, dropout=0.0),
+    "none": dict(name="none"),
 }
+# One small config per registry entry, each also a variant above, so the mask tests cover it; the
+# structure and overfit tests iterate the registry, and test_every_encoder_has_a_small_config fails
+# for an entry missing here.
 SMALL = {
     name: ENCODER_VARIANTS[v]
-    for name, v in (("transformer", "transformer_sin"), ("lstm", "lstm_bi"), ("gru", "gru_bi"))
+    for name, v in (
+        ("transformer", "transformer_sin"),
+        ("lstm", "lstm_bi"),
+        ("gru", "gru_bi"),
+        ("tcn", "tcn"),
+        ("frame", "frame"),
+        ("none", "none"),
+    )
 }
+# `none` is left out of overfitting only: linear heads on the raw features have nothing to memorise with.
+TRAINABLE = sorted(set(ENCODERS) - {"none"})
+
+
+class TinyEncoder(nn.Module):
+    """A plug-in encoder kept to the contract: one linear map per frame, zero at invalid steps."""
+
+    def __init__(self, d_in: int, hidden: int = 8) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, hidden)
+        self.out_dim = hidden
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        valid = mask.bool()[..., None]
+        return torch.where(valid, self.proj(torch.where(valid, x, 0.0)), 0.0)
+
+
+class NoOutDim(nn.Module):
+    """A plug-in that breaks the contract: nothing says how wide its output is."""
+
+    def __init__(self, d_in: int) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+PLUGIN = f"{__name__}:TinyEncoder"  # the name pytest imported this file under, so no second import
 
 
 def holey_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,9 +98,13 @@ def scramble_invalid(x: torch.Tensor, mask: torch.Tensor, fill: float | None = N
     return y
 
 
+def test_every_encoder_has_a_small_config():
+    assert set(SMALL) == set(ENCODERS), f"give every registry entry a small config: {set(ENCODERS) ^ set(SMALL)}"
+
+
 def test_build_encoder_errors_name_the_choices():
-    with pytest.raises(ValueError, match="gru, lstm, transformer"):
-        build_encoder("tcn", D_IN)
+    with pytest.raises(ValueError, match="choose one of none, frame, gru, .*transformer or give a plug-in"):
+        build_encoder("wavenet", D_IN)
     with pytest.raises(ValueError, match="hiden"):
         build_encoder("gru", D_IN, hiden=8)
     with pytest.raises(ValueError, match="no 'name'"):
@@ -109,8 +157,25 @@ def test_local_window_limits_context():
     assert moved.tolist() == [i in range(6, 11) for i in range(12)]  # one layer: |i - 8| <= 2
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_tcn_reaches_its_receptive_field_exactly(causal):
+    """A change at step 20 moves the outputs 1 + 2 x (1 + 2 + 4) = 15 steps wide: centred on it, or
+    (causal) starting at it, so no earlier output ever moves."""
+    torch.manual_seed(0)
+    enc = build_encoder("tcn", D_IN, hidden=16, layers=3, kernel=3, causal=causal, dropout=0.0).eval()
+    x, mask = torch.randn(1, 40, D_IN), torch.ones(1, 40, dtype=torch.bool)
+    y = x.clone()
+    y[0, 20] += 5.0
+    with torch.no_grad():
+        a, b = enc(x, mask), enc(y, mask)
+    moved = (a - b).abs().amax(-1)[0] > 1e-6
+    reach = range(20, 35) if causal else range(13, 28)
+    assert moved.tolist() == [i in reach for i in range(40)]
+    assert enc.receptive_field == int(moved.sum()) == 15
+
+
 @pytest.mark.parametrize("structure", list(STRUCTURES))
-@pytest.mark.parametrize("encoder", list(SMALL))
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
 def test_structure_shapes_finite_and_masked(structure, encoder):
     torch.manual_seed(0)
     model = MultiTaskModel(
@@ -236,10 +301,8 @@ def numpy_ccc(p: np.ndarray, y: np.ndarray) -> float:
     return 2 * cov / (p.var() + y.var() + (p.mean() - y.mean()) ** 2)
 
 
-@pytest.mark.parametrize("encoder", list(SMALL))
+@pytest.mark.parametrize("encoder", TRAINABLE)
 def test_encoder_overfits_one_batch(encoder):
-    from models import MultiTaskLoss
-
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 32, D_IN, generator=g)
@@ -279,6 +342,42 @@ def test_encoder_configs_build_with_comparable_sizes():
             out = enc(torch.nn.functional.pad(x, (0, 512 - D_IN)), mask)
         assert out.shape == (5, 20, enc.out_dim) and torch.isfinite(out).all()
         sizes[name] = sum(p.numel() for p in enc.parameters())
-    temporal = {name: n for name, n in sizes.items() if n}  # the per-frame `none` has no parameters
+        if name == "tcn":
+            assert enc.receptive_field == 127  # as tcn.yaml states
+    temporal = {name: n for name, n in sizes.items() if n}  # `none` has no parameters; `frame` is sized alike
     assert sizes["none"] == 0 and len(temporal) == len(sizes) - 1
     assert max(temporal.values()) / min(temporal.values()) < 1.25, sizes
+
+
+def test_plugin_encoder_from_the_command_line_builds_and_trains(tmp_path):
+    cfg = load_config("train", overrides=[f"encoder={PLUGIN}"])
+    assert cfg.encoder.to_dict() == {"name": PLUGIN}
+    (tmp_path / "run.yaml").write_text(f"encoder: {{name: '{PLUGIN}', hidden: 4}}\n")
+    assert load_config("train", tmp_path / "run.yaml", ["encoder.hidden=6"]).encoder.hidden == 6  # options: a file
+    assert encoder_options(PLUGIN) == {"hidden"}
+    x, mask = holey_batch()
+    g = torch.Generator().manual_seed(1)
+    targets = {"va": torch.rand(5, 20, 2, generator=g) - 0.5, "expr": torch.randint(0, 8, (5, 20), generator=g),
+               "au": torch.randint(0, 2, (5, 20, 12), generator=g)}
+    for structure in ("shared", "task_specific"):  # task branches look up the plug-in's options
+        torch.manual_seed(0)
+        model = MultiTaskModel(D_IN, {**cfg.encoder, "hidden": 6}, structure=structure)
+        plugins = [m for m in model.modules() if isinstance(m, TinyEncoder)]
+        before = [m.proj.weight.detach().clone() for m in plugins]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss, _ = MultiTaskLoss()(model(x, mask), targets, mask)
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss) and len(plugins) == (1 if structure == "shared" else 4)
+        assert all(not torch.equal(w, m.proj.weight) for w, m in zip(before, plugins, strict=True))
+
+
+def test_plugin_encoder_errors_name_the_spec():
+    with pytest.raises(ValueError, match="encoder plug-in 'no.such.module:X' cannot be loaded"):
+        build_encoder("no.such.module:X", D_IN)
+    with pytest.raises(ValueError, match=re.escape(f"{__name__}:Missing") + "' cannot be loaded"):
+        build_encoder(f"{__name__}:Missing", D_IN)
+    with pytest.raises(ValueError, match=re.escape(f"{__name__}:NoOutDim") + "' must build an nn.Module with out_dim"):
+        build_encoder(f"{__name__}:NoOutDim", D_IN)
+    with pytest.raises(ValueError, match="has no option layers; options: hidden"):
+        build_encoder(PLUGIN, D_IN, layers=2)
