@@ -145,15 +145,20 @@ def test_trailing_padding_is_invisible(variant):
     torch.testing.assert_close(padded[:, :13][alone_mask], alone[alone_mask], atol=1e-5, rtol=1e-5)
 
 
+def moved_by_a_change(enc: torch.nn.Module, steps: int, at: int) -> torch.Tensor:
+    """(steps,) bool: the outputs of ``enc`` that move when the input at step ``at`` changes."""
+    x, mask = torch.randn(1, steps, D_IN), torch.ones(1, steps, dtype=torch.bool)
+    y = x.clone()
+    y[0, at] += 5.0
+    with torch.no_grad():
+        a, b = enc(x, mask), enc(y, mask)
+    return (a - b).abs().amax(-1)[0] > 1e-6
+
+
 def test_local_window_limits_context():
     torch.manual_seed(0)
     enc = build_encoder("transformer", D_IN, hidden=16, layers=1, heads=2, window=2, dropout=0.0).eval()
-    x, mask = torch.randn(1, 12, D_IN), torch.ones(1, 12, dtype=torch.bool)
-    y = x.clone()
-    y[0, 8] += 5.0
-    with torch.no_grad():
-        a, b = enc(x, mask), enc(y, mask)
-    moved = (a - b).abs().amax(-1)[0] > 1e-6
+    moved = moved_by_a_change(enc, 12, 8)
     assert moved.tolist() == [i in range(6, 11) for i in range(12)]  # one layer: |i - 8| <= 2
 
 
@@ -163,12 +168,7 @@ def test_tcn_reaches_its_receptive_field_exactly(causal):
     (causal) starting at it, so no earlier output ever moves."""
     torch.manual_seed(0)
     enc = build_encoder("tcn", D_IN, hidden=16, layers=3, kernel=3, causal=causal, dropout=0.0).eval()
-    x, mask = torch.randn(1, 40, D_IN), torch.ones(1, 40, dtype=torch.bool)
-    y = x.clone()
-    y[0, 20] += 5.0
-    with torch.no_grad():
-        a, b = enc(x, mask), enc(y, mask)
-    moved = (a - b).abs().amax(-1)[0] > 1e-6
+    moved = moved_by_a_change(enc, 40, 20)
     reach = range(20, 35) if causal else range(13, 28)
     assert moved.tolist() == [i in reach for i in range(40)]
     assert enc.receptive_field == int(moved.sum()) == 15
