@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.transformer import ACTIVATIONS
+from models.transformer import ACTIVATIONS, check_choice
 
 
 class FrameEncoder(nn.Module):
@@ -20,8 +20,7 @@ class FrameEncoder(nn.Module):
         self, d_in: int, hidden: int = 1024, layers: int = 3, dropout: float = 0.1, activation: str = "gelu"
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        check_choice("activation", activation, ACTIVATIONS)
         if layers < 1:
             raise ValueError(f"layers={layers}: the frame encoder needs at least one layer")
         self.net = nn.Sequential(

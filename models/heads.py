@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from models.transformer import ACTIVATIONS
+from models.transformer import ACTIVATIONS, check_choice
 
 # Task name -> (outputs, bounded by tanh by default).
 TASKS: dict[str, tuple[int, bool]] = {"va": (2, True), "expr": (8, False), "au": (12, False)}
@@ -49,8 +49,7 @@ class TaskHead(nn.Module):
         activation: str = "gelu",
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"head_activation={activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        check_choice("head_activation", activation, ACTIVATIONS)
         layers: list[nn.Module] = [nn.Dropout(dropout)]
         for width in hidden:
             layers += [nn.Linear(d_in, width), ACTIVATIONS[activation](), nn.Dropout(dropout)]

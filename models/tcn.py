@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from models.transformer import ACTIVATIONS
+from models.transformer import ACTIVATIONS, check_choice
 
 
 class TemporalBlock(nn.Module):
@@ -58,8 +58,7 @@ class TCNEncoder(nn.Module):
         activation: str = "gelu",
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        check_choice("activation", activation, ACTIVATIONS)
         if kernel < 1:
             raise ValueError(f"kernel={kernel}: a convolution needs at least one step")
         self.kernel, self.layers, self.causal = kernel, layers, causal

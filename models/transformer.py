@@ -4,6 +4,7 @@ padding and an optional local band."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,12 @@ from torch import nn
 POSITIONS = ("sinusoidal", "learned", "none")  # how a step's position enters: fixed, learned embedding, not at all
 NORMS = ("pre", "post")  # LayerNorm before each residual branch (and at the end), or after each residual sum
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def check_choice(option: str, value: object, choices: Iterable[str]) -> None:
+    """Refuse ``value`` outside ``choices``, naming the option, before any layer is built."""
+    if value not in choices:
+        raise ValueError(f"{option}={value!r}: choose one of {', '.join(choices)}")
 
 
 def sinusoidal_positions(t: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -110,13 +117,9 @@ class TransformerEncoder(nn.Module):
         head_dim: int = 0,
     ) -> None:
         super().__init__()
-        for option, value, choices in (
-            ("positions", positions, POSITIONS),
-            ("norm", norm, NORMS),
-            ("activation", activation, ACTIVATIONS),
-        ):
-            if value not in choices:
-                raise ValueError(f"{option}={value!r}: choose one of {', '.join(choices)}")
+        check_choice("positions", positions, POSITIONS)
+        check_choice("norm", norm, NORMS)
+        check_choice("activation", activation, ACTIVATIONS)
         width = hidden if input_projection else d_in
         if head_dim:
             if not 0 < head_dim <= width:
