@@ -357,10 +357,9 @@ def write_outputs(cfg: Config, video: Path, results: dict[str, dict[str, np.ndar
     if set(tasks) == {"va", "expr", "au"}:
         write_mtl(out / "abaw" / "mtl.txt", results, au_thresholds=thresholds)
     for key, preds in results.items():
-        with h5py.File(out / "faces" / f"{key}.h5", "r") as f:
-            stamps, present = f["timestamp"][:], f["present"][:]
         name = "timeline.png" if len(results) == 1 else f"timeline_{key}.png"
-        plot_timeline({t: v for t, v in preds.items() if t != "frame"}, stamps, present, out / name, key)
+        plot_timeline({t: v for t, v in preds.items() if t != "frame"}, tracks[key]["timestamp"],
+                      tracks[key]["present"], out / name, key)
         if cfg.overlay:
             name = "overlay.mp4" if len(results) == 1 else f"overlay_{key}.mp4"
             write_overlay(video, preds, out / "faces" / f"{key}.h5", out / name, thresholds)

@@ -69,14 +69,20 @@ def _frames(pred: Preds, video: str) -> np.ndarray:
     return frames
 
 
-def _rows(
-    pred: Preds, video: str, au_thresholds: np.ndarray | None
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(frames (m,), dense predictions over 0..max frame) with VA clipped and AUs binarised."""
+def _checked_frames(pred: Preds, video: str) -> np.ndarray:
+    """The frame indices of ``pred`` (:func:`_frames`), its AU probabilities checked to lie in [0, 1]."""
     frames = _frames(pred, video)
     au = np.asarray(pred["au"], np.float64) if pred.get("au") is not None else np.zeros(0)
     if ((au < 0) | (au > 1)).any():
         raise ValueError(f"{video}: AU probabilities must lie in [0, 1] (NaN where there is none)")
+    return frames
+
+
+def _rows(
+    pred: Preds, video: str, au_thresholds: np.ndarray | None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(frames (m,), dense predictions over 0..max frame) with VA clipped and AUs binarised."""
+    frames = _checked_frames(pred, video)
     dense = dense_predictions(pred, int(frames.max()) + 1 if len(frames) else 0)
     dense["va"] = np.clip(dense["va"], -1.0, 1.0)
     dense["au_bin"] = binarise_au(dense["au"], au_thresholds)
@@ -181,7 +187,7 @@ def write_csv(path: str | Path, preds: Mapping[str, Preds], au_thresholds: np.nd
 
     tables = []
     for video, pred in preds.items():
-        frames, _ = _rows(pred, video, None)  # checks the frame indices and the AU range
+        frames = _checked_frames(pred, video)
         expr = pred.get("expr")
         classes = EXPRESSIONS[: expr.shape[1]] if expr is not None and np.ndim(expr) == 2 else EXPRESSIONS
         face = None if faces is None else faces[video]
