@@ -174,10 +174,6 @@ def write_task_files(
     return written
 
 
-def _num(x: float) -> str:
-    return "" if np.isnan(x) else f"{x:.6f}"
-
-
 def write_csv(path: str | Path, preds: Mapping[str, Preds], au_thresholds: np.ndarray | None = None,
               faces: Mapping[str, Mapping[str, np.ndarray]] | None = None, format: str = "abaw") -> Path:
     """All videos' predictions as one table of :mod:`pipeline.tables` (frames from 1; decisions,
