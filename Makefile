@@ -26,7 +26,10 @@ comma := ,
 empty :=
 space := $(empty) $(empty)
 args_for       = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
-SAMPLE_STEP   := $(if $(filter sample,$(DATA)),sample)
+# The generated data sets: sample (configs/sample.yaml) and sample_temporal (configs/sample_temporal.yaml).
+GENERATED     := sample sample_temporal
+SAMPLE_STEP   := $(if $(filter $(GENERATED),$(DATA)),sample)
+SAMPLE_CONFIG := $(if $(filter sample_temporal,$(DATA)),configs/sample_temporal.yaml)
 # An experiment or config file names its own encoder and extractors; the variables apply to train.yaml.
 TRAIN_SOURCE   = $(if $(EXPERIMENT),experiment=$(EXPERIMENT),$(CONFIG))
 TRAIN_CHOICES  = $(if $(TRAIN_SOURCE),,extractors=[$(EXTRACTOR)] encoder=$(ENCODER))
@@ -66,8 +69,8 @@ demo: train ## the whole pipeline on the built-in sample; prints the validation 
 	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(RUNS)/$(DATA)/train/$(RUN)/predictions \
 		output=$(RUNS)/$(DATA)/evaluate/$(RUN).json
 
-sample: setup ## write the built-in labelled sample to data/sample (skipped when it is there with these settings)
-	$(PY) -m pipeline.sample $(call args_for,sample)
+sample: setup ## write the built-in labelled sample to data/sample (DATA=sample_temporal: the set that needs time)
+	$(PY) -m pipeline.sample $(SAMPLE_CONFIG) $(call args_for,sample)
 
 faces: setup $(SAMPLE_STEP) ## stage 1: detect, track and align faces (runs/$(DATA)/faces/)
 	$(PY) -m pipeline.faces data=$(DATA) out_dir=$(RUNS)/$(DATA)/faces $(call args_for,faces)
@@ -116,5 +119,5 @@ bench-pipeline: setup ## where the time goes in the whole pipeline, and the proj
 bench-memory: setup ## peak memory of faces and features on a 1- and a 30-minute 720p video, against 1.5 GB
 	$(PY) -m pipeline.bench.memory $(ARGS)
 
-clean: ## remove runs/ and the generated sample (keeps the virtual environment)
-	rm -rf $(RUNS) data/sample
+clean: ## remove runs/ and the generated samples (keeps the virtual environment)
+	rm -rf $(RUNS) data/sample data/sample_temporal

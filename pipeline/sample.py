@@ -299,6 +299,7 @@ class Timeline:
     occluder_rgb: np.ndarray  # (3,)
     light: np.ndarray  # (n, 3) per-channel gain
     bias: np.ndarray  # (n,)
+    au: np.ndarray | None = None  # (n, 12) AU labels when they differ from intensity >= ACTIVE
 
 
 def split_names(cfg: Config) -> dict[str, list[str]]:
@@ -427,6 +428,168 @@ def make_timeline(slots: list[Slot], cfg: Config, rng: np.random.Generator) -> T
                     occluder, rng.uniform(0.15, 0.75, 3), light, bias)
 
 
+# --- the temporal variant: labels that need the past ---------------------------------------------
+TEMPORAL_KEYS = ("hold", "cue_every", "au_lead", "cover_seconds")
+REST = ("AU25", "AU6")  # the faint resting face after any expression: lips apart, cheeks a little raised
+RESIDUE = 0.12  # its intensity
+LINGER = (20, 51)  # frames the resting face stays once the label has ended
+# What a cue shows per unit of the hidden state (valence, arousal). Signed channels that are no ABAW
+# label carry most of it: AU20 pulls the mouth corners out (+) or in (-), AU5 opens the lids wide (+)
+# or lets them droop (-), both under the amplitude at which the warp would fold. The ABAW AUs add a
+# trace that stays below ACTIVE, so a cue alone sets no AU label.
+CUES = {  # channel: (gain on valence, gain on arousal, sign the state must have; 0 = either)
+    "AU20": (1.2, 0.0, 0), "AU12": (0.3, 0.0, 1), "AU15": (0.3, 0.0, -1),
+    "AU5": (0.0, 2.0, 0), "AU1": (0.0, 0.3, 1), "AU2": (0.0, 0.3, 1), "AU7": (0.0, 0.3, -1),
+}
+UNFOLDED = {"AU20": 1.4, "AU5": 2.4}  # largest intensity at which each field's warp stays invertible
+COVER = 0.6  # side of the card that covers the face, in frame sizes
+
+
+def check_kind(cfg: Config) -> None:
+    """``kind`` is events or temporal; the temporal ranges are (low, high) pairs of positive numbers."""
+    if cfg.kind not in ("events", "temporal"):
+        raise ConfigError(f"kind={cfg.kind!r}: choose events or temporal")
+    if cfg.kind == "temporal":
+        for key in TEMPORAL_KEYS:
+            pair = cfg[key]
+            if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+                raise ConfigError(f"{key}={pair}: give [low, high] with 0 < low <= high")
+
+
+def _hidden_state(n: int, fps: float, rng: np.random.Generator) -> np.ndarray:
+    """(n,) a slow process in [-1, 1]: a per-video level and two sinusoids of 6-16 s periods."""
+    t = np.arange(n) / fps
+    level = rng.uniform(-0.45, 0.45)
+    periods, phases = rng.uniform(6, 16, 2), rng.uniform(0, 2 * np.pi, 2)
+    wave = 0.6 * np.sin(2 * np.pi * t / periods[0] + phases[0]) + 0.4 * np.sin(2 * np.pi * t / periods[1] + phases[1])
+    return np.clip(level + rng.uniform(0.3, 0.55) * wave, -1, 1)
+
+
+def _distractors(inten: np.ndarray, busy: np.ndarray, rng: np.random.Generator) -> None:
+    """The faint resting face (``REST``), labelled Neutral, time after time wherever the face is
+    otherwise still (``busy`` false), so that a faint face is as likely neutral as held."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[1], busy.astype(int), [1]])))
+    for first, last in zip(edges[::2], edges[1::2], strict=True):
+        t = first + int(rng.integers(2, 10))
+        while last - t >= 22:
+            length = int(rng.integers(20, min(90, last - t - 2) + 1))
+            env = envelope(len(inten), t, length, 6) * RESIDUE * rng.uniform(0.8, 1.2)
+            for au in REST:
+                k = CHANNELS.index(au)
+                inten[:, k] = np.maximum(inten[:, k], env)
+            t += length + int(rng.integers(2, 8))
+
+
+def _ramp(length: int) -> np.ndarray:
+    """(length,) raised cosine from 0 up to 1, both ends excluded."""
+    return 0.5 - 0.5 * np.cos(np.pi * np.arange(1, length + 1) / (length + 1))
+
+
+def _held_event(span: int, hold: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+    """An expression that rises, peaks and falls back to neutral, and the resting face that follows
+    it: intensities (span,) of the expression's AUs and of ``REST``. The resting face stays for
+    ``hold`` labelled frames and ``LINGER`` more labelled Neutral; it is the same face as after any
+    other expression, or none. Also the frame where the label ends."""
+    up, peak, down, fade = int(rng.integers(6, 11)), int(rng.integers(12, 25)), int(rng.integers(6, 11)), 6
+    room = span - up - peak - down - fade
+    linger = min(int(rng.integers(*LINGER)), room // 3)
+    hold = max(8, min(hold, room - linger))
+    shown = np.concatenate([_ramp(up), np.ones(peak), 1 - _ramp(down), np.zeros(hold + linger + fade)])
+    rest = RESIDUE * np.concatenate([np.zeros(up + peak), _ramp(down), np.ones(hold + linger), _ramp(fade)[::-1]])
+    return shown[:span], rest[:span], min(span, up + peak + down + hold)
+
+
+def make_temporal_timeline(slots: list[Slot], cfg: Config, rng: np.random.Generator) -> Timeline:
+    """A timeline whose labels depend on what came before, by construction:
+
+    - an expression stays labelled for ``hold`` frames after the face has gone back to a faint
+      resting face (``REST``) that shows nothing of which expression it was, and that face lingers
+      on, labelled Neutral, for ``LINGER`` frames more;
+    - the same resting face also comes and goes on its own, labelled Neutral, so a frame alone does
+      not tell a held expression from a neutral face, nor which expression is held;
+    - valence and arousal follow slow hidden processes; the face shows them only in brief cues every
+      ``cue_every`` frames (``CUES``: valence in the mouth corners, arousal in the lids and brows), and
+      between cues not at all;
+    - an AU's label starts ``au_lead`` frames before the AU becomes visible;
+    - for an "occlude" slot a card covers the whole face for ``cover_seconds`` from the peak of an
+      expression, and the labels go on.
+    """
+    n, size, fps = cfg.n_frames, cfg.size, cfg.fps
+    inten = np.zeros((n, len(CHANNELS)))
+    au_visible = np.zeros((n, len(AUS)), bool)
+    expr = np.zeros(n, np.int64)
+    px = size / 256
+    pose = np.stack([_wander(n, fps, rng.uniform(2, 6) * px, rng), _wander(n, fps, rng.uniform(2, 6) * px, rng),
+                     _wander(n, fps, rng.uniform(1, 4), rng), 1 + _wander(n, fps, rng.uniform(0.01, 0.04), rng)], -1)
+    occluder = np.full((n, 4), np.nan)
+    widths = 0.5 / len(slots) + 0.5 * rng.dirichlet(np.full(len(slots), 2.0))
+    edges = (np.concatenate([[0], np.cumsum(widths)]) * n).round().astype(int)
+    lead = np.zeros(len(AUS), int)
+    for slot, a, b in zip(slots, edges[:-1], edges[1:], strict=True):
+        span = b - a - 2
+        if slot.kind == "au":
+            length = max(12, round(span * rng.uniform(0.4, 0.6)))
+            start = a + 1 + int(rng.integers(0, max(1, span - length)))
+            env = envelope(n, start, length, 6) * rng.uniform(0.75, 1.0)
+            for au in slot.aus:
+                k = CHANNELS.index(au)
+                inten[:, k] = np.maximum(inten[:, k], env)
+            continue
+        hold = int(rng.integers(cfg.hold[0], cfg.hold[1] + 1))
+        env, rest, label_end = _held_event(span, hold, rng)
+        start = a + 1
+        env = env * rng.uniform(0.75, 1.0)
+        frames = slice(start, start + len(env))
+        for au in TEMPLATES[slot.expr]:
+            k = CHANNELS.index(au)
+            inten[frames, k] = np.maximum(inten[frames, k], env * rng.uniform(0.8, 1.0))
+        for au in REST:
+            k = CHANNELS.index(au)
+            inten[frames, k] = np.maximum(inten[frames, k], rest * rng.uniform(0.8, 1.2))
+        onset = start + int(np.argmax(env >= ACTIVE))
+        expr[onset:start + label_end] = slot.expr
+        if slot.kind in ("occlude", "leave"):  # a card covers the face from the peak on
+            first = onset + int(rng.integers(4, 12))
+            length = round(fps * rng.uniform(*cfg.cover_seconds))
+            box = face_boxes(pose[first:first + length], size)
+            cx, cy = (box[:, 0] + box[:, 2]) / 2, (box[:, 1] + box[:, 3]) / 2
+            side = COVER * size / 2
+            slide = np.clip(np.arange(len(box)) / 4, 0, 1)[:, None]  # in over four frames
+            off = np.array([size + side, 0.0]) * rng.choice([-1, 1])
+            centre = np.stack([cx, cy], -1) * slide + (np.stack([cx, cy], -1) + off) * (1 - slide)
+            occluder[first:first + length] = np.concatenate([centre - side, centre + side], -1)
+    _distractors(inten, (inten[:, : len(AUS)].max(1) > 0.01) | (expr > 0), rng)
+    for k, au in enumerate(AUS):  # an AU is labelled from `lead` frames before it shows
+        lead[k] = int(rng.integers(cfg.au_lead[0], cfg.au_lead[1] + 1))
+        shown = inten[:, CHANNELS.index(au)] >= ACTIVE
+        au_visible[:, k] = shown | np.array([shown[t + 1:t + 1 + lead[k]].any() for t in range(n)])
+
+    valence, arousal = _hidden_state(n, fps, rng), _hidden_state(n, fps, rng)
+    t = 0
+    while True:
+        t += int(rng.integers(cfg.cue_every[0], cfg.cue_every[1] + 1))
+        length = int(rng.integers(12, 21))
+        if t + length >= n:
+            break
+        env = np.zeros(n)
+        env[t:t + length] = np.sin(np.pi * np.arange(1, length + 1) / (length + 1))
+        for au, (gain_v, gain_a, sign) in CUES.items():
+            shown = gain_v * valence[t] + gain_a * arousal[t]
+            if sign == 0:
+                inten[:, CHANNELS.index(au)] += env * shown
+            elif sign * shown > 0:
+                k = CHANNELS.index(au)
+                inten[:, k] = np.maximum(inten[:, k], env * abs(shown))
+    for au, limit in UNFOLDED.items():  # a cue on top of Fear's AU5 and AU20 stays unfolded
+        k = CHANNELS.index(au)
+        inten[:, k] = np.clip(inten[:, k], -limit, limit)
+    light = 1 + np.stack([_wander(n, fps, 0.08, rng)] * 3, -1) + rng.uniform(-0.04, 0.04, 3)
+    bias = _wander(n, fps, 0.03, rng)
+    va = np.stack([valence, arousal], -1).astype(np.float32)
+    return Timeline(inten.astype(np.float32), expr, va, pose, occluder, rng.uniform(0.15, 0.75, 3), light, bias,
+                    au=au_visible.astype(np.int64))
+
+
 def render_video(rig: FaceRig, tl: Timeline, cfg: Config, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Frames (n, h, w, 3) uint8 and keypoints (n, 5, 2) output px, rendered in batches."""
     gen = torch.Generator().manual_seed(seed)
@@ -482,11 +645,18 @@ def labels_of(tl: Timeline, face_ok: np.ndarray, unlabelled: dict[str, np.ndarra
     """ABAW label arrays with the sentinels where the face is unusable or the task is unlabelled."""
     va = tl.va.round(4)
     expr = tl.expr.copy()
-    au = (tl.intensity[:, : len(AUS)] >= ACTIVE).astype(np.int64)
+    au = au_truth(tl)
     va[~face_ok | unlabelled["va"]] = -5
     expr[~face_ok | unlabelled["expr"]] = -1
     au[~face_ok | unlabelled["au"]] = -1
     return {"va": va, "expr": expr, "au": au}
+
+
+def au_truth(tl: Timeline) -> np.ndarray:
+    """(n, 12) AU labels: the timeline's own, else an AU is on where its intensity reaches ACTIVE."""
+    if tl.au is not None:
+        return tl.au.astype(np.int64)
+    return (tl.intensity[:, : len(AUS)] >= ACTIVE).astype(np.int64)
 
 
 def write_annotations(root: Path, split: str, video: str, labels: dict[str, np.ndarray]) -> None:
@@ -510,15 +680,18 @@ def _coverage_gaps(labels: list[dict[str, np.ndarray]]) -> list[str]:
 
 
 def output_hash(cfg: Config) -> str:
-    """Hash of every key that changes the written files (not ``out`` or ``batch``), and the version."""
-    return f"{cfg.hash([k for k in cfg if k not in ('out', 'batch')])}-v{VERSION}"
+    """Hash of every key that changes the written files (not ``out`` or ``batch``), and the version.
+    The temporal keys count only for ``kind: temporal``, so an events sample keeps its hash."""
+    skip = {"out", "batch"} | (set() if cfg.kind == "temporal" else {"kind", *TEMPORAL_KEYS})
+    return f"{cfg.hash([k for k in cfg if k not in skip])}-v{VERSION}"
 
 
 def generate(cfg: Config, root: Path) -> dict:
     """Write the whole sample under ``root``; returns the manifest."""
+    temporal = cfg.kind == "temporal"
     rig = build_rig(cfg.strength)
     splits = split_names(cfg)
-    manifest = {"config_hash": output_hash(cfg), "fps": cfg.fps, "n_frames": cfg.n_frames,
+    manifest = {"config_hash": output_hash(cfg), "kind": cfg.kind, "fps": cfg.fps, "n_frames": cfg.n_frames,
                 "size": cfg.size, "splits": splits, "expressions": list(EXPRESSIONS), "aus": list(AUS)}
     for split, videos in splits.items():
         plan = plan_split(videos, cfg, np.random.default_rng([cfg.seed, SPLITS.index(split)]))
@@ -526,12 +699,13 @@ def generate(cfg: Config, root: Path) -> dict:
         for video in videos:
             index = int(video.rsplit("_", 1)[1])
             rng = np.random.default_rng([cfg.seed, 100 + index])
-            tl = make_timeline(plan[video], cfg, rng)
+            tl = (make_temporal_timeline if temporal else make_timeline)(plan[video], cfg, rng)
             frames, kps = render_video(rig, tl, cfg, seed=cfg.seed * 1000 + index)
             box = face_boxes(tl.pose, cfg.size)
             visible = _overlap(box, np.array([[0, 0, cfg.size, cfg.size]] * len(box)))
             occluded = _overlap(box, tl.occluder)
-            face_ok = (visible >= MIN_VISIBLE) & (occluded <= MAX_OCCLUDED)
+            # in the temporal set a covered face stays labelled: what it shows is known from before
+            face_ok = (visible >= MIN_VISIBLE) & ((occluded <= MAX_OCCLUDED) | temporal)
             unlabelled = {task: _spans(cfg.n_frames, cfg.unlabelled, rng) for task in TASKS}
             labels = labels_of(tl, face_ok, unlabelled)
             write_video(root / "videos" / f"{video}.mp4", frames, cfg.fps, cfg.crf)
@@ -543,7 +717,7 @@ def generate(cfg: Config, root: Path) -> dict:
                 occluded=occluded.astype(np.float32),
                 **{f"unlabelled_{task}": m for task, m in unlabelled.items()},
                 intensity=tl.intensity, channels=np.array(CHANNELS), expr=tl.expr, va=tl.va,
-                au=(tl.intensity[:, : len(AUS)] >= ACTIVE).astype(np.int64),
+                au=au_truth(tl),
                 pose=tl.pose.astype(np.float32), box=box.astype(np.float32), landmarks=kps,
                 occluder=tl.occluder.astype(np.float32),
             )
@@ -557,6 +731,7 @@ def generate(cfg: Config, root: Path) -> dict:
 
 def main(cfg: Config) -> int:
     """Generate the sample at ``cfg.out`` unless an output made with the same settings is there."""
+    check_kind(cfg)
     out = Path(cfg.out)
     digest = output_hash(cfg)
     done = out / "manifest.json"
