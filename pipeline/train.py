@@ -34,7 +34,9 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -74,6 +76,9 @@ from pipeline.runs import (
     write_text,
 )
 from pipeline.writers import write_task_files
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger("pipeline")
 
@@ -469,9 +474,27 @@ def check_stages(cfg: Config) -> list[list[str]]:
     return stages
 
 
-def run(cfg: Config, world: World, device: torch.device, out: Path, cache: FeatureCache, identity: str) -> int:
-    if world.main:
-        cfg.save(out / "config.yaml")
+@dataclass
+class Training:
+    """What a run trains, as its config builds it: the splits, the training windows and their loader,
+    the model and the loss (both on the device)."""
+
+    stages: list[list[str]]
+    train_labels: dict
+    val_labels: dict
+    train_videos: list[str]
+    val_videos: list[str]
+    prior: dict
+    normaliser: Normaliser | None
+    train_set: SequenceDataset
+    shuffle: torch.Generator  # draws the batches; seeded again every epoch
+    loader: DataLoader
+    model: MultiTaskModel
+    loss_fn: MultiTaskLoss
+
+
+def build_training(cfg: Config, world: World, device: torch.device, cache: FeatureCache) -> Training:
+    """Seed, then build what ``cfg`` trains; settings that cannot go together are an input error."""
     seed_everything(cfg.seed, cfg.deterministic)
     stages = check_stages(cfg)
     if len(stages) > 1 and world.size > 1:
@@ -504,30 +527,99 @@ def run(cfg: Config, world: World, device: torch.device, out: Path, cache: Featu
         log.warning("batch_size=%d does not split evenly over %d processes: shares are padded",
                     cfg.batch_size, world.size)
 
-    classes = expression_set(expressions(cfg))
     model = build_model(cfg, cache.dim, train_labels, train_videos).to(device)
     loss_fn = build_loss(cfg, model, train_labels, train_videos).to(device)
+    return Training(stages, train_labels, val_labels, train_videos, val_videos, prior, normaliser, train_set,
+                    shuffle, loader, model, loss_fn)
+
+
+def enter_stage(
+    cfg: Config, model: MultiTaskModel, loss_fn: MultiTaskLoss, stages: list[list[str]], k: int, steps_per_epoch: int
+) -> tuple[list[torch.nn.Module], list[list[torch.nn.Parameter]], torch.optim.Optimizer,
+           torch.optim.lr_scheduler.LambdaLR]:
+    """Freeze what earlier stages trained (and stage ``k`` does not): the modules returned, to be
+    kept in eval mode so their batch-norm statistics stay too. Its clip groups, a fresh optimiser
+    and schedule."""
+    earlier = {t for s in stages[:k] for t in s} - set(stages[k])
+    frozen_modules = task_modules(model, sorted(earlier))
+    frozen = {id(p) for m in frozen_modules for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
+    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad]
+                                + list(loss_fn.parameters()))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    groups = clip_groups(model, cfg.clip_groups)
+    groups[0] = groups[0] + list(loss_fn.parameters())
+    return frozen_modules, groups, optimizer, scheduler
+
+
+def train_epoch(
+    cfg: Config,
+    net: torch.nn.Module,
+    loader: DataLoader,
+    loss_fn: MultiTaskLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    groups: list[list[torch.nn.Parameter]],
+    tasks: list[str],
+    device: torch.device,
+    world: World,
+    first_step: int = 0,
+    board: SummaryWriter | None = None,
+    desc: str = "",
+) -> list[float]:
+    """One pass over ``loader``: an optimiser step per batch on the losses of ``tasks``, the schedule
+    stepped after each with ``schedule_unit: step``, per-step scalars to ``board`` numbered from
+    ``first_step``. The batch losses."""
+    carry = bool(cfg.encoder.get("carry_state"))
+    use_amp = cfg.amp and device.type == "cuda"
+    # frames per step, for the progress bar's rate; where stderr is a log file, a line every 30 s
+    frames_per_step = cfg.batch_size * cfg.window
+    interactive = sys.stderr.isatty()
+    losses = []
+    bar = tqdm(total=len(loader) * frames_per_step, desc=desc, unit="frame", unit_scale=True, leave=False,
+               disable=not world.main, mininterval=0.5 if interactive else 30)
+    for step, batch in enumerate(loader, start=first_step):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if carry and int(batch["start"].max()) == 0:  # a new group of videos starts from zeros
+            reset_carried_state(net)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            outputs = net(batch["x"], batch["mask"])
+        outputs, targets = gather_batch({k: v.float() for k, v in outputs.items() if k in tasks}, batch, world)
+        loss, parts = loss_fn(outputs, targets, targets["mask"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip > 0:
+            for group in groups:
+                torch.nn.utils.clip_grad_norm_(group, cfg.clip)
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        if cfg.schedule_unit == "step":
+            scheduler.step()
+        losses.append(loss.item())
+        bar.update(frames_per_step)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if board is not None:
+            board.add_scalar("train/loss", losses[-1], step)
+            board.add_scalar("train/lr", lr, step)
+            for task, value in parts.items():
+                board.add_scalar(f"train/loss_{task}", float(value), step)
+    bar.close()
+    return losses
+
+
+def run(cfg: Config, world: World, device: torch.device, out: Path, cache: FeatureCache, identity: str) -> int:
+    if world.main:
+        cfg.save(out / "config.yaml")
+    training = build_training(cfg, world, device, cache)
+    stages, loader, train_set, shuffle = training.stages, training.loader, training.train_set, training.shuffle
+    model, loss_fn, normaliser, prior = training.model, training.loss_fn, training.normaliser, training.prior
+    train_videos, val_labels, val_videos = training.train_videos, training.val_labels, training.val_videos
+    classes = expression_set(expressions(cfg))
     n_epochs = cfg.epochs * len(stages)
     log.info("model: %s encoder, %s structure, %.2f M parameters, %d steps%s", cfg.encoder.name,
              cfg.model.structure, sum(p.numel() for p in model.parameters()) / 1e6, n_epochs * len(loader),
              f" in {len(stages)} stages {stages}" if len(stages) > 1 else "")
-
-    frozen_modules: list[torch.nn.Module] = []
-
-    def enter_stage(k: int) -> tuple[list[list], torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-        """Freeze what earlier stages trained (and this one does not), batch-norm statistics
-        included; a fresh optimiser and schedule."""
-        earlier = {t for s in stages[:k] for t in s} - set(stages[k])
-        frozen_modules[:] = task_modules(model, sorted(earlier))
-        frozen = {id(p) for m in frozen_modules for p in m.parameters()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) not in frozen)
-        optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad]
-                                    + list(loss_fn.parameters()))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(loader)))
-        groups = clip_groups(model, cfg.clip_groups)
-        groups[0] = groups[0] + list(loss_fn.parameters())
-        return groups, optimizer, scheduler
 
     history: list[dict] = []
     start_epoch, best, stale = 0, -math.inf, 0
@@ -536,7 +628,7 @@ def run(cfg: Config, world: World, device: torch.device, out: Path, cache: Featu
     task_epochs: dict[str, int] = {}
     task_states: dict[str, dict] = {}
     last_path, best_path = out / "last.pt", out / "best.pt"
-    stage, groups, optimizer, scheduler = None, None, None, None
+    stage, groups, optimizer, scheduler, frozen_modules = None, None, None, None, []
     if cfg.resume and last_path.is_file():
         _, ckpt = load_checkpoint(last_path, device)
         if ckpt.get("identity") != identity:  # claim_run() lets no other run's folder through
@@ -547,7 +639,8 @@ def run(cfg: Config, world: World, device: torch.device, out: Path, cache: Featu
         start_epoch = ckpt["epoch"] + 1
         if start_epoch % cfg.epochs and start_epoch < n_epochs:  # inside a stage: its optimiser goes on
             stage = start_epoch // cfg.epochs
-            groups, optimizer, scheduler = enter_stage(stage)
+            frozen_modules, groups, optimizer, scheduler = enter_stage(cfg, model, loss_fn, stages, stage,
+                                                                       len(loader))
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
         task_best.update(ckpt.get("task_best", {}))
@@ -560,7 +653,6 @@ def run(cfg: Config, world: World, device: torch.device, out: Path, cache: Featu
     if world.size > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    use_amp = cfg.amp and device.type == "cuda"
     extra = {"config": cfg.to_dict(), "identity": identity, "extractors": list(cfg.extractors),
              "normaliser": normaliser.state() if normaliser else None,
              "window": cfg.window, "eval_stride": cfg.eval_stride,
@@ -573,9 +665,6 @@ def run(cfg: Config, world: World, device: torch.device, out: Path, cache: Featu
         from torch.utils.tensorboard import SummaryWriter
 
         board = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch * len(loader))
-    # frames per step, for the progress bar's rate; where stderr is a log file, a line every 30 s
-    frames_per_step = cfg.batch_size * cfg.window
-    interactive = sys.stderr.isatty()
     for epoch in range(start_epoch, n_epochs):
         if epoch // cfg.epochs != stage:
             if epoch > 0:  # the next stage starts from the best weights of the last
@@ -583,7 +672,8 @@ def run(cfg: Config, world: World, device: torch.device, out: Path, cache: Featu
                 log.info("stage %d: %s, with %s frozen", epoch // cfg.epochs, "+".join(stages[epoch // cfg.epochs]),
                          "+".join(sorted({t for s in stages[: epoch // cfg.epochs] for t in s})) or "nothing")
             stage = epoch // cfg.epochs
-            groups, optimizer, scheduler = enter_stage(stage)
+            frozen_modules, groups, optimizer, scheduler = enter_stage(cfg, model, loss_fn, stages, stage,
+                                                                       len(loader))
             best, stale = -math.inf, 0
         if stale >= cfg.patience > 0:
             if stage == len(stages) - 1:
@@ -599,35 +689,10 @@ def run(cfg: Config, world: World, device: torch.device, out: Path, cache: Featu
         for module in frozen_modules:
             module.eval()
         train_set.set_epoch(epoch)
-        losses = []
-        bar = tqdm(total=len(loader) * frames_per_step, desc=f"epoch {epoch}/{n_epochs}", unit="frame",
-                   unit_scale=True, leave=False, disable=not world.main, mininterval=0.5 if interactive else 30)
-        for step, batch in enumerate(loader, start=epoch * len(loader)):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            if carry and int(batch["start"].max()) == 0:  # a new group of videos starts from zeros
-                reset_carried_state(model)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                outputs = net(batch["x"], batch["mask"])
-            outputs, targets = gather_batch({k: v.float() for k, v in outputs.items() if k in tasks_now}, batch, world)
-            loss, parts = loss_fn(outputs, targets, targets["mask"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip > 0:
-                for group in groups:
-                    torch.nn.utils.clip_grad_norm_(group, cfg.clip)
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            if cfg.schedule_unit == "step":
-                scheduler.step()
-            losses.append(loss.item())
-            bar.update(frames_per_step)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", refresh=False)
-            if board is not None:
-                board.add_scalar("train/loss", losses[-1], step)
-                board.add_scalar("train/lr", lr, step)
-                for task, value in parts.items():
-                    board.add_scalar(f"train/loss_{task}", float(value), step)
-        bar.close()
+        looping = time.perf_counter()
+        losses = train_epoch(cfg, net, loader, loss_fn, optimizer, scheduler, groups, tasks_now, device, world,
+                             epoch * len(loader), board, f"epoch {epoch}/{n_epochs}")
+        train_seconds = time.perf_counter() - looping
         if cfg.schedule_unit == "epoch":
             scheduler.step()
         if not world.main:
@@ -653,7 +718,7 @@ def run(cfg: Config, world: World, device: torch.device, out: Path, cache: Featu
             dist.broadcast_object_list([best, stale], src=0)
         record = {"epoch": epoch, "stage": stage, "train_loss": float(np.mean(losses)),
                   "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - tick, 2),
-                  "val": val_scores}
+                  "train_seconds": round(train_seconds, 2), "val": val_scores}
         history.append(record)
         log.info("epoch %3d  loss %.4f  val %s %.4f%s  (%.1f s)", epoch, record["train_loss"],
                  "P_MTL" if len(tasks_now) == 3 else "+".join(tasks_now), score,
