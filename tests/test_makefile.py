@@ -51,3 +51,15 @@ def test_args_go_to_the_stage_named_and_variables_choose_the_config() -> None:
 
 def test_a_failed_target_leaves_no_file_that_looks_done() -> None:
     assert ".DELETE_ON_ERROR:" in (ROOT / "Makefile").read_text()
+
+
+def test_bench_on_the_set_that_needs_time_generates_it_first() -> None:
+    text = dry_run("bench", "DATA=sample_temporal", "EXTRACTOR=onet")
+    (sample,) = stage_lines(text, "sample")
+    assert "configs/sample_temporal.yaml" in sample
+    (bench,) = [line for line in text.splitlines() if "-m pipeline.bench.encoders" in line]
+    assert "data=sample_temporal" in bench and "extractors=[onet]" in bench
+    # on other data nothing is generated, and the built-in sample takes configs/sample.yaml's own set
+    assert not stage_lines(dry_run("bench", "DATA=affwild2"), "sample")
+    (sample,) = stage_lines(dry_run("features"), "sample")
+    assert "sample_temporal" not in sample
