@@ -18,7 +18,6 @@ from pipeline.sample import (
     ACTIVE,
     AUS,
     CHANNELS,
-    CUES,
     SPLITS,
     main,
     make_temporal_timeline,
