@@ -189,7 +189,7 @@ def test_baseline_must_be_benchmarked(tmp_path):
 def test_training_loop_is_timed_against_the_bare_step_on_the_same_batches(tmp_path, monkeypatch):
     syn = learnable_set(tmp_path, name="sample")  # runs/sample/features/syn.h5
     cfg = load_config("bench", overrides=[*TINY, "extractors=[syn]", f"runs_dir={syn['runs']}", "loop_repeats=2",
-                                          "train.window=24", "train.batch_size=4"])
+                                          "train.window=24", "train.stride=8", "train.batch_size=4"])
     cfg.data.update(annotations=str(syn["annotations"]))
     calls = []
     real_epoch = train.train_epoch
