@@ -516,7 +516,7 @@ def make_temporal_timeline(slots: list[Slot], cfg: Config, rng: np.random.Genera
     """
     n, size, fps = cfg.n_frames, cfg.size, cfg.fps
     inten = np.zeros((n, len(CHANNELS)))
-    au_visible = np.zeros((n, len(AUS)), bool)
+    au_label = np.zeros((n, len(AUS)), bool)
     expr = np.zeros(n, np.int64)
     px = size / 256
     pose = np.stack([_wander(n, fps, rng.uniform(2, 6) * px, rng), _wander(n, fps, rng.uniform(2, 6) * px, rng),
@@ -524,7 +524,6 @@ def make_temporal_timeline(slots: list[Slot], cfg: Config, rng: np.random.Genera
     occluder = np.full((n, 4), np.nan)
     widths = 0.5 / len(slots) + 0.5 * rng.dirichlet(np.full(len(slots), 2.0))
     edges = (np.concatenate([[0], np.cumsum(widths)]) * n).round().astype(int)
-    lead = np.zeros(len(AUS), int)
     for slot, a, b in zip(slots, edges[:-1], edges[1:], strict=True):
         span = b - a - 2
         if slot.kind == "au":
@@ -560,9 +559,9 @@ def make_temporal_timeline(slots: list[Slot], cfg: Config, rng: np.random.Genera
             occluder[first:first + length] = np.concatenate([centre - side, centre + side], -1)
     _distractors(inten, (inten[:, : len(AUS)].max(1) > 0.01) | (expr > 0), rng)
     for k, au in enumerate(AUS):  # an AU is labelled from `lead` frames before it shows
-        lead[k] = int(rng.integers(cfg.au_lead[0], cfg.au_lead[1] + 1))
+        lead = int(rng.integers(cfg.au_lead[0], cfg.au_lead[1] + 1))
         shown = inten[:, CHANNELS.index(au)] >= ACTIVE
-        au_visible[:, k] = shown | np.array([shown[t + 1:t + 1 + lead[k]].any() for t in range(n)])
+        au_label[:, k] = shown | np.array([shown[t + 1:t + 1 + lead].any() for t in range(n)])
 
     valence, arousal = _hidden_state(n, fps, rng), _hidden_state(n, fps, rng)
     t = 0
@@ -587,7 +586,7 @@ def make_temporal_timeline(slots: list[Slot], cfg: Config, rng: np.random.Genera
     bias = _wander(n, fps, 0.03, rng)
     va = np.stack([valence, arousal], -1).astype(np.float32)
     return Timeline(inten.astype(np.float32), expr, va, pose, occluder, rng.uniform(0.15, 0.75, 3), light, bias,
-                    au=au_visible.astype(np.int64))
+                    au=au_label.astype(np.int64))
 
 
 def render_video(rig: FaceRig, tl: Timeline, cfg: Config, seed: int) -> tuple[np.ndarray, np.ndarray]:
