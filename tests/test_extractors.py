@@ -12,7 +12,35 @@ from einops import rearrange
 from features import EXTRACTORS, build_extractor
 from pipeline.config import component_names, load_component
 
-SMALL = ("iresnet18", "onet", "vit_tiny")  # cheap enough to run for real on CPU
+# How each registry entry runs on real crops in test_small_extractors_give_finite_features_from_any_crop_size:
+# the arguments that build it, or in TOO_BIG why it does not run (its shapes still run on the meta device).
+RUN_ARGS = {
+    "fer_xception": dict(random_init=True),
+    "iresnet18": dict(random_init=True),
+    "onet": dict(),  # the weights shipped with facenet-pytorch
+    "vit_tiny": dict(random_init=True),
+}
+TOO_BIG = {
+    "iresnet34": "iresnet18's network with more blocks: seconds more on CPU, nothing new checked",
+    "iresnet50": "iresnet18's network with more blocks: seconds more on CPU, nothing new checked",
+    "iresnet100": "iresnet18's network with more blocks: seconds more on CPU, nothing new checked",
+    "mae_vit_base": "vit_tiny's ViTExtractor at ViT-B width: about 5 s on CPU",
+    "mae_vit_large": "vit_tiny's ViTExtractor at ViT-L width: about 20 s and 1.2 GB on CPU",
+}
+
+
+def runnable() -> list[str]:
+    """The registry entries run on real crops: all but those in TOO_BIG."""
+    return sorted(set(EXTRACTORS) - set(TOO_BIG))
+
+
+def check_tables() -> None:
+    """Every registry entry is in exactly one of RUN_ARGS and TOO_BIG, and neither names anything else."""
+    missing = sorted(set(EXTRACTORS) - set(RUN_ARGS) - set(TOO_BIG))
+    assert not missing, f"add a row to RUN_ARGS (or TOO_BIG, with a reason) in tests/test_extractors.py for {missing}"
+    stale = sorted((set(RUN_ARGS) | set(TOO_BIG)) - set(EXTRACTORS))
+    assert not stale, f"RUN_ARGS or TOO_BIG name unregistered extractors: {stale}"
+    assert not set(RUN_ARGS) & set(TOO_BIG) and all(TOO_BIG.values())
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -21,6 +49,23 @@ def n_params(model: torch.nn.Module) -> int:
 
 def test_every_registry_entry_has_a_config_and_vice_versa():
     assert set(component_names("extractor")) == set(EXTRACTORS)
+
+
+def test_every_registry_entry_runs_or_says_why_not():
+    check_tables()
+
+
+def test_a_new_registry_entry_is_collected_and_needs_a_row(monkeypatch):
+    """A registered extractor joins the parametrised tests and fails the table check until it has a row."""
+    monkeypatch.setitem(EXTRACTORS, "dummy", EXTRACTORS["fer_xception"])
+    assert "dummy" in runnable()
+    with pytest.raises(AssertionError, match=r"add a row to RUN_ARGS .*\['dummy'\]"):
+        check_tables()
+    with pytest.raises(pytest.fail.Exception, match="'dummy' has no row: add one to RUN_ARGS or TOO_BIG"):
+        run_args("dummy")
+    monkeypatch.setitem(TOO_BIG, "dummy", "a test entry")
+    check_tables()
+    assert "dummy" not in runnable()
 
 
 def test_unknown_name_lists_the_valid_ones():
@@ -43,13 +88,22 @@ def test_builds_from_its_config_with_declared_shape(name):
     assert len(info["mean"]) == len(info["std"]) == 3 and info["channel_order"] in ("RGB", "BGR")
 
 
-@pytest.mark.parametrize("name", SMALL)
+def run_args(name: str) -> dict:
+    """The arguments that build registry entry ``name`` for a run on real crops."""
+    if name not in RUN_ARGS:
+        pytest.fail(f"extractor {name!r} has no row: add one to RUN_ARGS or TOO_BIG in tests/test_extractors.py",
+                    pytrace=False)
+    return RUN_ARGS[name]
+
+
+@pytest.mark.parametrize("name", runnable())
 def test_small_extractors_give_finite_features_from_any_crop_size(name):
     torch.manual_seed(0)
-    model = build_extractor(name, random_init=True)
+    model = build_extractor(name, **run_args(name))
     crops = torch.randint(0, 256, (2, 112, 112, 3), dtype=torch.uint8)
     x = model.preprocess(crops)
-    assert x.shape == (2, 3, model.input_size, model.input_size) and x.dtype == torch.float32
+    channels = model.describe().get("channels", 3)
+    assert x.shape == (2, channels, model.input_size, model.input_size) and x.dtype == torch.float32
     with torch.inference_mode():
         y = model(x)
     assert y.shape == (2, model.dim) and torch.isfinite(y).all()

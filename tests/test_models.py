@@ -18,37 +18,61 @@ from pipeline.config import component_names, load_component, load_config
 torch.set_num_threads(1)
 D_IN = 16
 
-ENCODER_VARIANTS = {
-    "transformer_sin": dict(name="transformer", hidden=32, layers=2, heads=4, dropout=0.0),
+# One small config per registry entry: every registry test runs it, and check_tables fails for an
+# entry without a row here.
+SMALL = {
+    "transformer": dict(hidden=32, layers=2, heads=4, dropout=0.0),
+    "lstm": dict(hidden=24, layers=2, bidirectional=True, dropout=0.0),
+    "gru": dict(hidden=24, layers=2, bidirectional=True, dropout=0.0),
+    "tcn": dict(hidden=24, layers=3, kernel=3, dropout=0.0),
+    "frame": dict(hidden=24, layers=2, dropout=0.0),
+    "none": dict(),
+}
+# Other settings of the registered encoders, held to the same mask contract.
+VARIANTS = {
     "transformer_learned": dict(
         name="transformer", hidden=32, layers=2, heads=4, positions="learned", max_len=64, dropout=0.0
     ),
     "transformer_window": dict(name="transformer", hidden=32, layers=2, heads=4, window=3, dropout=0.0),
-    "lstm_bi": dict(name="lstm", hidden=24, layers=2, bidirectional=True, dropout=0.0),
     "lstm_uni": dict(name="lstm", hidden=24, layers=1, bidirectional=False, dropout=0.0),
-    "gru_bi": dict(name="gru", hidden=24, layers=2, bidirectional=True, dropout=0.0),
     "gru_uni": dict(name="gru", hidden=24, layers=2, bidirectional=False, dropout=0.0),
-    "tcn": dict(name="tcn", hidden=24, layers=3, kernel=3, dropout=0.0),
     "tcn_causal": dict(name="tcn", hidden=24, layers=3, kernel=3, causal=True, dropout=0.0),
-    "frame": dict(name="frame", hidden=24, layers=2, dropout=0.0),
-    "none": dict(name="none"),
 }
-# One small config per registry entry, each also a variant above, so the mask tests cover it; the
-# structure and overfit tests iterate the registry, and test_every_encoder_has_a_small_config fails
-# for an entry missing here.
-SMALL = {
-    name: ENCODER_VARIANTS[v]
-    for name, v in (
-        ("transformer", "transformer_sin"),
-        ("lstm", "lstm_bi"),
-        ("gru", "gru_bi"),
-        ("tcn", "tcn"),
-        ("frame", "frame"),
-        ("none", "none"),
-    )
-}
-# `none` is left out of overfitting only: linear heads on the raw features have nothing to memorise with.
-TRAINABLE = sorted(set(ENCODERS) - {"none"})
+NOT_TRAINABLE = {"none": "linear heads on the raw features have nothing to memorise with"}
+
+
+def small(name: str) -> dict:
+    """The small config of registry entry ``name``, as an encoder spec."""
+    if name not in SMALL:
+        pytest.fail(f"encoder {name!r} has no small config: add a row for it to SMALL in tests/test_models.py",
+                    pytrace=False)
+    return {"name": name, **SMALL[name]}
+
+
+def encoder_cases() -> list[str]:
+    """Every registry entry, then every extra variant: the ids of the mask tests."""
+    return sorted(ENCODERS) + list(VARIANTS)
+
+
+def encoder_spec(case: str) -> dict:
+    """The spec of a mask-test case: a variant, or a registry entry's small config."""
+    return VARIANTS[case] if case in VARIANTS else small(case)
+
+
+def trainable() -> list[str]:
+    """The registry entries the overfit test trains: all but the explicit exclusions."""
+    return sorted(set(ENCODERS) - set(NOT_TRAINABLE))
+
+
+def check_tables() -> None:
+    """SMALL has a row for exactly the registry entries; the other tables name only registry entries."""
+    missing, stale = sorted(set(ENCODERS) - set(SMALL)), sorted(set(SMALL) - set(ENCODERS))
+    assert not missing, f"add a row to SMALL in tests/test_models.py for each new encoder: {missing}"
+    assert not stale, f"SMALL has rows for encoders that are not registered: {stale}"
+    unknown = sorted(set(NOT_TRAINABLE) - set(ENCODERS))
+    assert not unknown and all(NOT_TRAINABLE.values()), f"NOT_TRAINABLE: unregistered {unknown}, or a reason left empty"
+    assert not set(VARIANTS) & set(ENCODERS), "a variant name would hide a registry entry's id"
+    assert {v["name"] for v in VARIANTS.values()} <= set(ENCODERS)
 
 
 class TinyEncoder(nn.Module):
@@ -99,7 +123,21 @@ def scramble_invalid(x: torch.Tensor, mask: torch.Tensor, fill: float | None = N
 
 
 def test_every_encoder_has_a_small_config():
-    assert set(SMALL) == set(ENCODERS), f"give every registry entry a small config: {set(ENCODERS) ^ set(SMALL)}"
+    check_tables()
+
+
+def test_a_new_registry_entry_is_collected_and_needs_a_small_config(monkeypatch):
+    """A registered encoder joins the parametrised tests, fails until SMALL has its row, then keeps the contract."""
+    monkeypatch.setitem(ENCODERS, "dummy", TinyEncoder)
+    assert "dummy" in encoder_cases() and "dummy" in trainable()
+    with pytest.raises(AssertionError, match=r"add a row to SMALL .*\['dummy'\]"):
+        check_tables()
+    with pytest.raises(pytest.fail.Exception, match="'dummy' has no small config: add a row for it to SMALL"):
+        small("dummy")
+    monkeypatch.setitem(SMALL, "dummy", dict(hidden=8))
+    check_tables()
+    test_encoder_honours_mask("dummy")
+    test_trailing_padding_is_invisible("dummy")
 
 
 def test_build_encoder_errors_name_the_choices():
@@ -111,10 +149,10 @@ def test_build_encoder_errors_name_the_choices():
         encoder_from({"hidden": 8}, D_IN)
 
 
-@pytest.mark.parametrize("variant", list(ENCODER_VARIANTS))
-def test_encoder_honours_mask(variant):
+@pytest.mark.parametrize("case", encoder_cases())
+def test_encoder_honours_mask(case):
     torch.manual_seed(0)
-    enc = encoder_from(ENCODER_VARIANTS[variant], D_IN).eval()
+    enc = encoder_from(encoder_spec(case), D_IN).eval()
     x, mask = holey_batch()
     with torch.no_grad():
         ref = enc(x, mask)
@@ -129,12 +167,12 @@ def test_encoder_honours_mask(variant):
     assert (changed[mask] - ref[mask]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("variant", list(ENCODER_VARIANTS))
-def test_trailing_padding_is_invisible(variant):
+@pytest.mark.parametrize("case", encoder_cases())
+def test_trailing_padding_is_invisible(case):
     """A sequence padded to a longer batch gives the same outputs as the sequence alone: padding
     takes no attention weight and no recurrent step (zeroed input is not enough for either)."""
     torch.manual_seed(0)
-    enc = encoder_from(ENCODER_VARIANTS[variant], D_IN).eval()
+    enc = encoder_from(encoder_spec(case), D_IN).eval()
     x, mask = holey_batch()
     alone_x, alone_mask = x[1:2, :13], mask[1:2, :13]  # holes inside, no padding
     padded_mask = torch.zeros(1, 20, dtype=torch.bool)
@@ -180,7 +218,7 @@ def test_structure_shapes_finite_and_masked(structure, encoder):
     torch.manual_seed(0)
     model = MultiTaskModel(
         D_IN,
-        SMALL[encoder],
+        small(encoder),
         structure=structure,
         au_dim=8,
         attn_heads=2,
@@ -203,7 +241,7 @@ def test_structure_shapes_finite_and_masked(structure, encoder):
 
 def test_task_subsets_and_structure_requirements():
     x, mask = holey_batch()
-    enc = SMALL["gru"]
+    enc = small("gru")
     assert list(MultiTaskModel(D_IN, enc, tasks=["expr"])(x, mask)) == ["expr"]
     assert list(MultiTaskModel(D_IN, enc, tasks=["au", "va"], structure="task_specific")(x, mask)) == [
         "va",
@@ -225,7 +263,7 @@ def test_task_subsets_and_structure_requirements():
 
 def test_feedback_arousal_does_not_train_valence_or_au_branches():
     torch.manual_seed(0)
-    model = MultiTaskModel(D_IN, SMALL["lstm"], structure="feedback")
+    model = MultiTaskModel(D_IN, small("lstm"), structure="feedback")
     x, mask = holey_batch()
     model(x, mask)["va"][..., 1].sum().backward()  # arousal only
     net = model.net
@@ -261,10 +299,10 @@ def test_au_cooccurrence_and_given_graph():
     "structure,encoder,graph",
     [
         ("shared", "transformer_learned", None),
-        ("task_specific", "lstm_bi", None),
+        ("task_specific", "lstm", None),
         ("feedback", "gru_uni", None),
         ("cross_attention", "transformer_window", "given"),
-        ("cross_attention", "gru_bi", "learned"),
+        ("cross_attention", "gru", "learned"),
     ],
 )
 def test_args_round_trip(structure, encoder, graph):
@@ -273,7 +311,7 @@ def test_args_round_trip(structure, encoder, graph):
         graph = au_cooccurrence(np.random.default_rng(0).integers(0, 2, size=(50, 12)))
     model = MultiTaskModel(
         D_IN,
-        ENCODER_VARIANTS[encoder],
+        encoder_spec(encoder),
         structure=structure,
         head_hidden=8,
         au_dim=8,
@@ -301,7 +339,7 @@ def numpy_ccc(p: np.ndarray, y: np.ndarray) -> float:
     return 2 * cov / (p.var() + y.var() + (p.mean() - y.mean()) ** 2)
 
 
-@pytest.mark.parametrize("encoder", TRAINABLE)
+@pytest.mark.parametrize("encoder", trainable())
 def test_encoder_overfits_one_batch(encoder):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
@@ -313,7 +351,7 @@ def test_encoder_overfits_one_batch(encoder):
         "expr": torch.randint(0, 8, (4, 32), generator=g),
         "au": torch.randint(0, 2, (4, 32, 12), generator=g),
     }
-    model = MultiTaskModel(D_IN, {**SMALL[encoder], "hidden": 32})
+    model = MultiTaskModel(D_IN, {**small(encoder), "hidden": 32})
     loss_fn = MultiTaskLoss()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(150):
