@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.config import DEVICE, Config, check_choices, run_stage
+from pipeline.config import DEVICE, Config, InputError, check_choices, run_stage
 from pipeline.runs import (
     RunLocked,
     atomic_output,
@@ -257,8 +257,7 @@ def run(cfg: Config, out_dir: Path) -> int:
         videos = list_inputs(cfg.videos) if cfg.videos else []
     except FileNotFoundError as e:
         if not cfg.import_cropped:  # imported crops only borrow frame rate and count from videos
-            log.error("%s", e)
-            return 1
+            raise InputError(str(e)) from None
         videos = []
 
     if cfg.import_cropped:

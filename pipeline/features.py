@@ -288,25 +288,29 @@ def main(cfg: Config) -> int:
     device = torch.device(cfg.device)
     extractor.to(device, memory_format=torch.channels_last)
     attrs = cache_attrs(cfg, extractor)
+    try:
+        sources = find_sources(cfg.faces_dir)
+    except OSError as e:  # no input to read is the user's error (exit 1), not a run that cannot go on (2)
+        raise InputError(str(e)) from None
 
     out_dir = Path(cfg.out_dir)
     try:
         with stage_lock(out_dir, cfg.shard or None):
             sweep_partials(out_dir)
-            return extract_all(cfg, extractor, attrs, device, out_dir)
+            return extract_all(cfg, extractor, attrs, device, out_dir, sources)
     except (RunLocked, OSError) as e:  # the whole run cannot go on: say why, keep what is done
         log.error("%s", e)
         print(f"features: stopped: {e}")
         return 2
 
 
-def extract_all(cfg: Config, extractor: Extractor, attrs: dict, device: torch.device, out_dir: Path) -> int:
+def extract_all(cfg: Config, extractor: Extractor, attrs: dict, device: torch.device, out_dir: Path,
+                sources: list[Path]) -> int:
     """Every video of this shard into ``out_dir``, then the cache of links; 1 if a video failed."""
     name = cfg.extractor.name
     parts_dir, cache = out_dir / name, out_dir / f"{name}.h5"
     parts_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / f"{name}.yaml")
-    sources = find_sources(cfg.faces_dir)
     mine = shard_of(sources, cfg.shard or None)
     size = int(extractor.input_size)
     log.info("%s: %d of %d videos in this shard, %d-d, weights %s", name, len(mine), len(sources),

@@ -281,16 +281,21 @@ def test_read_only_output_folder_stops_features_with_a_clear_message(read_only, 
                                          f"out_dir={read_only / 'features'}"])
     assert features.main(cfg) == 2
     said = capsys.readouterr().out
-    assert str(read_only / "features") in said and ("Read-only" in said or "Permission denied" in said)
+    assert said.startswith("features: stopped: ")
+    assert f"{read_only / 'features'}: cannot write to the output folder" in said
+    assert "Read-only" in said or "Permission denied" in said
 
 
 @pytest.mark.real_video
-def test_read_only_output_folder_stops_faces_with_a_clear_message(read_only, pyfeat_clips):
+def test_read_only_output_folder_stops_faces_with_a_clear_message(read_only, pyfeat_clips, caplog):
     from pipeline.faces import main
 
     cfg = load_config("faces", None, [*FACES_FAST, f"data.videos={pyfeat_clips / 'no_face.mp4'}",
                                       f"out_dir={read_only / 'faces'}"])
-    assert main(cfg) != 0
+    assert main(cfg) == 2
+    assert "faces: stopped: " in caplog.text
+    assert f"{read_only / 'faces'}: cannot write to the output folder" in caplog.text
+    assert "Read-only" in caplog.text or "Permission denied" in caplog.text
 
 
 def test_misspelled_key_in_a_config_file_is_refused_naming_file_and_key(tmp_path):

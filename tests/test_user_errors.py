@@ -177,9 +177,45 @@ def test_unknown_experiment_lists_the_known_ones() -> None:
     assert "unknown experiment 'mtl_grus'" in message and "mtl_gru" in message
 
 
-def test_the_process_prints_one_line_and_exits_1_before_loading_data() -> None:
+def test_a_missing_faces_folder_is_a_user_error(tmp_path: Path) -> None:
+    message = one_line_error("features", f"faces_dir={tmp_path / 'gone'}", f"out_dir={tmp_path / 'out'}")
+    assert f"{tmp_path / 'gone'}: no such folder" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_videos_folder_is_a_user_error(tmp_path: Path) -> None:
+    message = one_line_error("faces", f"videos={tmp_path / 'gone'}", f"out_dir={tmp_path / 'out'}", "data.annotations=")
+    assert f"{tmp_path / 'gone'}: no such folder" in message
+    assert not list((tmp_path / "out").glob("*.h5"))
+
+
+# Per stage, a misspelled key and a value outside its choices, given to the real command; every input
+# points nowhere. The features stage's misspelled key is tests/test_bad_inputs.py's.
+COMMAND_LINE = [
+    ("faces", "batchsize=8", "error: unknown config key 'batchsize'; did you mean batch_size"),
+    ("faces", "subject=middle", "error: config key 'subject' = 'middle': choose one of auto, main, left, right"),
+    ("features", "dtype=float64", "error: config key 'dtype' = 'float64': choose one of float16, float32"),
+    ("train", "batchsize=8", "error: unknown config key 'batchsize'; did you mean batch_size"),
+    ("train", "schedule=cosin", "error: config key 'schedule' = 'cosin': choose one of cosine, linear, constant"),
+    ("evaluate", "splits=val", "error: unknown config key 'splits'; did you mean split"),
+    ("evaluate", "split=test", "error: config key 'split' = 'test': choose one of train, val"),
+    ("predict", "smoth=3", "error: unknown config key 'smoth'; did you mean smooth"),
+    ("predict", "subject=auto", "error: config key 'subject' = 'auto': choose one of main, left, right"),
+]
+
+
+@pytest.mark.parametrize(("stage", "override", "line"), COMMAND_LINE, ids=[f"{c[0]}-{c[1]}" for c in COMMAND_LINE])
+def test_the_process_prints_one_line_and_exits_1_before_loading_data(stage: str, override: str, line: str,
+                                                                    tmp_path: Path) -> None:
+    nowhere = {"faces": ["videos=/no/videos", f"out_dir={tmp_path / 'out'}"],
+               "features": ["faces_dir=/no/faces", f"out_dir={tmp_path / 'out'}"],
+               "train": ["data.annotations=/no/labels", f"runs_dir={tmp_path / 'runs'}"],
+               "evaluate": ["predictions=/no/predictions", f"output={tmp_path / 'out' / 'scores.json'}"],
+               "predict": ["video=/no/clip.mp4", "checkpoint=/no/best.pt", f"out_dir={tmp_path / 'out'}"]}[stage]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "pipeline.train", "schedule=cosin", "data.annotations=/no/labels"],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
-    assert done.returncode == 1
-    assert done.stderr.strip() == "error: config key 'schedule' = 'cosin': choose one of cosine, linear, constant"
+    done = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *nowhere, override], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr[-2000:]
+    (said,) = done.stderr.strip().splitlines()
+    assert said.startswith(line), said
+    assert not list(tmp_path.iterdir())
