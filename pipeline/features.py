@@ -338,6 +338,8 @@ def extract_all(cfg: Config, extractor: Extractor, attrs: dict, device: torch.de
         log.warning("%s: %d of %d videos have no current features yet (other shards or failures)",
                     cache, len(videos) - len(linked), len(videos))
     print(f"features: {summary.line()} -> {cache} ({len(linked)} videos)")
+    for key, reason in summary.failed.items():
+        print(f"  failed: {key}: {reason}")
     return 0 if summary.ok else 1
 
 

@@ -63,7 +63,7 @@ def features_config(faces: Path, out: Path, *overrides: str) -> Config:
 # ---- features ------------------------------------------------------------------------------------
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
-def test_non_finite_features_fail_their_video_alone_and_are_never_written(tmp_path, monkeypatch, caplog):
+def test_non_finite_features_fail_their_video_alone_and_are_never_written(tmp_path, monkeypatch, caplog, capsys):
     """A video whose features overflow float16 fails alone, named, with the hint to store float32;
     the other videos are written and no part holds a non-finite value."""
     (tmp_path / "plugins").mkdir()
@@ -95,6 +95,7 @@ def test_non_finite_features_fail_their_video_alone_and_are_never_written(tmp_pa
     assert failure["item"] == "synthetic_01"
     assert "non-finite features" in failure["error"] and "try dtype=float32" in failure["error"]
     assert "synthetic_01 failed" in caplog.text
+    assert "  failed: synthetic_01: " in capsys.readouterr().out
     assert parts(out, name) == {"synthetic_00", "synthetic_02"}
     for part in (out / name).glob("*.h5"):
         with h5py.File(part) as f:
