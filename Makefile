@@ -63,7 +63,7 @@ test: setup lint ## lint, then the whole test suite (one end-to-end run on a red
 	$(VENV)/bin/pytest -q
 
 test-faults: setup ## the fault-injection and bad-input suites alone (kills, locks, full disk, bad files)
-	$(VENV)/bin/pytest -q tests/test_faults.py tests/test_bad_inputs.py tests/test_feature_kill.py
+	$(VENV)/bin/pytest -q tests/test_faults.py tests/test_bad_inputs.py
 
 demo: train ## the whole pipeline on the built-in sample; prints the validation scores
 	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(RUNS)/$(DATA)/train/$(RUN)/predictions \

@@ -1,8 +1,10 @@
-"""Damaged and unusual inputs made from real clips with PyAV, and a way to kill a run part-way."""
+"""Damaged and unusual inputs made from real clips with PyAV, and a way to kill a run part-way at
+moments a seed replays."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -75,6 +77,14 @@ def scramble(src: Path, dst: Path, start: float = 0.45, stop: float = 0.55, seed
     data[a:b] = np.random.default_rng(seed).integers(0, 256, b - a, dtype=np.uint8).tobytes()
     dst.write_bytes(bytes(data))
     return dst
+
+
+def fault_seed() -> int:
+    """The seed of a test's random kill moments: ``FAULT_SEED`` from the environment replays a run,
+    else a fresh one. Printed, so that pytest shows it with a failure."""
+    seed = int(os.environ.get("FAULT_SEED") or secrets.randbelow(2**32))
+    print(f"kill moments drawn from FAULT_SEED={seed}; set it in the environment to replay them")
+    return seed
 
 
 def stage(name: str, *args: str) -> subprocess.Popen:

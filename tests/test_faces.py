@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import av
@@ -180,46 +175,6 @@ def test_new_stage_version_redoes_finished_files(run, monkeypatch):
     assert config_hash(cfg) != old and not h5_is_done(path, config_hash(cfg))
     assert main(cfg) == 0
     assert path.stat().st_mtime_ns != before and h5_is_done(path, config_hash(cfg))
-
-
-def _stage(videos: Path, out: Path) -> subprocess.Popen:
-    args = [f"data.videos={videos}", "data.annotations=", f"out_dir={out}", *FAST, "stride=4"]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}  # the same arithmetic in every run, so results compare exactly
-    return subprocess.Popen([sys.executable, "-m", "pipeline.faces", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(faces.__file__).parents[1])
-
-
-@pytest.mark.real_video
-def test_resume_after_sigkill_equals_an_uninterrupted_run(pyfeat_clips, tmp_path):
-    videos = tmp_path / "v"
-    videos.mkdir()
-    names = ("single_face.mp4", "face_noface.mov", "noface_face.mov", "no_face.mp4")
-    for k, name in enumerate(names):
-        shutil.copy(pyfeat_clips / name, videos / f"{k}_{name}")
-    killed, whole = tmp_path / "killed", tmp_path / "whole"
-    proc = _stage(videos, killed)
-    deadline = time.monotonic() + 120
-    while not list(killed.glob("*.h5")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL  # killed part-way, not finished
-    finished = {p.name: p.stat().st_mtime_ns for p in killed.glob("*.h5")}
-    assert 1 <= len(finished) < len(names)
-    chash = read(next(killed.glob("*.h5")))["attrs"]["config_hash"]
-    for name in finished:
-        assert h5_is_done(killed / name, chash), name
-
-    assert _stage(videos, killed).wait() == 0  # resumed
-    assert _stage(videos, whole).wait() == 0  # uninterrupted
-    assert {p.name: p.stat().st_mtime_ns for p in killed.glob("*.h5") if p.name in finished} == finished
-    for k, name in enumerate(names):
-        h5 = f"{k}_{Path(name).stem}.h5"
-        a, b = read(killed / h5), read(whole / h5)
-        assert h5_is_done(killed / h5, chash) and a.keys() == b.keys()
-        for key in a:
-            if key != "attrs":
-                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{h5}: {key}")
 
 
 @pytest.mark.real_video
