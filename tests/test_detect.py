@@ -5,6 +5,8 @@ The reference throughout is facenet-pytorch's own MTCNN run on every frame of re
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,23 @@ def run(frames: np.ndarray, **kw) -> tuple[list[Detections], int]:
     det = FaceDetector(min_face=32, **kw)
     out = [d for s in range(0, len(frames), 32) for d in det(frames[s : s + 32])]
     return out, det.full
+
+
+@pytest.fixture(scope="module")
+def whole_cascade(pyfeat_clips) -> Callable[[str, int | None], tuple[np.ndarray, list[Detections]]]:
+    """The frames of a clip (up to ``stop``) and the whole cascade's detections on every frame,
+    computed once per clip for the module."""
+    done: dict[tuple[str, int | None], tuple[np.ndarray, list[Detections]]] = {}
+
+    def reference(name: str, stop: int | None = None) -> tuple[np.ndarray, list[Detections]]:
+        if (name, stop) not in done:
+            frames = frames_of(pyfeat_clips / name, stop)
+            ref, full = run(frames, keyframe=1)
+            assert full == len(frames)
+            done[name, stop] = frames, ref
+        return done[name, stop]
+
+    return reference
 
 
 def largest(d: Detections) -> int:
@@ -54,12 +73,11 @@ def compare(ref: list[Detections], got: list[Detections]) -> tuple[float, float,
     return hits / max(with_face, 1), float(np.median(dist)) if dist else np.inf, ghosts / len(ref)
 
 
-def test_keyframe_1_is_facenet_on_every_frame(pyfeat_clips):
+def test_keyframe_1_is_facenet_on_every_frame(whole_cascade):
     from facenet_pytorch import MTCNN
 
-    frames = frames_of(pyfeat_clips / "single_face.mp4", 24)
-    ours, full = run(frames, keyframe=1)
-    assert full == len(frames)
+    frames, ours = whole_cascade("single_face.mp4")
+    frames, ours = frames[:24], ours[:24]
     boxes, probs, points = MTCNN(keep_all=True, min_face_size=32).detect(frames, landmarks=True)
     for d, b, p, q in zip(ours, boxes, probs, points, strict=True):
         np.testing.assert_allclose(d.box, np.asarray(b, np.float32).reshape(-1, 4), atol=1e-3)
@@ -68,9 +86,8 @@ def test_keyframe_1_is_facenet_on_every_frame(pyfeat_clips):
 
 
 @pytest.mark.parametrize("name, stop", [("WolfgangLanger_Pexels.mp4", 240), ("single_face.mp4", None)])
-def test_following_finds_the_faces_the_whole_cascade_finds(pyfeat_clips, name, stop):
-    frames = frames_of(pyfeat_clips / name, stop)
-    ref, _ = run(frames, keyframe=1)
+def test_following_finds_the_faces_the_whole_cascade_finds(whole_cascade, name, stop):
+    frames, ref = whole_cascade(name, stop)
     got, full = run(frames, keyframe=10)
     found, dist, ghosts = compare(ref, got)
     assert found >= 0.99 and ghosts == 0
@@ -78,10 +95,9 @@ def test_following_finds_the_faces_the_whole_cascade_finds(pyfeat_clips, name, s
     assert full <= 0.2 * len(frames)  # and most frames really were only followed
 
 
-def test_a_face_that_enters_is_found_at_once_and_one_that_leaves_is_let_go(pyfeat_clips):
+def test_a_face_that_enters_is_found_at_once_and_one_that_leaves_is_let_go(whole_cascade):
     for name in ("noface_face.mov", "face_noface.mov"):
-        frames = frames_of(pyfeat_clips / name)
-        ref, _ = run(frames, keyframe=1)
+        frames, ref = whole_cascade(name)
         got, full = run(frames, keyframe=10)
         present = np.array([bool(len(d)) for d in ref])
         assert 0.2 < present.mean() < 0.8, name  # the clip has both
