@@ -34,6 +34,13 @@ def test_umeyama_recovers_a_similarity_without_reflection():
     assert torch.det(m[:, :, :2]).item() > 0
 
 
+def test_the_arcface_template_is_insightfaces_published_one():
+    """The 112-px points of insightface's ``arcface_dst`` (python-package/insightface/utils/face_align.py);
+    crops from any other template would not be the ones ArcFace backbones were trained on."""
+    published = [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+    np.testing.assert_allclose(template("arcface", 112), published, atol=1e-4)
+
+
 def test_template_sizes():
     t112, t224 = template("arcface", 112), template("arcface", 224)
     # the 224 template is the 112 one at twice the scale
