@@ -5,7 +5,6 @@ VA smoothing is the window that scores best, and torchrun's ranks split the vide
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import textwrap
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from features.base import read_state_dict
+from features.base import read_state_dict, sha256_file
 from pipeline import features, metrics, train
 from pipeline.bench.features import make_face_files
 from pipeline.config import Config, load_config
@@ -45,10 +44,6 @@ def train_config(syn: dict[str, Path], *overrides: str) -> Config:
 
 def epochs_of(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def parts(out: Path, extractor: str = "onet") -> set[str]:
@@ -133,7 +128,7 @@ def test_new_extractor_weights_recompute_every_part_and_the_same_ones_nothing(tm
         return found
 
     first = snapshot()
-    assert {sha for _, _, sha, _ in first.values()} == {sha256(weights)}
+    assert {sha for _, _, sha, _ in first.values()} == {sha256_file(weights)}
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -150,7 +145,7 @@ def test_new_extractor_weights_recompute_every_part_and_the_same_ones_nothing(tm
     recomputed = snapshot()
     for video in videos:
         assert recomputed[video][0] != first[video][0], f"{video} was not rewritten"
-        assert recomputed[video][2] == sha256(weights)
+        assert recomputed[video][2] == sha256_file(weights)
         assert not np.array_equal(recomputed[video][3], first[video][3])
         assert f"{video}: stale: made with config" in caplog.text
 
@@ -191,7 +186,7 @@ def test_a_changed_setting_trains_afresh_beside_an_interrupted_run_which_then_re
     identity = json.loads((first / "scores.json").read_text())["identity"]
     (first / "scores.json").unlink()  # as if killed while scoring its last epoch
     (first / "run.json").write_text(json.dumps({"identity": identity, "finished": False}))
-    kept = {name: sha256(first / name) for name in ("best.pt", "last.pt", "metrics.jsonl", "config.yaml")}
+    kept = {name: sha256_file(first / name) for name in ("best.pt", "last.pt", "metrics.jsonl", "config.yaml")}
 
     other_cfg = train_config(syn, "name=fresh", "epochs=3", "patience=0", "lr=0.002")
     caplog.clear()
@@ -203,7 +198,7 @@ def test_a_changed_setting_trains_afresh_beside_an_interrupted_run_which_then_re
     assert "resuming from" not in caplog.text
     assert [h["epoch"] for h in epochs_of(other)] == [0, 1, 2]
     assert torch.load(other / "best.pt", weights_only=True)["identity"] == other_identity
-    assert {name: sha256(first / name) for name in kept} == kept and not (first / "scores.json").exists()
+    assert {name: sha256_file(first / name) for name in kept} == kept and not (first / "scores.json").exists()
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
