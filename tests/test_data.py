@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.bench import cpu_peak_meter
 from pipeline.data import Normaliser, SequenceDataset, labels_at, window_starts
 from pipeline.feature_cache import FeatureCache
 from pipeline.inference import fill_missing, predict_features
@@ -109,18 +110,6 @@ def test_frames_without_a_face_take_the_nearest_prediction() -> None:
     assert fill_missing(values, valid)[:, 0].tolist() == [1, 1, 1, 4, 4, 4]
 
 
-def peak_kib() -> int:
-    """This process's peak resident memory (VmHWM) since the last ``reset_peak``, in KiB."""
-    lines = Path("/proc/self/status").read_text().splitlines()
-    return int(next(ln.split()[1] for ln in lines if ln.startswith("VmHWM:")))
-
-
-def reset_peak() -> int:
-    """Set the peak to the present resident size (so no earlier peak hides growth); returns it in KiB."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return peak_kib()
-
-
 def test_reading_a_large_cache_window_by_window_does_not_grow_memory(tmp_path: Path) -> None:
     """The peak resident memory while streaming ~200 MB of float16 features one window at a time
     stays near where it started.
@@ -145,8 +134,9 @@ def test_reading_a_large_cache_window_by_window_does_not_grow_memory(tmp_path: P
     ds = SequenceDataset(cache, labels, cache.videos, length=64, stride=64)
     for i in range(0, 200):
         ds[i]
-    start = reset_peak()
+    grown, how = cpu_peak_meter()
+    assert "reset" in how, how
     for i in range(200, len(ds)):
         ds[i]
-    grown_mb = (peak_kib() - start) / 1024
+    grown_mb = grown()
     assert grown_mb < 8, f"peak memory grew by {grown_mb:.1f} MB while streaming a ~200 MB cache"
