@@ -1,7 +1,7 @@
 """Temporal encoders, multi-task heads and structures, and their losses."""
 
+from models.abaw import TASKS
 from models.encoders import ENCODERS, build_encoder, encoder_from, encoder_options
-from models.heads import TASKS
 from models.losses import MultiTaskLoss
 from models.multitask import STRUCTURES, MultiTaskModel
 

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from einops import einsum
 from torch import nn
 
+from models.abaw import TASK_SIZES
 from models.encoders import encoder_from
-from models.heads import TASKS, check_tasks
+from models.heads import check_tasks
 
-N_AU = TASKS["au"][0]
+N_AU = TASK_SIZES["au"]
 METRICS = ("dots", "cosine", "l1")  # how the AU graph measures node closeness
 
 
@@ -162,7 +163,7 @@ class AMTLModel(nn.Module):
         encoder: dict,
         tasks: tuple[str, ...],
         dropout: float = 0.0,
-        expr_classes: int = TASKS["expr"][0],
+        expr_classes: int = TASK_SIZES["expr"],
         au_neighbours: int = 4,
         au_metric: str = "dots",
         attention_dim: int = 64,
@@ -172,10 +173,10 @@ class AMTLModel(nn.Module):
         self.bottom = encoder_from(encoder, d_in)
         c = self.bottom.out_dim
         self.au = ANFL(c, N_AU, au_neighbours, au_metric)
-        self.va = Dense(c, TASKS["va"][0], activation="tanh", bn=True)
+        self.va = Dense(c, TASK_SIZES["va"], activation="tanh", bn=True)
         self.ex = Dense(c, expr_classes)
         self.attention = AdditiveAttention(1, N_AU, attention_dim)
-        self.sizes = {"va": TASKS["va"][0], "expr": expr_classes, "au": N_AU}
+        self.sizes = {"va": TASK_SIZES["va"], "expr": expr_classes, "au": N_AU}
 
     def task_modules(self) -> dict[str, list[nn.Module]]:
         """The modules used by one task alone (the encoder is shared and named by none)."""

@@ -12,10 +12,11 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
+from models.abaw import TASK_SIZES
 from models.encoders import encoder_from
-from models.heads import TASKS, task_head
+from models.heads import task_head
 
-N_AU = TASKS["au"][0]
+N_AU = TASK_SIZES["au"]
 
 
 def au_cooccurrence(au: np.ndarray) -> np.ndarray:

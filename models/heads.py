@@ -7,12 +7,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from models.abaw import TASK_SIZES, TASKS, VA_PARTS
 from models.transformer import ACTIVATIONS, check_choice
 
-# Task name -> (outputs, bounded by tanh by default).
-TASKS: dict[str, tuple[int, bool]] = {"va": (2, True), "expr": (8, False), "au": (12, False)}
-# The two halves of ``va``, for structures that give valence and arousal a branch and head each.
-VA_PARTS = ("valence", "arousal")
 VA_OUTPUTS = ("tanh", "linear")  # linear VA is clipped to [-1, 1] only when scored and written
 
 
@@ -79,18 +76,13 @@ def task_head(
     layers: Sequence[int] = (),
     activation: str = "gelu",
     va_output: str = "tanh",
-    expr_classes: int = TASKS["expr"][0],
+    expr_classes: int = TASK_SIZES["expr"],
 ) -> TaskHead:
     """The head for a task of ``TASKS`` or a half of VA (``valence``, ``arousal``: one output each)."""
     if va_output not in VA_OUTPUTS:
         raise ValueError(f"va_output={va_output!r}: choose one of {', '.join(VA_OUTPUTS)}")
     if expr_classes < 2:
         raise ValueError(f"expr_classes={expr_classes}: need at least 2")
-    if task in VA_PARTS:
-        d_out, bounded = 1, True
-    else:
-        d_out, bounded = TASKS[task]
-    if task == "expr":
-        d_out = expr_classes
-    bounded = bounded and va_output == "tanh"
+    d_out = 1 if task in VA_PARTS else expr_classes if task == "expr" else TASK_SIZES[task]
+    bounded = task in (*VA_PARTS, "va") and va_output == "tanh"  # valence and arousal lie in [-1, 1]
     return TaskHead(d_in, d_out, head_widths(hidden, layers), dropout, bounded, activation)

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.heads import TASKS, VA_PARTS
+from models.abaw import INVALID, TASK_SIZES, TASKS, VA_PARTS
 
-VA_INVALID = -5.0
+VA_INVALID = INVALID["va"]
 VA_LOSSES = ("ccc", "mse")  # 1 - CCC over the batch, or mean squared error
 WEIGHTINGS = ("fixed", "uncertainty")  # task weights as given, or learned (Kendall et al.)
 AU_LOSSES = ("bce", "asymmetric")  # binary cross-entropy on logits, or the weighted asymmetric loss
@@ -73,7 +73,7 @@ class MultiTaskLoss(nn.Module):
         au: str = "bce",
         au_output: str = "logits",
         au_weight: Sequence[float] | torch.Tensor | None = None,
-        expr_classes: int = TASKS["expr"][0],
+        expr_classes: int = TASK_SIZES["expr"],
     ) -> None:
         super().__init__()
         for option, value, choices in (
@@ -105,8 +105,8 @@ class MultiTaskLoss(nn.Module):
         self.au, self.au_output = au, au_output
         self.task_weights = {t: weights.get(t, 1.0) for t in self.terms}
         self.register_buffer("expr_class_weights", _vector(expr_class_weights, expr_classes, "expr_class_weights"))
-        self.register_buffer("au_pos_weight", _vector(au_pos_weight, TASKS["au"][0], "au_pos_weight"))
-        self.register_buffer("au_weight", _vector(au_weight, TASKS["au"][0], "au_weight"))
+        self.register_buffer("au_pos_weight", _vector(au_pos_weight, TASK_SIZES["au"], "au_pos_weight"))
+        self.register_buffer("au_weight", _vector(au_weight, TASK_SIZES["au"], "au_weight"))
         self.log_vars = (
             nn.ParameterDict({t: nn.Parameter(torch.zeros(())) for t in self.terms})
             if weighting == "uncertainty"

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.abaw import TASK_SIZES, VA_PARTS
 from models.amtl import AMTLModel
 from models.cross_task import CrossTaskModel
 from models.encoders import encoder_from, encoder_options
-from models.heads import TASKS, VA_PARTS, check_tasks, head_widths, task_head
+from models.heads import check_tasks, head_widths, task_head
 
 
 def task_branch(encoder: dict, d_in: int, layers: int, head_dim: int = 0, projection: bool = True) -> nn.Module:
@@ -51,7 +52,7 @@ class SharedModel(nn.Module):
         head_layers: Sequence[int] = (),
         head_activation: str = "gelu",
         va_output: str = "tanh",
-        expr_classes: int = TASKS["expr"][0],
+        expr_classes: int = TASK_SIZES["expr"],
         split_va: bool = False,
     ) -> None:
         super().__init__()
@@ -94,7 +95,7 @@ class TaskSpecificModel(nn.Module):
         head_layers: Sequence[int] = (),
         head_activation: str = "gelu",
         va_output: str = "tanh",
-        expr_classes: int = TASKS["expr"][0],
+        expr_classes: int = TASK_SIZES["expr"],
         task_head_dim: int = 0,
         task_projection: bool = True,
         split_va: bool = False,
@@ -142,7 +143,7 @@ class FeedbackModel(nn.Module):
         head_layers: Sequence[int] = (),
         head_activation: str = "gelu",
         va_output: str = "tanh",
-        expr_classes: int = TASKS["expr"][0],
+        expr_classes: int = TASK_SIZES["expr"],
         task_head_dim: int = 0,
         task_projection: bool = True,
         split_va: bool = False,
@@ -257,7 +258,7 @@ class MultiTaskModel(nn.Module):
         head_layers: Sequence[int] = (),
         head_activation: str = "gelu",
         va_output: str = "tanh",
-        expr_classes: int = TASKS["expr"][0],
+        expr_classes: int = TASK_SIZES["expr"],
         task_head_dim: int = 0,
         task_projection: bool = True,
         split_va: bool = False,

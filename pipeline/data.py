@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from models.abaw import INVALID, TASK_SIZES
 from pipeline.feature_cache import FeatureCache
 from pipeline.labels import Labels
 
@@ -81,9 +82,9 @@ def chunk_starts(n: int, length: int) -> list[int]:
 def labels_at(labels: Labels | None, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels of the given frame indices; frames past the labels' end are invalid."""
     t = len(frames)
-    va = np.full((t, 2), -5.0, np.float32)
-    expr = np.full(t, -1, np.int64)
-    au = np.full((t, 12), -1, np.int64)
+    va = np.full((t, TASK_SIZES["va"]), INVALID["va"], np.float32)
+    expr = np.full(t, INVALID["expr"], np.int64)
+    au = np.full((t, TASK_SIZES["au"]), INVALID["au"], np.int64)
     if labels is not None:
         inside = (frames >= 0) & (frames < len(labels.expr))
         idx = frames[inside]
@@ -192,9 +193,9 @@ class SequenceDataset(Dataset):
         return {
             "x": torch.from_numpy(np.pad(feats, ((0, pad), (0, 0)))),
             "mask": torch.from_numpy(mask),
-            "va": torch.from_numpy(np.pad(va, ((0, pad), (0, 0)), constant_values=-5.0)),
-            "expr": torch.from_numpy(np.pad(expr, (0, pad), constant_values=-1)),
-            "au": torch.from_numpy(np.pad(au, ((0, pad), (0, 0)), constant_values=-1)),
+            "va": torch.from_numpy(np.pad(va, ((0, pad), (0, 0)), constant_values=INVALID["va"])),
+            "expr": torch.from_numpy(np.pad(expr, (0, pad), constant_values=INVALID["expr"])),
+            "au": torch.from_numpy(np.pad(au, ((0, pad), (0, 0)), constant_values=INVALID["au"])),
             "video": i,
             "start": start,
             "steps": t,

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch.utils.data import Dataset, Sampler
 
+from models.abaw import INVALID, TASKS
 from pipeline.data import SequenceDataset
 
 
@@ -96,8 +97,7 @@ class Shares(Dataset):
         index, real = key
         item = self.windows[index]
         if not real:
-            item = {**item, "va": torch.full_like(item["va"], -5.0), "expr": torch.full_like(item["expr"], -1),
-                    "au": torch.full_like(item["au"], -1)}
+            item = {**item, **{task: torch.full_like(item[task], INVALID[task]) for task in TASKS}}
         return item
 
 

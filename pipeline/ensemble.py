@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.abaw import TASKS
 from pipeline import metrics, train
 from pipeline.config import (
     DEVICE,
@@ -48,7 +49,6 @@ from pipeline.config import (
 )
 from pipeline.data import Normaliser
 from pipeline.inference import load_checkpoint
-from pipeline.labels import TASKS
 from pipeline.runs import ForeignRun, RunLocked, claim_run, finish_run, stage_lock, write_json
 from pipeline.writers import write_task_files
 

@@ -35,13 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from models.abaw import AUS, EXPRESSION_SETS, EXPRESSIONS, INVALID, TASKS
+
 log = logging.getLogger(__name__)
 
-TASKS = ("va", "expr", "au")
-EXPRESSIONS = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other")
-AUS = ("AU1", "AU2", "AU4", "AU6", "AU7", "AU10", "AU12", "AU15", "AU23", "AU24", "AU25", "AU26")
-INVALID = {"va": -5.0, "expr": -1, "au": -1}
-EXPRESSION_SETS = {"abaw8": EXPRESSIONS, "basic7": EXPRESSIONS[:7]}
 
 TASK_DIRS = {
     "va": ("VA_Estimation_Challenge",),

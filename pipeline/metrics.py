@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.labels import AUS, EXPRESSIONS, INVALID, TASKS, Labels, concat, expression_set
+from models.abaw import AUS, EXPRESSIONS, INVALID, TASKS
+from pipeline.labels import Labels, concat, expression_set
 
 AU_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
 

@@ -33,12 +33,12 @@ import torch
 import yaml
 
 from features.base import sha256_file
+from models.abaw import AUS, EXPRESSIONS
 from pipeline import faces, features
 from pipeline.config import DEVICE, Config, InputError, check_choices, load_config, run_stage
 from pipeline.data import Normaliser
 from pipeline.feature_cache import FeatureCache
 from pipeline.inference import fill_missing, load_checkpoint, predict_features, smooth
-from pipeline.labels import AUS, EXPRESSIONS
 from pipeline.runs import (
     ForeignRun,
     RunLocked,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.labels import AUS, EXPRESSIONS
+from models.abaw import AUS, EXPRESSIONS
 from pipeline.metrics import binarise_au
 from pipeline.runs import atomic_output
 

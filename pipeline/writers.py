@@ -33,14 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from models.abaw import AUS, EXPRESSION_SETS, EXPRESSIONS, INVALID, TASKS
 from pipeline.labels import (
-    AUS,
-    EXPRESSION_SETS,
-    EXPRESSIONS,
-    INVALID,
     TASK_DIRS,
     TASK_HEADERS,
-    TASKS,
     AnnotationError,
     expression_set,
     group_rows,
@@ -90,7 +86,7 @@ def _rows(
 
 
 def _va_text(va: np.ndarray) -> str:
-    return "-5,-5" if np.isnan(va).any() else f"{va[0]:.6f},{va[1]:.6f}"
+    return f"{INVALID['va']:g},{INVALID['va']:g}" if np.isnan(va).any() else f"{va[0]:.6f},{va[1]:.6f}"
 
 
 def _write_lines(path: Path, lines: list[str]) -> Path:
