@@ -148,8 +148,8 @@ class AMTLModel(nn.Module):
     them at 0.5), not logits: ``au_output = "cosine"`` tells losses and inference so. AU scores
     are always computed since the expression attention reads them; only ``tasks`` are returned.
 
-    ``dropout`` is accepted for the common model interface but unused: the Dense dropouts are theirs,
-    0.5 before each per-AU layer and 0 elsewhere. ``task_modules`` names each task's own modules,
+    Its heads are theirs, so it takes no head options: the Dense dropouts are 0.5 before each per-AU
+    layer and 0 elsewhere. ``task_modules`` names each task's own modules,
     for their schedule (AU first, then EXPR and VA with AU frozen). Their freezing only turns
     off gradients; keep the frozen modules in eval mode too, or their BatchNorm running statistics
     keep moving. A trainable encoder is shared, so freezing AU modules alone does not fix AU outputs.
@@ -162,7 +162,6 @@ class AMTLModel(nn.Module):
         d_in: int,
         encoder: dict,
         tasks: tuple[str, ...],
-        dropout: float = 0.0,
         expr_classes: int = TASK_SIZES["expr"],
         au_neighbours: int = 4,
         au_metric: str = "dots",

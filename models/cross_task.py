@@ -14,7 +14,7 @@ from torch import nn
 
 from models.abaw import TASK_SIZES
 from models.encoders import encoder_from
-from models.heads import task_head
+from models.heads import DEFAULT_HEAD, HeadSpec
 
 N_AU = TASK_SIZES["au"]
 
@@ -90,8 +90,8 @@ class NodeAttention(nn.Module):
 class CrossTaskModel(nn.Module):
     """Shared encoder -> AU nodes (-> graph) -> AU logits; EXPR and VA heads see [feature, AU context].
 
-    Needs the ``au`` task. The AU logits come from one vector per node, so ``head_hidden``
-    applies to the EXPR and VA heads only.
+    Needs the ``au`` task. The AU logits come from one vector per node, so ``head`` shapes the EXPR
+    and VA heads only; its dropout is the node attention's too.
     """
 
     def __init__(
@@ -99,8 +99,7 @@ class CrossTaskModel(nn.Module):
         d_in: int,
         encoder: dict,
         tasks: tuple[str, ...],
-        head_hidden: int = 0,
-        dropout: float = 0.0,
+        head: HeadSpec = DEFAULT_HEAD,
         au_dim: int = 64,
         au_graph: str | list | None = None,
         graph_layers: int = 1,
@@ -118,8 +117,8 @@ class CrossTaskModel(nn.Module):
         self.au_weight = nn.Parameter(torch.randn(N_AU, au_dim) / au_dim**0.5)
         self.au_bias = nn.Parameter(torch.zeros(N_AU))
         others = [t for t in tasks if t != "au"]
-        self.attend = nn.ModuleDict({t: NodeAttention(d, au_dim, attn_heads, dropout) for t in others})
-        self.heads = nn.ModuleDict({t: task_head(t, d + au_dim, head_hidden, dropout) for t in others})
+        self.attend = nn.ModuleDict({t: NodeAttention(d, au_dim, attn_heads, head.dropout) for t in others})
+        self.heads = nn.ModuleDict({t: head(t, d + au_dim) for t in others})
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.bottom(x, mask)

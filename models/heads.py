@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -86,3 +88,47 @@ def task_head(
     d_out = 1 if task in VA_PARTS else expr_classes if task == "expr" else TASK_SIZES[task]
     bounded = task in (*VA_PARTS, "va") and va_output == "tanh"  # valence and arousal lie in [-1, 1]
     return TaskHead(d_in, d_out, head_widths(hidden, layers), dropout, bounded, activation)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What every head of a structure shares: ``dropout``, hidden widths (``layers``, or one layer of
+    ``hidden``; neither: a linear head), the ``activation`` after each, the VA output (``tanh`` or
+    ``linear``) and the number of expression classes. ``spec(task, d_in)`` builds a task's head."""
+
+    dropout: float = 0.0
+    hidden: int = 0
+    layers: tuple[int, ...] = ()
+    activation: str = "gelu"
+    va_output: str = "tanh"
+    expr_classes: int = TASK_SIZES["expr"]
+
+    # a structure's config options -> the fields they set (expr_classes comes from the data, not an option)
+    OPTIONS: ClassVar[dict[str, str]] = {"dropout": "dropout", "head_hidden": "hidden", "head_layers": "layers",
+                                         "head_activation": "activation", "va_output": "va_output"}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(w) for w in self.layers))
+        head_widths(self.hidden, self.layers)  # refuse both, or a width that is not positive
+        check_choice("head_activation", self.activation, ACTIVATIONS)
+        if self.va_output not in VA_OUTPUTS:
+            raise ValueError(f"va_output={self.va_output!r}: choose one of {', '.join(VA_OUTPUTS)}")
+
+    @classmethod
+    def from_options(cls, options: dict, expr_classes: int = TASK_SIZES["expr"]) -> HeadSpec:
+        return cls(**{cls.OPTIONS[k]: v for k, v in options.items() if k in cls.OPTIONS}, expr_classes=expr_classes)
+
+    def options(self) -> dict:
+        """This spec as the config options that give it."""
+        return {option: getattr(self, name) for option, name in self.OPTIONS.items()}
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return head_widths(self.hidden, self.layers)
+
+    def __call__(self, task: str, d_in: int) -> TaskHead:
+        return task_head(task, d_in, self.hidden, self.dropout, layers=self.layers, activation=self.activation,
+                         va_output=self.va_output, expr_classes=self.expr_classes)
+
+
+DEFAULT_HEAD = HeadSpec()  # linear heads, no dropout, the defaults of every structure's head options

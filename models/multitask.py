@@ -1,8 +1,11 @@
 """Multi-task models over a temporal encoder, one class per task structure, picked by name.
 
-``MultiTaskModel(d_in, encoder={"name": "gru", ...}, tasks=("va", "expr", "au"), structure=...)``
-maps features (b, t, d_in) and a mask (b, t) to ``{"va": (b, t, 2), "expr": (b, t, expr_classes),
-"au": (b, t, 12)}`` for the enabled tasks. ``MultiTaskModel(**model.args)`` rebuilds it.
+``MultiTaskModel(d_in, encoder={"name": "gru", ...}, tasks=("va", "expr", "au"), structure=...,
+**options)`` maps features (b, t, d_in) and a mask (b, t) to ``{"va": (b, t, 2), "expr": (b, t,
+expr_classes), "au": (b, t, 12)}`` for the enabled tasks. Each structure owns its options (the
+keyword arguments of its class, the heads' options among them where it takes a :class:`HeadSpec`),
+listed by :func:`structure_options`; an option of another structure is refused.
+``MultiTaskModel.from_args(model.args)`` rebuilds a model.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from models.abaw import TASK_SIZES, VA_PARTS
 from models.amtl import AMTLModel
 from models.cross_task import CrossTaskModel
 from models.encoders import encoder_from, encoder_options
-from models.heads import check_tasks, head_widths, task_head
+from models.heads import DEFAULT_HEAD, HeadSpec, check_tasks
 
 
 def task_branch(encoder: dict, d_in: int, layers: int, head_dim: int = 0, projection: bool = True) -> nn.Module:
@@ -43,25 +46,12 @@ class SharedModel(nn.Module):
     with ``split_va``."""
 
     def __init__(
-        self,
-        d_in: int,
-        encoder: dict,
-        tasks: tuple[str, ...],
-        head_hidden: int = 0,
-        dropout: float = 0.0,
-        head_layers: Sequence[int] = (),
-        head_activation: str = "gelu",
-        va_output: str = "tanh",
-        expr_classes: int = TASK_SIZES["expr"],
-        split_va: bool = False,
+        self, d_in: int, encoder: dict, tasks: tuple[str, ...], head: HeadSpec = DEFAULT_HEAD, split_va: bool = False
     ) -> None:
         super().__init__()
-        head = dict(layers=head_layers, activation=head_activation, va_output=va_output, expr_classes=expr_classes)
         self.tasks = tasks
         self.encoder = encoder_from(encoder, d_in)
-        self.heads = nn.ModuleDict(
-            {n: task_head(n, self.encoder.out_dim, head_hidden, dropout, **head) for n in branch_names(tasks, split_va)}
-        )
+        self.heads = nn.ModuleDict({n: head(n, self.encoder.out_dim) for n in branch_names(tasks, split_va)})
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.encoder(x, mask)
@@ -89,19 +79,13 @@ class TaskSpecificModel(nn.Module):
         d_in: int,
         encoder: dict,
         tasks: tuple[str, ...],
-        head_hidden: int = 0,
-        dropout: float = 0.0,
+        head: HeadSpec = DEFAULT_HEAD,
         task_layers: int = 1,
-        head_layers: Sequence[int] = (),
-        head_activation: str = "gelu",
-        va_output: str = "tanh",
-        expr_classes: int = TASK_SIZES["expr"],
         task_head_dim: int = 0,
         task_projection: bool = True,
         split_va: bool = False,
     ) -> None:
         super().__init__()
-        head = dict(layers=head_layers, activation=head_activation, va_output=va_output, expr_classes=expr_classes)
         self.tasks = tasks
         self.bottom = encoder_from(encoder, d_in)
         d = self.bottom.out_dim
@@ -111,9 +95,7 @@ class TaskSpecificModel(nn.Module):
                 for n in branch_names(tasks, split_va)
             }
         )
-        self.heads = nn.ModuleDict(
-            {n: task_head(n, top.out_dim, head_hidden, dropout, **head) for n, top in self.tops.items()}
-        )
+        self.heads = nn.ModuleDict({n: head(n, top.out_dim) for n, top in self.tops.items()})
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.bottom(x, mask)
@@ -137,13 +119,8 @@ class FeedbackModel(nn.Module):
         d_in: int,
         encoder: dict,
         tasks: tuple[str, ...],
-        head_hidden: int = 0,
-        dropout: float = 0.0,
+        head: HeadSpec = DEFAULT_HEAD,
         task_layers: int = 1,
-        head_layers: Sequence[int] = (),
-        head_activation: str = "gelu",
-        va_output: str = "tanh",
-        expr_classes: int = TASK_SIZES["expr"],
         task_head_dim: int = 0,
         task_projection: bool = True,
         split_va: bool = False,
@@ -171,7 +148,6 @@ class FeedbackModel(nn.Module):
                 raise ValueError(
                     f"structure 'feedback' needs the {task} task (feedback target {n!r}); tasks={list(tasks)}"
                 )
-        head = dict(layers=head_layers, activation=head_activation, va_output=va_output, expr_classes=expr_classes)
         self.tasks, self.feed_heads = tasks, feedback_from == "head"
         self.sources = [n for n in feedback_sources if n in names]
         self.targets = list(feedback_targets)
@@ -184,15 +160,13 @@ class FeedbackModel(nn.Module):
                 if n not in self.targets
             }
         )
-        widths = head_widths(head_hidden, head_layers)
+        widths = head.widths
         fed = sum(
             widths[-1] if self.feed_heads and widths else self.branches[n].out_dim for n in self.sources
         )
         for n in self.targets:
             self.branches[n] = task_branch(encoder, d + fed, task_layers, task_head_dim, task_projection)
-        self.heads = nn.ModuleDict(
-            {n: task_head(n, b.out_dim, head_hidden, dropout, **head) for n, b in self.branches.items()}
-        )
+        self.heads = nn.ModuleDict({n: head(n, b.out_dim) for n, b in self.branches.items()})
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.bottom(x, mask)
@@ -225,21 +199,28 @@ def _plain(value):
     return copy.deepcopy(value)
 
 
-# Options that shape every head: a structure that does not take one must get its default.
-HEAD_OPTIONS = ("head_layers", "head_activation", "va_output", "expr_classes")
+CORE = ("d_in", "encoder", "tasks", "structure", "expr_classes")  # what every model has besides its options
+
+
+def structure_options(structure: str) -> dict:
+    """The options of a structure with their defaults: its class's keyword arguments, a
+    :class:`HeadSpec` given as its options (``dropout``, ``head_hidden``, ...)."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r}; choose one of {', '.join(STRUCTURES)}")
+    options = {}
+    for name, p in list(inspect.signature(STRUCTURES[structure]).parameters.items())[3:]:  # after d_in, encoder, tasks
+        if name == "head":
+            options.update(HeadSpec().options())
+        elif name != "expr_classes":
+            options[name] = _plain(p.default)
+    return options
 
 
 class MultiTaskModel(nn.Module):
-    """A task structure from ``STRUCTURES`` with heads for ``tasks``.
-
-    Every head: ``dropout``, ``head_hidden`` (0 = linear heads) or ``head_layers`` (hidden widths),
-    ``head_activation``, ``va_output`` (``tanh`` | ``linear``), ``expr_classes``.
-    Options used only by some structures: ``task_layers``, ``task_head_dim``, ``task_projection``,
-    ``split_va`` (task_specific, feedback); ``feedback_sources``, ``feedback_targets``,
-    ``feedback_from`` (feedback); ``au_dim``, ``au_graph`` (None | "learned" | 12x12 matrix),
-    ``graph_layers``, ``attn_heads`` (cross_attention); ``au_neighbours``, ``au_metric``,
-    ``attention_dim`` (amtl). Each defaults to the behaviour before it existed, so older
-    ``model.args`` rebuild the same model.
+    """A task structure from ``STRUCTURES`` with heads for ``tasks``; ``options`` are the
+    structure's own (:func:`structure_options`), unknown ones refused. ``expr_classes`` reaches
+    every expression head. ``args`` holds the core arguments and every option of the structure,
+    so ``from_args(args)`` rebuilds the same model.
     """
 
     def __init__(
@@ -248,72 +229,42 @@ class MultiTaskModel(nn.Module):
         encoder: dict,
         tasks: tuple[str, ...] | list[str] = ("va", "expr", "au"),
         structure: str = "shared",
-        dropout: float = 0.0,
-        head_hidden: int = 0,
-        task_layers: int = 1,
-        au_dim: int = 64,
-        au_graph: str | list | None = None,
-        graph_layers: int = 1,
-        attn_heads: int = 4,
-        head_layers: Sequence[int] = (),
-        head_activation: str = "gelu",
-        va_output: str = "tanh",
         expr_classes: int = TASK_SIZES["expr"],
-        task_head_dim: int = 0,
-        task_projection: bool = True,
-        split_va: bool = False,
-        feedback_sources: Sequence[str] = ("valence", "au"),
-        feedback_targets: Sequence[str] = ("arousal",),
-        feedback_from: str = "branch",
-        au_neighbours: int = 4,
-        au_metric: str = "dots",
-        attention_dim: int = 64,
+        **options,
     ) -> None:
         super().__init__()
-        if structure not in STRUCTURES:
-            raise ValueError(f"unknown structure {structure!r}; choose one of {', '.join(STRUCTURES)}")
+        known = structure_options(structure)
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"structure {structure!r} has no option {', '.join(unknown)}; "
+                             f"its options: {', '.join(known)}")
         tasks = check_tasks(tasks)
-        options = dict(
-            head_hidden=head_hidden,
-            dropout=dropout,
-            task_layers=task_layers,
-            au_dim=au_dim,
-            au_graph=au_graph,
-            graph_layers=graph_layers,
-            attn_heads=attn_heads,
-            head_layers=head_layers,
-            head_activation=head_activation,
-            va_output=va_output,
-            expr_classes=expr_classes,
-            task_head_dim=task_head_dim,
-            task_projection=task_projection,
-            split_va=split_va,
-            feedback_sources=feedback_sources,
-            feedback_targets=feedback_targets,
-            feedback_from=feedback_from,
-            au_neighbours=au_neighbours,
-            au_metric=au_metric,
-            attention_dim=attention_dim,
-        )
-        self.args = _plain(
-            dict(d_in=d_in, encoder=dict(encoder), tasks=tasks, structure=structure, **options)
-        )
+        options = {**known, **options}
+        self.args = _plain(dict(d_in=d_in, encoder=dict(encoder), tasks=tasks, structure=structure,
+                                expr_classes=expr_classes, **options))
         cls = STRUCTURES[structure]
-        used = inspect.signature(cls).parameters
-        defaults = inspect.signature(MultiTaskModel).parameters
-        ignored = [k for k in HEAD_OPTIONS if k not in used and _plain(options[k]) != _plain(defaults[k].default)]
-        if ignored:
-            raise ValueError(
-                f"structure {structure!r} does not take {', '.join(ignored)}; leave them at their defaults"
-            )
-        self.net = cls(d_in, dict(encoder), tasks, **{k: v for k, v in options.items() if k in used})
+        params = inspect.signature(cls).parameters
+        kwargs = {k: v for k, v in options.items() if k in params}
+        if "head" in params:
+            kwargs["head"] = HeadSpec.from_options(options, expr_classes)
+        elif "expr_classes" in params:
+            kwargs["expr_classes"] = expr_classes
+        self.net = cls(d_in, dict(encoder), tasks, **kwargs)
         self.tasks = tasks
         self.au_output: str = getattr(self.net, "au_output", "logits")
+
+    @classmethod
+    def from_args(cls, args: dict) -> MultiTaskModel:
+        """The model whose ``args`` these are. Arguments written before structures owned their
+        options hold every structure's options; those of other structures never took effect and
+        are left out."""
+        structure = args.get("structure", "shared")
+        known = structure_options(structure)
+        return cls(**{k: v for k, v in args.items() if k in CORE or k in known})
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (b, t, d_in), mask (b, t) bool True = valid -> {task: (b, t, outputs)}."""
         return self.net(x, mask)
-
     def probabilities(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Raw outputs -> what is scored and written: ``va`` clipped to [-1, 1] (a linear VA head is
         trained unclipped), ``expr`` class probabilities, ``au`` probabilities (sigmoid of logits, or

@@ -212,18 +212,15 @@ def test_tcn_reaches_its_receptive_field_exactly(causal):
     assert enc.receptive_field == int(moved.sum()) == 15
 
 
+# Each structure's own options at a small size (a structure refuses another's options).
+STRUCTURE_OPTIONS = {"cross_attention": dict(au_dim=8, attn_heads=2, au_graph="learned")}
+
+
 @pytest.mark.parametrize("structure", list(STRUCTURES))
 @pytest.mark.parametrize("encoder", sorted(ENCODERS))
 def test_structure_shapes_finite_and_masked(structure, encoder):
     torch.manual_seed(0)
-    model = MultiTaskModel(
-        D_IN,
-        small(encoder),
-        structure=structure,
-        au_dim=8,
-        attn_heads=2,
-        au_graph="learned" if structure == "cross_attention" else None,
-    ).eval()
+    model = MultiTaskModel(D_IN, small(encoder), structure=structure, **STRUCTURE_OPTIONS.get(structure, {})).eval()
     x, mask = holey_batch()
     with torch.no_grad():
         out = model(x, mask)
@@ -309,21 +306,14 @@ def test_args_round_trip(structure, encoder, graph):
     torch.manual_seed(0)
     if graph == "given":
         graph = au_cooccurrence(np.random.default_rng(0).integers(0, 2, size=(50, 12)))
-    model = MultiTaskModel(
-        D_IN,
-        encoder_spec(encoder),
-        structure=structure,
-        head_hidden=8,
-        au_dim=8,
-        attn_heads=2,
-        au_graph=graph,
-    ).eval()
+    own = dict(au_dim=8, attn_heads=2, au_graph=graph) if structure == "cross_attention" else {}
+    model = MultiTaskModel(D_IN, encoder_spec(encoder), structure=structure, head_hidden=8, **own).eval()
     buf = io.BytesIO()
     torch.save({"args": model.args, "state": model.state_dict()}, buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
     args = json.loads(json.dumps(saved["args"]))  # plain builtins only
-    clone = MultiTaskModel(**args)
+    clone = MultiTaskModel.from_args(args)
     clone.load_state_dict(saved["state"])
     clone.eval()
     x, mask = holey_batch(1)

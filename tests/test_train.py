@@ -11,11 +11,14 @@ import pytest
 import torch
 import yaml
 
-from pipeline import metrics, train
+from models import MultiTaskModel
+from models.cross_task import au_cooccurrence
+from pipeline import checkpoint, metrics, train
 from pipeline.config import Config, _base_path, load_config, read_config
 from pipeline.data import Normaliser
 from pipeline.feature_cache import FeatureCache
-from pipeline.inference import load_checkpoint, predict_features
+from pipeline.identity import run_name
+from pipeline.inference import predict_features
 from pipeline.labels import load_annotations
 from pipeline.writers import read_predictions
 from tests.synthetic import learnable_set
@@ -73,15 +76,15 @@ def test_written_predictions_rescore_to_the_same_scores(trained: Path, syn: dict
 
 
 def test_checkpoint_alone_rebuilds_the_model(trained: Path, syn: dict[str, Path]) -> None:
-    model, ckpt = load_checkpoint(trained / "best.pt")
-    assert len(ckpt["au_thresholds"]) == 12
-    assert ckpt["extractors"] == ["syn"] and ckpt["window"] == 24
+    model, ckpt = checkpoint.load(trained / "best.pt")
+    assert len(ckpt.inference.au_thresholds) == 12
+    assert ckpt.recipe.extractors == ["syn"] and ckpt.inference.window == 24
     cache = FeatureCache([syn["cache"]])
     feats, present, _ = cache.read("v4")
-    norm = Normaliser.from_state(ckpt["normaliser"])
-    first = predict_features(model, feats, present, norm, ckpt["window"], ckpt["eval_stride"])
-    again, _ = load_checkpoint(trained / "best.pt")
-    second = predict_features(again, feats, present, norm, ckpt["window"], ckpt["eval_stride"])
+    norm = Normaliser.from_state(ckpt.inference.normaliser)
+    first = predict_features(model, feats, present, norm, ckpt.inference.window, ckpt.inference.eval_stride)
+    again, _ = checkpoint.load(trained / "best.pt")
+    second = predict_features(again, feats, present, norm, ckpt.inference.window, ckpt.inference.eval_stride)
     for task in ("va", "expr", "au"):
         np.testing.assert_array_equal(first[task], second[task])
 
@@ -113,7 +116,7 @@ def test_there_are_experiments_for_each_encoder_task_and_structure() -> None:
     configs = [load_config("train", path) for path in EXPERIMENTS]
     assert {c.encoder.name for c in configs} >= {"transformer", "lstm", "gru"}
     assert {tuple(c.model.tasks) for c in configs} >= {("va",), ("expr",), ("au",), ("va", "expr", "au")}
-    assert {(c.model.structure, c.model.au_graph) for c in configs} >= {
+    assert {(c.model.structure, c.model.get("au_graph")) for c in configs} >= {
         ("shared", None), ("task_specific", None), ("feedback", None), ("cross_attention", "learned"),
         ("cross_attention", "cooccurrence")}
     assert any(len(c.extractors) > 1 for c in configs)
@@ -130,14 +133,14 @@ def test_experiment_config_loads_and_builds_its_model(path: Path) -> None:
     repeated = [k for k, v in _flat({k: v for k, v in written.items() if k != "base" and "." not in k})
                 if k in flat_base and flat_base[k] == v and k not in ("name", "encoder")]
     assert not repeated, f"{path.name} repeats its base's values for {repeated}"
-    default = load_config("train", overrides=[f"encoder={cfg.encoder.name}"])
+    default = load_config("train", overrides=[f"encoder={cfg.encoder.name}", f"model.structure={cfg.model.structure}"])
     assert _keys(cfg) == _keys(default)
-    assert cfg.name == path.stem == train.run_name(cfg)
+    assert cfg.name == path.stem == run_name(cfg)
     args = dict(cfg.model)
-    if args["au_graph"] == "cooccurrence":
+    if args.get("au_graph") == "cooccurrence":
         au = np.random.default_rng(0).integers(0, 2, (200, 12))
-        args["au_graph"] = train.au_cooccurrence(au).tolist()
-    model = train.MultiTaskModel(d_in=40, encoder=dict(cfg.encoder), **args).eval()
+        args["au_graph"] = au_cooccurrence(au).tolist()
+    model = MultiTaskModel(d_in=40, encoder=dict(cfg.encoder), **args).eval()
     x = torch.randn(2, 16, 40)
     mask = torch.ones(2, 16, dtype=torch.bool)
     mask[1, 10:] = False
