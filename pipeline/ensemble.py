@@ -1,7 +1,9 @@
 """Average the per-frame outputs of finished training runs and score them as one model.
 
     python -m pipeline.ensemble RUN_DIR RUN_DIR ... [device=cpu]
-    python -m pipeline.ensemble runs=RUN_DIR runs=RUN_DIR ...
+    python -m pipeline.ensemble runs=[RUN_DIR,RUN_DIR] ...
+
+Its defaults are ``configs/ensemble.yaml``.
 
 A run's ``predictions/`` hold decisions (classes, 0/1 AUs), which do not average, so each member's
 validation outputs are computed again from its ``best.pt`` on its own features, as training scored
@@ -23,38 +25,30 @@ members: ``scores.json``,
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from models.abaw import TASKS
-from pipeline import metrics, train
-from pipeline.config import (
-    DEVICE,
-    Config,
-    ConfigError,
-    InputError,
-    apply_override,
-    check_choices,
-    load_config,
-    parse_value,
-    run_stage,
-)
+from pipeline import checkpoint, metrics
+from pipeline.atomic import write_json
+from pipeline.checkpoint import Checkpoint
+from pipeline.cli import Program
+from pipeline.config import DEVICE, Config, ConfigError, InputError, check_choices, load_config
 from pipeline.data import Normaliser
-from pipeline.inference import load_checkpoint
-from pipeline.runs import ForeignRun, RunLocked, claim_run, finish_run, stage_lock, write_json
+from pipeline.identity import run_identity
+from pipeline.runs import STOPS, claimed, stop
+from pipeline.splits import expressions, load_splits, open_features
+from pipeline.validation import validate
 from pipeline.writers import write_task_files
 
 log = logging.getLogger("pipeline")
 
-DEFAULTS = {"runs": [], "device": "cpu"}
 CHOICES = {"device": DEVICE}
 COLUMNS = (("CCC-V", "ccc_v"), ("CCC-A", "ccc_a"), ("P_VA", "p_va"), ("F1-EXPR", "f1_expr"), ("F1-AU", "f1_au"),
            ("P_MTL", "p_mtl"))
@@ -67,13 +61,13 @@ class Member:
     """One finished training run: its folder, checkpoint contents, config and own scores."""
 
     folder: Path
-    ckpt: dict
+    ckpt: Checkpoint
     cfg: Config  # the run's config, with the defaults of top-level keys added since
     scores: dict
 
     @property
     def identity(self) -> str:
-        return self.ckpt["identity"]
+        return self.ckpt.recipe.identity
 
 
 def load_member(folder: Path) -> Member:
@@ -83,14 +77,14 @@ def load_member(folder: Path) -> Member:
     if not (folder / "scores.json").is_file():
         raise InputError(f"{folder}: an unfinished training run (no scores.json)")
     try:
-        _, ckpt = load_checkpoint(folder / "best.pt")
+        ckpt = checkpoint.read(folder / "best.pt")
     except ValueError as e:
         raise InputError(str(e)) from None
-    if "config" not in ckpt or "identity" not in ckpt:
+    if not ckpt.recipe.config or not ckpt.recipe.identity:
         raise InputError(f"{folder}: best.pt holds no training config or run identity")
     # top-level keys added since the run was trained take their defaults; a deep copy of a Config
     # is a Config all the way down
-    cfg = copy.deepcopy(Config({**load_config("train").to_dict(), **ckpt["config"]}))
+    cfg = copy.deepcopy(Config({**load_config("train").to_dict(), **ckpt.recipe.config}))
     return Member(folder, ckpt, cfg, json.loads((folder / "scores.json").read_text()))
 
 
@@ -118,16 +112,16 @@ def member_outputs(member: Member, device: str) -> tuple[dict, list[str], dict, 
     """
     cfg = member.cfg
     cfg.device = device
-    cache = train.open_features(cfg)
-    now = train.run_identity(Config(member.ckpt["config"]), cache)
+    cache = open_features(cfg)
+    now = run_identity(Config(member.ckpt.recipe.config), cache)
     if now != member.identity:
         raise InputError(f"{member.folder}: its features changed since it was trained (run {member.identity[:8]}, "
                          f"features now make {now[:8]}); its outputs would not be the run's")
-    train_labels, val_labels, train_videos, val_videos = train.load_splits(cfg, cache)
+    train_labels, val_labels, train_videos, val_videos = load_splits(cfg, cache)
     prior = metrics.prior_from_labels({v: train_labels[v] for v in train_videos})
-    model, ckpt = load_checkpoint(member.folder / "best.pt", device)
-    normaliser = Normaliser.from_state(ckpt["normaliser"]) if ckpt.get("normaliser") else None
-    scores, preds = train.evaluate(model, cache, val_labels, val_videos, normaliser, cfg, prior=prior)
+    model, ckpt = checkpoint.load(member.folder / "best.pt", device)
+    normaliser = Normaliser.from_state(ckpt.inference.normaliser) if ckpt.inference.normaliser else None
+    scores, preds = validate(model, cache, val_labels, val_videos, normaliser, cfg, prior=prior)
     return val_labels, val_videos, prior, scores, preds
 
 
@@ -185,14 +179,14 @@ def ensemble(members: list[Member], device: str = "cpu") -> tuple[dict, Outputs,
         add_outputs(total, preds, m.folder, first.folder)
         rescored[str(m.folder)] = scores
         if "au" in m.cfg.model.tasks:
-            thresholds.append(m.ckpt.get("au_thresholds"))
+            thresholds.append(m.ckpt.inference.au_thresholds)
     preds = mean_outputs(total)
-    expressions = train.expressions(first.cfg)
-    scores = metrics.score_videos(preds, labels, prior=prior, expressions=expressions)
+    classes = expressions(first.cfg)
+    scores = metrics.score_videos(preds, labels, prior=prior, expressions=classes)
     if thresholds and all(t is not None for t in thresholds):
         mean = np.mean(np.asarray(thresholds, np.float64), 0)
         scores["f1_au_tuned"] = metrics.score_videos(preds, labels, au_thresholds=mean, prior=prior,
-                                                     expressions=expressions)["f1_au"]
+                                                     expressions=classes)["f1_au"]
         scores["au_thresholds"] = mean.tolist()
     return scores, preds, rescored
 
@@ -226,56 +220,45 @@ def main(cfg: Config) -> int:
     check_members(members)
     identity = Config({"members": [m.identity for m in members]}).hash()
     out = Path(members[0].cfg.runs_dir) / members[0].cfg.data.name / "ensembles" / identity[:8]
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(stage_lock(out, "0/1"))
-            done = claim_run(out, identity)
-        except (RunLocked, ForeignRun, OSError) as e:
-            log.error("%s", e)
-            return 2
-        if done:
-            print(f"\n{out}: these runs were averaged before; not again")
-            report(out, json.loads((out / "members.json").read_text()), json.loads((out / "scores.json").read_text()))
-            return 0
-        scores, preds, rescored = ensemble(members, cfg.device)
-        for m in members:
-            saved, now = _number(m.scores.get("p_mtl")), _number(rescored[str(m.folder)].get("p_mtl"))
-            if not (abs(saved - now) <= 1e-4 or (math.isnan(saved) and math.isnan(now))):
-                log.warning("%s: its outputs now score P_MTL %.4f, its scores.json says %.4f", m.folder, now, saved)
-        listed = [{"run": str(m.folder), "identity": m.identity, "scores": m.scores} for m in members]
-        tasks = tuple(t for t in TASKS if any(t in m.cfg.model.tasks for m in members))
-        write_task_files(out / "predictions", preds, tasks=tasks)
-        write_json(out / "members.json", listed)
-        scores.update({"members": [str(m.folder) for m in members], "identity": identity})
-        write_json(out / "scores.json", scores)
-        finish_run(out, identity)
+    try:
+        with claimed(out, identity) as run:
+            if run.done:
+                print(f"\n{out}: these runs were averaged before; not again")
+                report(out, json.loads((out / "members.json").read_text()),
+                       json.loads((out / "scores.json").read_text()))
+                return 0
+            listed, scores = average(members, out, identity, cfg.device)
+            run.finish()
+    except STOPS as e:
+        return stop("ensemble", e)
     print(f"\nValidation scores of {len(members)} runs averaged ({members[0].cfg.data.name})")
     report(out, listed, scores)
     return 0
 
 
-def parse(stage: str, argv: list[str] | None = None) -> Config:
-    """Run folders as arguments or ``runs=<dir>`` (``runs=[a,b]`` too), and ``device=``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        raise SystemExit(0)
-    cfg = Config(copy.deepcopy(DEFAULTS))
-    for item in argv:
-        key, sep, text = item.partition("=")
-        if not sep:
-            cfg.runs.append(item)
-        elif key.strip() == "runs":
-            value = parse_value(text) if text.strip().startswith("[") else text
-            cfg.runs.extend(str(v) for v in (value if isinstance(value, list) else [value]))
-        else:
-            apply_override(cfg, key.strip(), parse_value(text))
-    return cfg
+def average(members: list[Member], out: Path, identity: str, device: str) -> tuple[list[dict], dict]:
+    """Average ``members``' outputs and write them to ``out``: the ABAW per-task predictions,
+    ``members.json`` and ``scores.json``. Returns the members' list and the scores."""
+    scores, preds, rescored = ensemble(members, device)
+    for m in members:
+        saved, now = _number(m.scores.get("p_mtl")), _number(rescored[str(m.folder)].get("p_mtl"))
+        if not (abs(saved - now) <= 1e-4 or (math.isnan(saved) and math.isnan(now))):
+            log.warning("%s: its outputs now score P_MTL %.4f, its scores.json says %.4f", m.folder, now, saved)
+    listed = [{"run": str(m.folder), "identity": m.identity, "scores": m.scores} for m in members]
+    tasks = tuple(t for t in TASKS if any(t in m.cfg.model.tasks for m in members))
+    write_task_files(out / "predictions", preds, tasks=tasks)
+    write_json(out / "members.json", listed)
+    scores.update({"members": [str(m.folder) for m in members], "identity": identity})
+    write_json(out / "scores.json", scores)
+    return listed, scores
+
+
+PROGRAM = Program("ensemble", main, arguments="runs")
 
 
 def cli() -> None:
     """The ``affect-ensemble`` command, the same as ``python -m pipeline.ensemble``."""
-    run_stage("ensemble", main, parse=parse)
+    PROGRAM.run()
 
 
 if __name__ == "__main__":

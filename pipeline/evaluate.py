@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from models.abaw import AUS
-from pipeline.config import Config, ConfigError, InputError, check_choices, run_stage
+from pipeline.atomic import write_json
+from pipeline.cli import run_stage
+from pipeline.config import Config, ConfigError, InputError, check_choices
 from pipeline.labels import FORMATS, SPLIT_DIRS, AnnotationError, load_annotations
 from pipeline.metrics import format_table, score_videos
-from pipeline.runs import write_json
 from pipeline.writers import read_predictions
 
 log = logging.getLogger("pipeline")

@@ -18,18 +18,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.config import DEVICE, Config, InputError, check_choices, run_stage
-from pipeline.runs import (
-    RunLocked,
-    atomic_output,
-    h5_is_done,
-    h5_writer,
-    list_inputs,
-    run_each,
-    shard_of,
-    stage_lock,
-    sweep_partials,
-)
+from pipeline.atomic import atomic_output, sweep_partials
+from pipeline.cli import run_stage
+from pipeline.config import DEVICE, Config, InputError, check_choices
+from pipeline.hdf5 import h5_is_done, h5_writer
+from pipeline.runs import STOPS, list_inputs, run_each, shard_of, stage_lock, stop
 from pipeline.vision.align import TEMPLATES, align_faces
 from pipeline.vision.detect import FaceDetector
 from pipeline.vision.track import SUBJECTS, Detections, Subject, follow, link, subject_tracks
@@ -243,9 +236,8 @@ def main(cfg: Config) -> int:
         try:
             stack.enter_context(stage_lock(out_dir, cfg.shard or None))
             cfg.save(out_dir / "config.yaml")
-        except (RunLocked, OSError) as e:
-            log.error("faces: stopped: %s", e)
-            return 2
+        except STOPS as e:
+            return stop("faces", e)
         return run(cfg, out_dir)
 
 

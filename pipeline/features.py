@@ -25,17 +25,11 @@ from einops import rearrange
 from torch.utils.data import DataLoader, Dataset
 
 from features import Extractor, build_extractor
-from pipeline.config import DEVICE, Config, ConfigError, InputError, check_choices, run_stage
-from pipeline.runs import (
-    RunLocked,
-    atomic_output,
-    h5_is_done,
-    list_inputs,
-    run_each,
-    shard_of,
-    stage_lock,
-    sweep_partials,
-)
+from pipeline.atomic import atomic_output, sweep_partials
+from pipeline.cli import run_stage
+from pipeline.config import DEVICE, Config, ConfigError, InputError, check_choices
+from pipeline.hdf5 import h5_is_done
+from pipeline.runs import STOPS, list_inputs, run_each, shard_of, stage_lock, stop
 
 log = logging.getLogger("pipeline")
 
@@ -298,10 +292,8 @@ def main(cfg: Config) -> int:
         with stage_lock(out_dir, cfg.shard or None):
             sweep_partials(out_dir)
             return extract_all(cfg, extractor, attrs, device, out_dir, sources)
-    except (RunLocked, OSError) as e:  # the whole run cannot go on: say why, keep what is done
-        log.error("%s", e)
-        print(f"features: stopped: {e}")
-        return 2
+    except STOPS as e:  # the whole run cannot go on (a video's own failure is only its own): say why
+        return stop("features", e)
 
 
 def extract_all(cfg: Config, extractor: Extractor, attrs: dict, device: torch.device, out_dir: Path,

@@ -1,12 +1,7 @@
-"""Running a trained model over whole videos: overlapping windows averaged per frame,
-checkpoints that rebuild the model from the file alone."""
+"""Running a trained model over whole videos: overlapping windows averaged per frame, frames
+without a face filled from the nearest one, valence/arousal smoothed over time."""
 
 from __future__ import annotations
-
-import pickle
-import re
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -14,109 +9,6 @@ import torch
 from models import MultiTaskModel
 from models.recurrent import reset_carried_state
 from pipeline.data import Normaliser, chunk_starts, window_starts
-
-
-class UnsafeCheckpoint(ValueError):
-    """A checkpoint that needs code beyond tensors and plain data to load."""
-
-
-_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype)
-
-
-def check_plain(obj: Any, where: str = "checkpoint") -> None:
-    """Refuse anything but tensors and plain data (str, numbers, None, lists, tuples, dicts with
-    plain keys), so every checkpoint loads with ``torch.load(weights_only=True)``."""
-    if isinstance(obj, _PLAIN):
-        return
-    if isinstance(obj, dict):  # OrderedDict included: state dicts are plain
-        for key, value in obj.items():
-            if not isinstance(key, str | int | float | bool | type(None)):
-                raise TypeError(f"{where}: key {key!r} of type {type(key).__name__} is not plain data")
-            check_plain(value, f"{where}.{key}")
-    elif isinstance(obj, list | tuple):
-        for i, value in enumerate(obj):
-            check_plain(value, f"{where}[{i}]")
-    else:
-        raise TypeError(f"{where}: {type(obj).__module__}.{type(obj).__qualname__} is not a tensor or plain "
-                        "data; convert it (numpy arrays with .tolist(), configs with .to_dict())")
-
-
-def save_checkpoint(path: str | Path, model: torch.nn.Module, **extra: Any) -> None:
-    """Everything needed to rebuild and use the model: its arguments, weights and ``extra``
-    (config, feature normalisation, AU thresholds, extractors, optimiser state, ...), all plain."""
-    from pipeline.runs import atomic_output
-
-    model = getattr(model, "module", model)  # unwrap DDP
-    state = {"model_args": model.args, "state_dict": model.state_dict(), **extra}
-    check_plain(state)
-    with atomic_output(path) as tmp:
-        torch.save(state, tmp)
-
-
-def rewrite_checkpoint(path: str | Path, ckpt: dict, **changes: Any) -> None:
-    """Write ``ckpt`` back to ``path`` with ``changes`` (e.g. settings chosen after training)."""
-    from pipeline.runs import atomic_output
-
-    state = {**ckpt, **changes}
-    check_plain(state)
-    with atomic_output(path) as tmp:
-        torch.save(state, tmp)
-
-
-def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
-    """The contents of a checkpoint, loaded as tensors and plain data only: unpickling never runs
-    code, and a file that would need it is refused with :class:`UnsafeCheckpoint`."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # code it would run, or a file that is truncated or no torch file at all
-        needs = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
-        if needs:
-            raise UnsafeCheckpoint(f"{path}: refused: it holds objects that would run code when loaded "
-                                   f"({needs.group(1)}); a checkpoint of this project holds tensors and plain "
-                                   "data only") from None
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        raise ValueError(f"{path}: not a usable checkpoint of this project ({type(e).__name__}: {first})") from e
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: not a usable checkpoint of this project (holds a {type(ckpt).__name__})")
-    return ckpt
-
-
-class PerTaskModel(torch.nn.Module):
-    """Each task's output from the weights of the epoch that was best for that task (a checkpoint
-    trained with ``selection: per_task``), behind the interface of one ``MultiTaskModel``."""
-
-    def __init__(self, args: dict, states: dict[str, dict]) -> None:
-        super().__init__()
-        self.models = torch.nn.ModuleDict()
-        for task, state in states.items():
-            self.models[task] = MultiTaskModel(**args)
-            self.models[task].load_state_dict(state)
-        first = next(iter(self.models.values()))
-        self.args, self.tasks, self.au_output = first.args, first.tasks, first.au_output
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {task: model(x, mask)[task] for task, model in self.models.items()}
-
-    def probabilities(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return next(iter(self.models.values())).probabilities(out)
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model of a checkpoint written by ``save_checkpoint``; returns (model, contents).
-    A checkpoint holding each task's best weights rebuilds as a :class:`PerTaskModel`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    ckpt = read_checkpoint(path, device)
-    try:
-        model = MultiTaskModel(**ckpt["model_args"])
-        model.load_state_dict(ckpt["state_dict"])
-        if ckpt.get("task_state_dicts"):
-            states = {t: ckpt["task_state_dicts"].get(t, ckpt["state_dict"]) for t in model.tasks}
-            model = PerTaskModel(ckpt["model_args"], states)
-    except Exception as e:
-        raise ValueError(f"{path}: not a usable checkpoint of this project ({type(e).__name__}: {e})") from e
-    return model.to(device).eval(), ckpt
 
 
 def smooth(values: np.ndarray, window: int | list[int]) -> np.ndarray:

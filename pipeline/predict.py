@@ -22,7 +22,6 @@ AUs drawn on every frame.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from fractions import Fraction
 from pathlib import Path
@@ -34,20 +33,15 @@ import yaml
 
 from features.base import sha256_file
 from models.abaw import AUS, EXPRESSIONS
-from pipeline import faces, features
-from pipeline.config import DEVICE, Config, InputError, check_choices, load_config, run_stage
+from pipeline import checkpoint, faces, features
+from pipeline.atomic import atomic_output
+from pipeline.checkpoint import Checkpoint, Recipe
+from pipeline.cli import run_stage
+from pipeline.config import DEVICE, Config, InputError, check_choices, load_config
 from pipeline.data import Normaliser
 from pipeline.feature_cache import FeatureCache
-from pipeline.inference import fill_missing, load_checkpoint, predict_features, smooth
-from pipeline.runs import (
-    ForeignRun,
-    RunLocked,
-    atomic_output,
-    claim_run,
-    finish_run,
-    link_newest,
-    stage_lock,
-)
+from pipeline.inference import fill_missing, predict_features, smooth
+from pipeline.runs import STOPS, claimed, stop
 from pipeline.tables import FORMATS, read_face_track
 from pipeline.vision.track import SUBJECTS
 from pipeline.vision.video import iter_chunks, open_video
@@ -98,7 +92,7 @@ def expression_weights(cfg: Config) -> Path:
     return path
 
 
-def extractor_weights(cfg: Config, ckpt: dict) -> dict[str, str]:
+def extractor_weights(cfg: Config, recipe: Recipe) -> dict[str, str]:
     """Per extractor of the checkpoint, the weights file its features will be computed from: the
     user's copy in ``extractor_weights.<name>``, else the file the training features came from.
 
@@ -106,14 +100,14 @@ def extractor_weights(cfg: Config, ckpt: dict) -> dict[str, str]:
     byte-identical would give the model features it never saw, so it is refused, before any work.
     """
     given = dict(cfg.get("extractor_weights") or {})
-    unknown = sorted(set(given) - set(ckpt["extractors"]))
+    unknown = sorted(set(given) - set(recipe.extractors))
     if unknown:
         raise InputError(f"extractor_weights: {', '.join(unknown)} not among the checkpoint's extractors "
-                         f"({', '.join(ckpt['extractors'])})")
-    saved = ckpt.get("stage_configs", {})
-    records = ckpt.get("feature_attrs") or [{}] * len(ckpt["extractors"])
+                         f"({', '.join(recipe.extractors)})")
+    saved = recipe.stage_configs
+    records = recipe.feature_attrs or [{}] * len(recipe.extractors)
     paths = {}
-    for name, record in zip(ckpt["extractors"], records, strict=True):
+    for name, record in zip(recipe.extractors, records, strict=True):
         sha, file = str(record.get("weights_sha256", "")), record.get("weights_file") or "its weights file"
         path = given.get(name) or ((saved.get(f"features:{name}") or {}).get("extractor") or {}).get("weights")
         if not path or not sha or sha.startswith("random-init"):
@@ -234,45 +228,41 @@ def main(cfg: Config) -> int:
     if not cfg.video or not video.is_file():
         raise InputError(f"video={cfg.video!r}: no such file")
     if cfg.checkpoint:
-        checkpoint = Path(cfg.checkpoint)
-        if not checkpoint.is_file():
+        path = Path(cfg.checkpoint)
+        if not path.is_file():
             raise InputError(f"checkpoint={cfg.checkpoint!r}: no such file; train a model first (make train), "
                              "give checkpoint=<run folder>/best.pt, or leave it empty for expressions alone")
         try:
-            model, ckpt = load_checkpoint(checkpoint, cfg.device)
+            model, ckpt = checkpoint.load(path, cfg.device)
         except ValueError as e:
             raise InputError(str(e)) from None
-        weights = extractor_weights(cfg, ckpt)
+        weights = extractor_weights(cfg, ckpt.recipe)
     else:  # no trained model: the expression network's own classes
-        model, ckpt, checkpoint = None, {"extractors": [EXPRESSION_NETWORK]}, None
+        model, ckpt, path = None, None, None
         weights = {EXPRESSION_NETWORK: str(expression_weights(cfg))}
-    identity = prediction_identity(cfg, video, checkpoint or Path(weights[EXPRESSION_NETWORK]))
+    identity = prediction_identity(cfg, video, path or Path(weights[EXPRESSION_NETWORK]))
     out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.runs_dir) / "predict" / f"{video.stem}-{identity[:8]}"
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(stage_lock(out))
-            done = claim_run(out, identity)
-        except (RunLocked, ForeignRun, OSError) as e:
-            log.error("%s", e)
-            return 2
-        if done:
-            print(f"predictions for {video} with these settings were written before to {out}")
-        else:
+    try:
+        with claimed(out, identity, None if cfg.out_dir else Path(cfg.runs_dir) / "predict" / video.stem) as run:
+            if run.done:
+                print(f"predictions for {video} with these settings were written before to {out}")
+                return 0
             status = predict(cfg, video, model, ckpt, out, weights)
-            if status:
-                return status
-            finish_run(out, identity)
-    if not cfg.out_dir:
-        link_newest(out, video.stem)
-    return 0
+            if status == 0:
+                run.finish()
+            return status
+    except STOPS as e:
+        return stop("predict", e)
 
 
-def predict(cfg: Config, video: Path, model: torch.nn.Module, ckpt: dict, out: Path,
+def predict(cfg: Config, video: Path, model: torch.nn.Module | None, ckpt: Checkpoint | None, out: Path,
             weights: dict[str, str] | None = None) -> int:
-    """Faces, features and the model on ``video``, into ``out``; 1 if a stage failed. ``weights``:
-    extractor name -> the checked weights file to compute its features from."""
+    """Faces, features and the model of ``ckpt`` (None: the expression network alone) on ``video``,
+    into ``out``; 1 if a stage failed. ``weights``: extractor name -> the checked weights file to
+    compute its features from."""
     cfg.save(out / "config.yaml")
-    saved = ckpt.get("stage_configs", {})
+    recipe = ckpt.recipe if ckpt is not None else Recipe(extractors=[EXPRESSION_NETWORK])
+    saved = recipe.stage_configs
     if not saved and model is not None:
         log.warning("%s records no face/feature settings: using the defaults in configs/", cfg.checkpoint)
 
@@ -283,7 +273,7 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module, ckpt: dict, out: P
         log.error("%s: the faces stage failed; see %s", video, out / "faces" / "failures.jsonl")
         return 1
     paths, weights = [], weights or {}
-    for name in ckpt["extractors"]:
+    for name in recipe.extractors:
         saved_features = saved.get(f"features:{name}")
         feat_cfg = stage_config("features", saved_features, out / f"features_{name}.yaml", [
             *([] if saved_features else [f"extractor={name}"]),
@@ -298,9 +288,9 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module, ckpt: dict, out: P
         print(f"no model for valence/arousal and action units was given (checkpoint=.../best.pt): their columns "
               f"are empty; expressions are {EXPRESSION_NETWORK}'s FER2013 classes mapped to ABAW's (Other: 0)")
         return write_outputs(cfg, video, results, ("expr",), None, out)
-    trained_sha = [a.get("weights_sha256") for a in ckpt.get("feature_attrs") or [{}] * len(paths)]
+    trained_sha = [a.get("weights_sha256") for a in recipe.feature_attrs or [{}] * len(paths)]
     cache = FeatureCache(paths)
-    for name, trained, now in zip(ckpt["extractors"], trained_sha, [a.get("weights_sha256") for a in cache.attrs],
+    for name, trained, now in zip(recipe.extractors, trained_sha, [a.get("weights_sha256") for a in cache.attrs],
                                   strict=True):
         if not trained:
             log.warning("%s: the checkpoint records no checksum of the extractor weights; they cannot be checked",
@@ -310,18 +300,18 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module, ckpt: dict, out: P
                       "refused", name, str(now)[:16], str(trained)[:16])
             return 1
 
-    results = {}
+    results, how = {}, ckpt.inference
+    norm = Normaliser.from_state(how.normaliser) if how.normaliser else None
     for key in cache.videos:
         feats, present, frames = cache.read(key)
-        norm = Normaliser.from_state(ckpt["normaliser"]) if ckpt.get("normaliser") else None
-        preds = predict_features(model, feats, present, norm, ckpt["window"], ckpt["eval_stride"], cfg.device,
-                                 consecutive=ckpt.get("eval_windows") == "consecutive")
+        preds = predict_features(model, feats, present, norm, how.window, how.eval_stride, cfg.device,
+                                 consecutive=how.eval_windows == "consecutive")
         if "va" in preds:
-            preds["va"] = smooth(preds["va"], cfg.smooth or ckpt.get("va_smoothing", 1))
+            preds["va"] = smooth(preds["va"], cfg.smooth or how.va_smoothing)
         results[key] = {"frame": frames, **preds}
         if not present.any():
             log.warning("%s: no face found in any frame; predictions are empty", key)
-    thresholds = np.asarray(ckpt["au_thresholds"]) if ckpt.get("au_thresholds") else None
+    thresholds = np.asarray(how.au_thresholds) if how.au_thresholds else None
     return write_outputs(cfg, video, results, tuple(model.tasks), thresholds, out)
 
 

@@ -1,5 +1,6 @@
-"""What every stage does around its real work: find inputs, split them over workers, write
-outputs atomically, skip finished ones, and keep going past a failure while recording it."""
+"""Run bookkeeping shared by every stage: find the inputs and split them over workers, lock an
+output folder, claim it for one run and mark that run finished, link the newest run, end a stage
+that cannot use its folder, and carry on past one input's failure while recording it."""
 
 from __future__ import annotations
 
@@ -9,11 +10,8 @@ import fcntl
 import glob
 import json
 import logging
-import math
 import os
-import re
 import socket
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -21,28 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 from tqdm import tqdm
+
+from pipeline.atomic import atomic_output, write_json
 
 log = logging.getLogger("pipeline")
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-
-
-DECODING_STAGES = ("faces", "predict")  # the stages that decode video, whose frames churn the heap
-
-
-def command_line_process(stage: str) -> None:
-    """The process-wide settings of a stage run from the command line (``python -m pipeline.<stage>``):
-    log lines on stderr and, where video is decoded, glibc's allocator returning large buffers.
-    Never applied by importing or calling the stages as a library."""
-    setup_logging()
-    if stage in DECODING_STAGES:
-        release_large_buffers()
 
 
 def list_inputs(source: str | Path, suffixes: Sequence[str] = VIDEO_SUFFIXES) -> list[Path]:
@@ -85,200 +68,28 @@ def shard_of(items: Sequence, shard: str | None = None) -> list:
     return list(items[i::n])
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
-
-    A killed or failed writer leaves at most a ``.partial`` file, which no reader takes as done
-    and ``sweep_partials`` removes once its writer is gone.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}~{socket.gethostname()}.partial")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+class RunStopped(RuntimeError):
+    """A stage cannot go on with its output folder; the message names the folder and why."""
 
 
-PARTIAL = re.compile(r"\.(?P<pid>\d+)~(?P<host>[^~/]+)\.partial$")  # what atomic_output names
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # somebody else's process
-        return True
-    return True
-
-
-def sweep_partials(folder: str | Path) -> int:
-    """Delete the ``.partial`` files under ``folder`` whose writer, a process on this host, is gone
-    (killed runs leave them; one can be as large as the file it was becoming). Files of live
-    processes and of other hosts sharing the folder are left alone. Returns how many went."""
-    host, gone = socket.gethostname(), 0
-    for p in Path(folder).rglob(".*.partial"):
-        m = PARTIAL.search(p.name)
-        if m and m["host"] == host and not _alive(int(m["pid"])):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-                gone += 1
-    if gone:
-        log.info("%s: removed %d temporary files left by killed runs", folder, gone)
-    return gone
-
-
-def h5_is_done(path: str | Path, config_hash: str) -> bool:
-    """True when ``path`` opens as HDF5, is marked complete and was made with this config."""
-    try:
-        with h5py.File(path, "r") as f:
-            return bool(f.attrs.get("complete", False)) and f.attrs.get("config_hash") == config_hash
-    except (OSError, KeyError):
-        return False
-
-
-class _DiskFile:
-    """A binary file for h5py's file-object driver that never fails HDF5: the first ``OSError``
-    is kept in ``error``, and from then on writes are dropped and reads are zero-filled.
-
-    HDF5 that cannot write while closing (a full disk) keeps the file on its open list and crashes
-    the interpreter at exit; an exception raised in here instead would stay set while HDF5 goes on
-    calling back, and fail every later call. So the error is raised by ``h5_writer`` after closing.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.pos = 0
-        self.error: OSError | None = None
-
-    def __repr__(self) -> str:
-        return str(self.path)  # h5py takes this as the file's name
-
-    def _try(self, op: Callable[[], Any]) -> None:
-        if self.error is None:
-            try:
-                op()
-            except OSError as e:
-                self.error = OSError(e.errno, e.strerror, str(self.path))
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: os.fstat(self.fd).st_size}[whence]
-        self.pos = base + offset
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def read(self, size: int = -1) -> bytes:
-        if size < 0:
-            size = max(os.fstat(self.fd).st_size - self.pos, 0)
-        data = os.pread(self.fd, size, self.pos)
-        if self.error is not None:  # what was dropped reads as zeros
-            data = data.ljust(size, b"\0")
-        self.pos += len(data)
-        return data
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        view = memoryview(data).cast("B")
-
-        def write_all() -> None:
-            done = 0
-            while done < len(view):  # pwrite may write only part, e.g. up to a full disk
-                done += os.pwrite(self.fd, view[done:], self.pos + done)
-
-        self._try(write_all)
-        self.pos += len(view)
-        return len(view)
-
-    def truncate(self, size: int | None = None) -> int:
-        size = self.pos if size is None else size
-        self._try(lambda: os.ftruncate(self.fd, size))
-        return size
-
-    def flush(self) -> None:
-        pass  # nothing is buffered here; like HDF5's default driver, no fsync
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            try:
-                os.close(fd)
-            except OSError as e:  # some network file systems report a lost write only here
-                self.error = self.error or OSError(e.errno, e.strerror, str(self.path))
-
-
-@contextlib.contextmanager
-def h5_writer(path: str | Path, **kwargs: Any) -> Iterator[h5py.File]:
-    """``h5py.File(path, "w", **kwargs)`` that survives a full disk.
-
-    A write error (``ENOSPC``, ``EIO``, ...) is raised once HDF5 has closed the file, as an
-    ``OSError`` naming ``path``; with a plain ``h5py.File`` the close fails and the process crashes
-    at exit. Writes after the error are dropped, so the block runs to its end. Write to an
-    ``atomic_output`` path so that the failed file goes away.
-    """
-    disk = _DiskFile(Path(path))
-    try:
-        with h5py.File(disk, "w", **kwargs) as f:
-            yield f
-    except Exception as e:
-        if disk.error is None:
-            raise
-        raise disk.error from e  # whatever HDF5 made of the lost writes, the disk is the cause
-    finally:
-        disk.close()
-    if disk.error is not None:
-        raise disk.error
-
-
-def release_large_buffers(threshold: int = 128 * 1024) -> None:
-    """Have glibc's malloc give every buffer of ``threshold`` bytes or more straight back to the
-    system when it is freed (Linux only; elsewhere nothing happens).
-
-    By default glibc raises that threshold as large buffers come and go, and then carves frames and
-    tensors out of a heap that fragments: a stage's resident memory crept up with the video's length
-    although it kept nothing from one chunk to the next.
-    """
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD
-
-
-def write_text(path: str | Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
-
-
-def _json_ready(value: Any) -> Any:
-    """``value`` with NaN and infinities as ``null``: JSON has no NaN, and strict readers refuse it."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    return value
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    """Write ``data`` as strict JSON (NaN, an undefined score, becomes ``null``), atomically."""
-    write_text(path, json.dumps(_json_ready(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
-
-
-class RunLocked(RuntimeError):
+class RunLocked(RunStopped):
     """Another live run holds the output folder; the message names it and its holder."""
 
 
-class ForeignRun(RuntimeError):
+class ForeignRun(RunStopped):
     """The output folder holds a run made with other settings, which must never be replaced."""
+
+
+# What ends a stage with status 2: its folder is locked, holds another run, or cannot be written
+# (an OSError while taking or writing it: read-only, full, gone).
+STOPS = (RunStopped, OSError)
+
+
+def stop(stage: str, error: BaseException) -> int:
+    """The one way a stage ends when its output folder cannot be used: one line,
+    ``<stage>: stopped: <why>``, and exit status 2. What the stage finished before stays."""
+    log.error("%s: stopped: %s", stage, error)
+    return 2
 
 
 def claim_run(out: Path, identity: str) -> bool:
@@ -304,24 +115,37 @@ def finish_run(out: Path, identity: str) -> None:
     write_json(out / "run.json", {"identity": identity, "finished": True})
 
 
-def link_newest(out: Path, name: str) -> None:
-    """Point ``<out's parent>/<name>`` at the run folder ``out`` (relative, replaced atomically)."""
-    link = out.parent / name
-    if link.is_dir() and not link.is_symlink():
-        # a run written before runs had their own folders: kept whole under another name, so that
-        # nothing reading <name> takes that older run for this one
-        kept = link.with_name(f"{name}-unhashed")
-        if kept.exists():
-            log.warning("%s is a folder, not a link to the newest run, and %s exists; both left as they are",
-                        link, kept)
-            return
-        link.rename(kept)
-        log.warning("%s held a run made before run folders were named by their settings; moved to %s",
-                    link, kept)
-    tmp = link.with_name(f".{name}.{os.getpid()}.link")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(out.name)
-    os.replace(tmp, link)
+def link_newest(out: Path, link: Path) -> None:
+    """Point ``link`` at the run folder ``out`` (a relative link, replaced atomically)."""
+    with atomic_output(link) as tmp:
+        tmp.symlink_to(os.path.relpath(out, link.parent))
+
+
+@dataclass
+class Claim:
+    """A run folder held for one run: ``done`` when that run had finished there before."""
+
+    out: Path
+    identity: str
+    done: bool
+
+    def finish(self) -> None:
+        """Every output is written: mark the run finished, so the same settings skip it."""
+        finish_run(self.out, self.identity)
+        self.done = True
+
+
+@contextlib.contextmanager
+def claimed(out: Path, identity: str, link: Path | None = None) -> Iterator[Claim]:
+    """Hold ``out``'s lock for the block and claim the folder for the run ``identity``
+    (:func:`claim_run`). Once the run is done there (before, or :meth:`Claim.finish` in the
+    block), ``link`` points at it as the newest. Raises :class:`RunStopped` or ``OSError`` when
+    the folder cannot be used: hand those to :func:`stop`."""
+    with stage_lock(out, "0/1"):
+        claim = Claim(Path(out), identity, claim_run(Path(out), identity))
+        yield claim
+        if claim.done and link is not None:
+            link_newest(claim.out, link)
 
 
 @contextlib.contextmanager

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -29,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from pipeline.config import Config, ConfigError, run_stage
-from pipeline.runs import write_json
+from pipeline.atomic import atomic_output, write_json
+from pipeline.cli import run_stage
+from pipeline.config import Config, ConfigError
 
 log = logging.getLogger("pipeline")
 
@@ -742,20 +741,11 @@ def main(cfg: Config) -> int:
         log.error("%s exists but holds no sample manifest; refusing to overwrite it", out)
         return 1
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_output(out) as tmp:  # the whole folder appears at once, replacing an older sample
+        tmp.mkdir()
         manifest = generate(cfg, tmp)
         cfg.save(tmp / "sample.yaml")
         write_json(tmp / "manifest.json", manifest)
-        old = out.with_name(f".{out.name}.{os.getpid()}.old")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("sample written to %s (%d videos)", out, cfg.n_videos)
     return 0
 

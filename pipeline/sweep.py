@@ -3,14 +3,15 @@
     python -m pipeline.sweep [train config.yaml] encoder=gru,lstm seed=0,1,2 [key=value ...]
     python -m pipeline.sweep experiment=mtl_gru,va_only seed=0,1,2 epochs=20
 
-Every ``key=a,b,c`` (commas outside brackets, so ``extractors=[onet,iresnet18]`` is one value) is an
-axis, and the runs are every combination of the axes. Each run is ``pipeline.train`` with its
-overrides, in the folder its settings name, so a sweep skips the runs it finished before and
-resumes the one it was stopped in. Every run's config is resolved and checked before the first one
-starts. The table gives, for each setting (the values of every axis but ``seed``), the mean and the
-sample standard deviation over its seeds of CCC-V, CCC-A, F1-EXPR, F1-AU and P_MTL; it is printed
-and written to ``<runs_dir>/<data>/sweeps/<hash>.md`` and ``.json`` (with every run's folder and
-scores). Exit status 1 if any run failed; the others still ran.
+Every ``key=a,b,c`` (commas outside brackets, so ``extractors=[onet,iresnet18]`` is one value) is
+an axis, and the runs are every combination of the axes. Each run is ``python -m pipeline.train``
+with its overrides, in a process of its own and in the folder its settings name, so a sweep skips
+the runs it finished before and resumes the one it was stopped in. Every run's config is resolved
+and checked before the first one starts. The table gives, for each setting (the values of every
+axis but ``seed``), the mean and the sample standard deviation over its seeds of CCC-V, CCC-A,
+F1-EXPR, F1-AU and P_MTL; it is printed and written to ``<runs_dir>/<data>/sweeps/<hash>.md`` and
+``.json`` (with every run's folder and scores). Exit status 1 if any run failed; the others still
+ran.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ import itertools
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline import train
-from pipeline.config import Config, ConfigError, check_choices, load_config, run_stage
+from pipeline.atomic import write_json, write_text
+from pipeline.cli import Program
+from pipeline.config import Config, ConfigError, check_choices, load_config
+from pipeline.identity import run_folder
+from pipeline.launch import train_process
 from pipeline.metrics import markdown_table, summarise
-from pipeline.runs import write_json, write_text
+from pipeline.training import CHOICES
 
 log = logging.getLogger("pipeline")
 
@@ -71,10 +74,15 @@ class Sweep:
         for run in expand(overrides):
             try:
                 cfg = load_config("train", path, run)
-                check_choices(cfg, train.CHOICES)
+                check_choices(cfg, CHOICES)
             except ConfigError as e:
                 raise ConfigError(f"{' '.join(run)}: {e}") from None
             self.runs.append((run, cfg))
+
+    @property
+    def configs(self) -> list[Config]:
+        """Each run's resolved config, in grid order."""
+        return [cfg for _, cfg in self.runs]
 
     def setting(self, run: list[str]) -> str:
         """The run's values of every axis but the seed: its row in the table."""
@@ -119,13 +127,13 @@ def main(sweep: Sweep) -> int:
     results: list[dict[str, Any]] = []
     for i, (run, cfg) in enumerate(sweep.runs, start=1):
         log.info("sweep run %d/%d: %s", i, len(sweep.runs), " ".join(run))
-        try:
-            status = train.main(cfg)
-            out = train.run_folder(cfg)
-            scores = json.loads((out / "scores.json").read_text()) if status == 0 else None
-        except Exception as e:  # this run fails alone; the sweep goes on
-            log.error("sweep run %s failed: %s: %s", " ".join(run), type(e).__name__, e)
-            status, out, scores = 1, None, None
+        status = train_process(sweep.path, run)  # a run that fails, fails alone; the sweep goes on
+        out = scores = None
+        if status == 0:
+            out = run_folder(cfg)
+            scores = json.loads((out / "scores.json").read_text())
+        else:
+            log.error("sweep run %s failed with exit status %d", " ".join(run), status)
         results.append({"overrides": run, "setting": sweep.setting(run), "seed": cfg.seed, "status": status,
                         "folder": str(out) if out else None, "scores": scores})
     rows = summary_rows(results)
@@ -141,18 +149,12 @@ def main(sweep: Sweep) -> int:
     return 1 if failed else 0
 
 
-def parse(stage: str, argv: list[str] | None = None) -> Sweep:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        raise SystemExit(0)
-    path = argv.pop(0) if argv and "=" not in argv[0] else None
-    return Sweep(path, argv)
+PROGRAM = Program("sweep", main, configure=lambda command: Sweep(command.config, command.overrides))
 
 
 def cli() -> None:
     """The ``affect-sweep`` command, the same as ``python -m pipeline.sweep``."""
-    run_stage("sweep", main, parse=parse)
+    PROGRAM.run()
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from models.abaw import AUS, EXPRESSIONS
+from pipeline.atomic import atomic_output
 from pipeline.metrics import binarise_au
-from pipeline.runs import atomic_output
 
 LANDMARKS = tuple(f"lm{i}_{c}" for i in range(1, 6) for c in "xy")
 BOX = ("box_x1", "box_y1", "box_x2", "box_y2")

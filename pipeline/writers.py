@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from models.abaw import AUS, EXPRESSION_SETS, EXPRESSIONS, INVALID, TASKS
+from pipeline.atomic import atomic_output
 from pipeline.labels import (
     TASK_DIRS,
     TASK_HEADERS,
@@ -45,7 +46,6 @@ from pipeline.labels import (
     read_task_file,
 )
 from pipeline.metrics import binarise_au, dense_predictions
-from pipeline.runs import atomic_output
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from features import build_extractor
-from pipeline import api, runs, tables
-from pipeline.inference import save_checkpoint
+from pipeline import api, checkpoint, cli, tables
 
 
 @pytest.mark.real_video
@@ -21,8 +20,8 @@ def test_faces_features_and_predictions_of_a_real_clip(pyfeat_clips: Path, fer_w
     def process_wide(*_: object) -> None:
         raise AssertionError("a library call changed a process-wide setting")
 
-    monkeypatch.setattr(runs, "release_large_buffers", process_wide)
-    monkeypatch.setattr(runs, "setup_logging", process_wide)
+    monkeypatch.setattr(cli, "release_large_buffers", process_wide)
+    monkeypatch.setattr(cli, "setup_logging", process_wide)
     handlers = list(logging.getLogger().handlers)
     clip = pyfeat_clips / "single_face.mp4"
 
@@ -49,16 +48,18 @@ def test_load_rebuilds_a_checkpoint(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     model = MultiTaskModel(16, {"name": "gru", "hidden": 8, "layers": 1}, tasks=("va", "expr", "au")).eval()
-    save_checkpoint(tmp_path / "best.pt", model, extractors=["onet"], window=8)
+    checkpoint.save(tmp_path / "best.pt", checkpoint.Checkpoint(checkpoint.ModelPart.of(model),
+                                                                checkpoint.Recipe(extractors=["onet"]),
+                                                                checkpoint.Inference(window=8)))
     loaded, contents = api.load(tmp_path / "best.pt")
     x, mask = torch.randn(1, 8, 16), torch.ones(1, 8, dtype=torch.bool)
     with torch.no_grad():
         assert torch.equal(loaded(x, mask)["va"], model(x, mask)["va"])
-    assert contents["extractors"] == ["onet"] and not loaded.training
+    assert contents.recipe.extractors == ["onet"] and not loaded.training
 
 
 def test_a_missing_or_broken_video_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="gone.mp4: no such video"):
+    with pytest.raises(api.StageFailed, match="gone.mp4: no such video"):
         api.detect_faces(tmp_path / "gone.mp4")
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\0" * 64)

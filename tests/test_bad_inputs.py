@@ -175,7 +175,7 @@ def test_4k_video_memory_does_not_grow_with_its_length(pyfeat_clips, tmp_path):
     big = np.kron(frame, np.ones((6, 6, 1), np.uint8))  # 2160 x 3840
     # the child's own peak: ru_maxrss would carry over the forked test runner's resident memory
     code = ("import sys\nfrom pathlib import Path\nfrom pipeline.config import load_config\n"
-            "from pipeline.faces import main\nfrom pipeline.runs import command_line_process\n"
+            "from pipeline.faces import main\nfrom pipeline.cli import command_line_process\n"
             "command_line_process('faces')\nPath('/proc/self/clear_refs').write_text('5')\n"
             "status = main(load_config('faces', None, sys.argv[1:]))\n"
             "lines = Path('/proc/self/status').read_text().splitlines()\n"
@@ -277,12 +277,12 @@ def read_only(tmp_path):
     subprocess.run(["umount", str(folder)], capture_output=True)
 
 
-def test_read_only_output_folder_stops_features_with_a_clear_message(read_only, tmp_path, capsys):
+def test_read_only_output_folder_stops_features_with_a_clear_message(read_only, tmp_path, caplog):
     make_face_files(tmp_path / "faces", videos=1, frames=4, absent=0.0, sizes=[112])
     cfg = load_config("features", None, ["extractor=onet", f"faces_dir={tmp_path / 'faces'}",
                                          f"out_dir={read_only / 'features'}"])
     assert features.main(cfg) == 2
-    said = capsys.readouterr().out
+    said = caplog.messages[-1]
     assert said.startswith("features: stopped: ")
     assert f"{read_only / 'features'}: cannot write to the output folder" in said
     assert "Read-only" in said or "Permission denied" in said

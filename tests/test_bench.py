@@ -12,9 +12,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from pipeline import train
+from pipeline import loop as epoch_loop
 from pipeline.bench import encoders as bench
-from pipeline.config import ConfigError, InputError, component_names, load_config
+from pipeline.config import ConfigError, component_names, load_config
 from pipeline.metrics import summarise
 from tests.synthetic import learnable_set
 
@@ -125,21 +125,23 @@ def test_scores_use_one_budget_per_seed_and_leave_a_failed_seed_out(tmp_path, mo
 
     folder = lambda cfg: runs / "sample" / "train" / f"{cfg.name}-seed{cfg.seed}"
 
-    def fake_train(cfg):
+    def fake_train(config, overrides, env=None):  # in place of the `python -m pipeline.train` process
+        assert config is None
+        cfg = load_config("train", overrides=overrides)
         seen.append(cfg)
         if cfg.seed == 5 and cfg.encoder.name == "gru":
-            raise InputError("no train video has both labels and features")  # as pipeline.train does
+            return 1  # as pipeline.train exits on "no train video has both labels and features"
         folder(cfg).mkdir(parents=True)
         p_mtl = 1.0 + cfg.seed / 10 - (0.5 if cfg.encoder.name == "frame" else 0.0)
         scores = {"p_mtl": p_mtl, "ccc_v": 0.1 * cfg.seed, "ccc_a": float("nan"), "f1_expr": 0.3, "f1_au": 0.4}
         (folder(cfg) / "scores.json").write_text(json.dumps(scores))
         return 0
 
-    monkeypatch.setattr("pipeline.train.main", fake_train)
-    monkeypatch.setattr("pipeline.train.run_folder", folder)
+    monkeypatch.setattr("pipeline.bench.encoders.train_process", fake_train)
+    monkeypatch.setattr("pipeline.bench.encoders.run_folder", folder)
     out = tmp_path / "encoders-sample.json"
     cfg = load_config("bench", overrides=[*TINY, "encoders=[frame, gru]", "seeds=[3, 5, 7]", "train.epochs=2",
-                                          "loop_repeats=0", "jobs=1",  # in this process, where the fake applies
+                                          "loop_repeats=0", "jobs=1",
                                           f"runs_dir={runs}", f"output={out}"])
     cfg.train["loss"] = {"va": "mse"}  # a nested budget key, as a user may add to configs/bench.yaml
     assert bench.main(cfg) == 1  # one seed failed
@@ -192,8 +194,8 @@ def test_training_loop_is_timed_against_the_bare_step_on_the_same_batches(tmp_pa
                                           "train.window=24", "train.stride=8", "train.batch_size=4"])
     cfg.data.update(annotations=str(syn["annotations"]))
     calls = []
-    real_epoch = train.train_epoch
-    monkeypatch.setattr(train, "train_epoch", lambda *a, **kw: calls.append(kw) or real_epoch(*a, **kw))
+    real_epoch = epoch_loop.train_epoch
+    monkeypatch.setattr(epoch_loop, "train_epoch", lambda *a, **kw: calls.append(kw) or real_epoch(*a, **kw))
 
     loop = bench.loop_speed(cfg, "gru")
     assert len(calls) == 1 + 2 and all(kw["board"] is not None for kw in calls)  # TensorBoard logged, as in a run

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import config, runs
+from models import STRUCTURES, MultiTaskModel
+from models.multitask import structure_options
+from pipeline import cli, config
 from pipeline.config import CONFIG_DIR, GROUPS, ConfigError, component_names, load_component, load_config
 
 STAGES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -25,6 +27,43 @@ def test_every_stage_config_resolves(stage: str) -> None:
 def test_every_component_yaml_loads(group: str, name: str) -> None:
     data = load_component(group, name)
     assert data["name"] == name
+
+
+@pytest.mark.parametrize("structure", sorted(STRUCTURES))
+def test_each_structure_yaml_holds_exactly_the_options_its_model_takes(structure: str) -> None:
+    """``configs/structures/<name>.yaml`` lists every option of the structure and nothing else, and a
+    model built from the config it resolves to takes them all."""
+    yaml_options = yaml.safe_load((CONFIG_DIR / "structures" / f"{structure}.yaml").read_text())
+    assert list(yaml_options) == list(structure_options(structure)), structure
+    cfg = load_config("train", overrides=[f"model.structure={structure}"])
+    assert set(cfg.model) == {"tasks", "structure", *yaml_options}
+    model = MultiTaskModel(16, {"name": "gru", "hidden": 8, "layers": 1}, **dict(cfg.model))
+    assert {k: model.args[k] for k in yaml_options} == yaml_options
+
+
+def test_an_option_of_another_structure_is_refused_naming_its_structure(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^config key 'model.au_neighbours' is an option of model.structure amtl, "
+                                          r"not of 'shared'$"):
+        load_config("train", overrides=["model.structure=shared", "model.au_neighbours=8"])
+    assert load_config("train", overrides=["model.structure=amtl", "model.au_neighbours=8"]).model.au_neighbours == 8
+    mine = tmp_path / "mine.yaml"  # the same in a file of the user's
+    mine.write_text("base: train.yaml\nmodel:\n  structure: feedback\n  au_dim: 32\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: config key 'model.au_dim' is an option of model.structure "
+                                          r"cross_attention, not of 'feedback'"):
+        load_config("train", mine)
+
+
+def test_a_config_naming_another_structure_leaves_the_base_structures_own_options() -> None:
+    """zhang2022_gru builds on the transformer recipe (feedback, task branches) and names the shared
+    structure: it keeps the heads' options both have and drops the branches' ones."""
+    base, gru = load_config("train", overrides=["experiment=zhang2022_transformer"]), load_config(
+        "train", overrides=["experiment=zhang2022_gru"])
+    assert base.model.task_layers == 3 and base.model.feedback_from == "head"
+    assert gru.model.structure == "shared" and "task_layers" not in gru.model and "feedback_from" not in gru.model
+    assert (gru.model.head_layers, gru.model.dropout, gru.model.split_va) == ([512, 256], 0.3, True)
+    # and on the command line: another structure drops the experiment's own options of its structure
+    shared = load_config("train", overrides=["experiment=zhang2022_transformer", "model.structure=shared"])
+    assert "task_layers" not in shared.model and shared.model.head_layers == [512, 256]
 
 
 def test_group_selection_then_field_override_in_any_order() -> None:
@@ -150,7 +189,7 @@ def test_config_dir_on_the_command_line(tmp_path: Path, monkeypatch: pytest.Monk
     (tmp_path / "experiments").mkdir()
     (tmp_path / "experiments" / "mine.yaml").write_text("base: train.yaml\nname: mine\n")
     monkeypatch.delenv("AFFECT_CONFIG_DIR", raising=False)
-    monkeypatch.setattr(runs, "command_line_process", lambda stage: None)  # no log handlers in the test process
+    monkeypatch.setattr(cli, "command_line_process", lambda stage: None)  # no log handlers in the test process
     seen = {}
 
     def main(cfg) -> int:
@@ -158,6 +197,6 @@ def test_config_dir_on_the_command_line(tmp_path: Path, monkeypatch: pytest.Monk
         return 0
 
     with pytest.raises(SystemExit) as e:
-        config.run_stage("train", main, argv=["--config-dir", str(tmp_path), "experiment=mine"])
+        cli.run_stage("train", main, argv=["--config-dir", str(tmp_path), "experiment=mine"])
     assert e.value.code == 0 and seen == {"name": "mine"}
     monkeypatch.delenv("AFFECT_CONFIG_DIR")  # run_stage set it for the process, as a command line does

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline import distributed, train
+from pipeline import checkpoint, distributed, train
 from tests.synthetic import learnable_set
 from tests.test_train import FAST, syn_config
 
@@ -83,12 +83,11 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    a = torch.load(one / "last.pt", weights_only=True)
-    b = torch.load(two / "last.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2
-    for key, value in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-4, atol=1e-5)
-    for h1, h2 in zip(a["history"], b["history"], strict=True):
+    a, b = checkpoint.read(one / "last.pt"), checkpoint.read(two / "last.pt")
+    assert a.resume.epoch == b.resume.epoch == 2
+    for key, value in a.model.state_dict.items():
+        torch.testing.assert_close(b.model.state_dict[key], value, rtol=1e-4, atol=1e-5)
+    for h1, h2 in zip(a.resume.history, b.resume.history, strict=True):
         assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-5)
     s1, s2 = (json.loads((p / "scores.json").read_text()) for p in (one, two))
     assert s2["p_mtl"] == pytest.approx(s1["p_mtl"], abs=1e-4)

@@ -19,9 +19,9 @@ import pytest
 from skimage.registration import phase_cross_correlation
 from skimage.transform import SimilarityTransform, warp
 
-from pipeline import evaluate, faces, features, predict, sample, train
+from pipeline import checkpoint, evaluate, faces, features, predict, sample, train
 from pipeline.config import Config, load_config
-from pipeline.inference import load_checkpoint, predict_features
+from pipeline.inference import predict_features
 from pipeline.labels import AUS, EXPRESSIONS
 
 # insightface's five-point ArcFace template for 112x112 crops (`arcface_dst` in
@@ -189,8 +189,8 @@ def test_predict_equals_the_stages_run_by_hand(pipeline_run: dict[str, Path], tm
     smoothed by the window training chose, action units cut at its thresholds."""
     data, runs = pipeline_run["data"], pipeline_run["runs"]
     (video,) = videos_of(data, "Validation_Set")
-    checkpoint = pipeline_run["train"] / "best.pt"
-    assert predict.main(stage("predict", f"video={data / 'videos' / f'{video}.mp4'}", f"checkpoint={checkpoint}",
+    best = pipeline_run["train"] / "best.pt"
+    assert predict.main(stage("predict", f"video={data / 'videos' / f'{video}.mp4'}", f"checkpoint={best}",
                               f"out_dir={tmp_path}")) == 0
 
     # the same faces and features as the training run's
@@ -201,16 +201,16 @@ def test_predict_equals_the_stages_run_by_hand(pipeline_run: dict[str, Path], tm
     np.testing.assert_array_equal(read_h5(tmp_path / "features" / "onet" / f"{video}.h5")["features"],
                                   part["features"])
 
-    model, ckpt = load_checkpoint(checkpoint)
+    model, ckpt = checkpoint.load(best)
     train_parts = [read_h5(runs / "sample" / "features" / "onet" / f"{v}.h5") for v in videos_of(data, "Train_Set")]
     seen = np.concatenate([p["features"][p["present"].astype(bool)] for p in train_parts]).astype(np.float64)
     mean, std = seen.mean(0), np.maximum(seen.std(0), 1e-6)
     present = part["present"].astype(bool)
     x = ((part["features"].astype(np.float64) - mean) / std).astype(np.float32)
-    out = predict_features(model, x, present, None, ckpt["window"], ckpt["eval_stride"])
-    window = ckpt["va_smoothing"]
+    out = predict_features(model, x, present, None, ckpt.inference.window, ckpt.inference.eval_stride)
+    window = ckpt.inference.va_smoothing
     va = moving_average(out["va"], window if isinstance(window, list) else [window] * 2)
-    au = (out["au"] >= np.asarray(ckpt["au_thresholds"])).astype(int)
+    au = (out["au"] >= np.asarray(ckpt.inference.au_thresholds)).astype(int)
 
     with open(tmp_path / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))

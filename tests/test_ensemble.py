@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from pipeline import ensemble, train
+from pipeline import checkpoint, ensemble, train
 from pipeline.config import Config, ConfigError, InputError, load_config
 from pipeline.data import Normaliser
 from pipeline.feature_cache import FeatureCache
-from pipeline.inference import load_checkpoint, predict_features
+from pipeline.identity import run_folder
+from pipeline.inference import predict_features
 from pipeline.labels import AUS
 from pipeline.writers import read_predictions
 from tests.synthetic import learnable_set
@@ -45,12 +45,12 @@ def runs(syn: dict[str, Path]) -> list[Path]:
     for seed in (0, 1):
         cfg = syn_config(syn, f"seed={seed}")
         assert train.main(cfg) == 0
-        folders.append(train.run_folder(cfg))
+        folders.append(run_folder(cfg))
     return folders
 
 
 def run_ensemble(*args: str) -> int:
-    return ensemble.main(ensemble.parse("ensemble", list(args)))
+    return ensemble.main(ensemble.PROGRAM.read(list(args)))
 
 
 def ensembles(syn: dict[str, Path]) -> set[Path]:
@@ -81,9 +81,10 @@ def test_the_ensemble_averages_the_members_outputs(syn: dict[str, Path], runs: l
         feats, present, frames = cache.read(video)
         outputs = []
         for run in runs:
-            model, ckpt = load_checkpoint(run / "best.pt")
-            norm = Normaliser.from_state(ckpt["normaliser"])
-            outputs.append(predict_features(model, feats, present, norm, ckpt["window"], ckpt["eval_stride"]))
+            model, ckpt = checkpoint.load(run / "best.pt")
+            norm = Normaliser.from_state(ckpt.inference.normaliser)
+            outputs.append(predict_features(model, feats, present, norm, ckpt.inference.window,
+                                            ckpt.inference.eval_stride))
         va = np.mean([o["va"] for o in outputs], 0)
         np.testing.assert_allclose(written[video]["va"][frames], va, atol=2e-6)  # written with 6 decimals
         expr = np.mean([o["expr"] for o in outputs], 0)
@@ -116,10 +117,10 @@ def test_runs_that_cannot_be_averaged_are_refused_by_name(syn: dict[str, Path], 
         run_ensemble(str(runs[0]), str(runs[0]))
     other = tmp_path / "other"
     shutil.copytree(runs[1], other)
-    ckpt = torch.load(other / "best.pt", weights_only=True)
-    ckpt["config"]["data"]["val_split"] = "train"
-    ckpt["identity"] = "f" * 64  # sorts after the real run, which is then the one compared with
-    torch.save(ckpt, other / "best.pt")
+    ckpt = checkpoint.read(other / "best.pt")
+    ckpt.recipe.config["data"]["val_split"] = "train"
+    ckpt.recipe.identity = "f" * 64  # sorts after the real run, which is then the one compared with
+    checkpoint.save(other / "best.pt", ckpt)
     with pytest.raises(InputError, match=rf"{other}: trained on other data than .*data.val_split: 'train'"):
         run_ensemble(str(runs[0]), str(other))
     with pytest.raises(ConfigError, match="give the run folders"):
@@ -127,7 +128,7 @@ def test_runs_that_cannot_be_averaged_are_refused_by_name(syn: dict[str, Path], 
 
 
 def test_run_folders_as_arguments_or_runs_keys() -> None:
-    cfg = ensemble.parse("ensemble", ["a", "runs=b", "runs=[c,d]", "device=cpu"])
+    cfg = ensemble.PROGRAM.read(["a", "runs=b", "runs=[c,d]", "device=cpu"])
     assert cfg.runs == ["a", "b", "c", "d"] and cfg.device == "cpu"
     with pytest.raises(ConfigError, match="unknown config key 'epochs'"):
-        ensemble.parse("ensemble", ["a", "epochs=3"])
+        ensemble.PROGRAM.read(["a", "epochs=3"])

@@ -15,7 +15,7 @@ from test_video import decodable, garble, truncate
 from pipeline import faces
 from pipeline.config import load_config
 from pipeline.faces import config_hash, export_cropped, main, outputs_for
-from pipeline.runs import h5_is_done
+from pipeline.hdf5 import h5_is_done
 from pipeline.vision.detect import FaceDetector
 from pipeline.vision.track import Detections, choose_track, follow, link, subject_tracks
 from pipeline.vision.video import iter_chunks, open_video, shrunk

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import features, train
+from pipeline import checkpoint, features, train
 from pipeline.bench.features import make_face_files
 from pipeline.config import load_config
 from pipeline.feature_cache import FeatureCache
@@ -229,7 +229,7 @@ def consistent(folder: Path) -> None:
         targets = [link.filename for link in links if isinstance(link, h5py.ExternalLink)]
         assert all(t.endswith(".h5") and (folder / t).is_file() for t in targets), targets
     for ckpt in folder.glob("*.pt"):
-        assert "state_dict" in torch.load(ckpt, weights_only=True), ckpt
+        assert checkpoint.read(ckpt).model.state_dict, ckpt
     metrics = folder / "metrics.jsonl"
     if metrics.exists():
         for line in metrics.read_text().splitlines():
@@ -325,7 +325,7 @@ def test_chain_killed_at_random_points_ends_as_an_uninterrupted_one(pyfeat_clips
                 if kill_after(stage(name, *args), lambda e=epoch, f=folder: epochs_done(f) >= e, inside):
                     landed += 1
                     consistent(folder)
-                    unfinished += torch.load(folder / "last.pt", weights_only=True)["epoch"] < EPOCHS - 1
+                    unfinished += checkpoint.read(folder / "last.pt").resume.epoch < EPOCHS - 1
             assert landed >= 1, f"train: no run was killed before it ended {replay}"
             assert unfinished, f"train: no run was killed before its last epoch {replay}"
             err = finish(stage(name, *args))
@@ -367,10 +367,9 @@ def test_chain_killed_at_random_points_ends_as_an_uninterrupted_one(pyfeat_clips
             assert same(found[name]["attrs"]) == same(expected[name]["attrs"]), f"{sub}/{name} {replay}"
     linked = [FeatureCache([run / "features" / "onet.h5"]).videos for run in (ref, got)]
     assert linked[1] == linked[0], f"the cache links {linked[1]}, not {linked[0]} {replay}"
-    a = torch.load(ref / "train" / "best.pt", weights_only=True)
-    b = torch.load(got / "train" / "best.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"], replay
-    for key, value in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=f"{key} {replay}")
+    a, b = checkpoint.read(ref / "train" / "best.pt"), checkpoint.read(got / "train" / "best.pt")
+    assert a.resume.epoch == b.resume.epoch, replay
+    for key, value in a.model.state_dict.items():
+        torch.testing.assert_close(b.model.state_dict[key], value, rtol=1e-5, atol=1e-6, msg=f"{key} {replay}")
     scores = [json.loads((run / "train" / "scores.json").read_text())["p_mtl"] for run in (ref, got)]
     assert scores[1] == pytest.approx(scores[0], abs=1e-5), replay

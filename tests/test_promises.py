@@ -17,12 +17,14 @@ import pytest
 import torch
 
 from features.base import read_state_dict, sha256_file
-from pipeline import features, metrics, train
+from pipeline import checkpoint, features, metrics, splits, train, validation
+from pipeline import loop as epoch_loop
 from pipeline.bench.features import make_face_files
 from pipeline.config import Config, load_config
 from pipeline.data import Normaliser
 from pipeline.feature_cache import FeatureCache
-from pipeline.inference import load_checkpoint, predict_features
+from pipeline.identity import run_folder, run_identity
+from pipeline.inference import predict_features
 from pipeline.labels import Labels, load_annotations
 from pipeline.runs import stage_lock
 from tests.synthetic import learnable_set
@@ -182,7 +184,7 @@ def test_a_changed_setting_trains_afresh_beside_an_interrupted_run_which_then_re
     leaving the interrupted run's files as they were; the first settings again resume that run."""
     first_cfg = train_config(syn, "name=fresh", "epochs=3", "patience=0")
     assert train.main(first_cfg) == 0
-    first = train.run_folder(first_cfg)
+    first = run_folder(first_cfg)
     identity = json.loads((first / "scores.json").read_text())["identity"]
     (first / "scores.json").unlink()  # as if killed while scoring its last epoch
     (first / "run.json").write_text(json.dumps({"identity": identity, "finished": False}))
@@ -192,12 +194,12 @@ def test_a_changed_setting_trains_afresh_beside_an_interrupted_run_which_then_re
     caplog.clear()
     with caplog.at_level(logging.INFO):
         assert train.main(other_cfg) == 0
-    other = train.run_folder(other_cfg)
-    other_identity = train.run_identity(other_cfg, train.open_features(other_cfg))
+    other = run_folder(other_cfg)
+    other_identity = run_identity(other_cfg, splits.open_features(other_cfg))
     assert other != first and other.name == f"fresh-{other_identity[:8]}"
     assert "resuming from" not in caplog.text
     assert [h["epoch"] for h in epochs_of(other)] == [0, 1, 2]
-    assert torch.load(other / "best.pt", weights_only=True)["identity"] == other_identity
+    assert checkpoint.read(other / "best.pt").recipe.identity == other_identity
     assert {name: sha256_file(first / name) for name in kept} == kept and not (first / "scores.json").exists()
 
     caplog.clear()
@@ -220,26 +222,27 @@ def test_early_stopping_ends_patience_epochs_after_the_best(syn, tmp_path, monke
     """With ``patience=k`` training stops once k epochs in a row brought no better validation score
     than the best: ``metrics.jsonl`` then ends k epochs after the best epoch, which ``best.pt`` holds."""
     scores = iter(script)
-    monkeypatch.setattr(train, "selection_score", lambda *_: next(scores))
+    monkeypatch.setattr(epoch_loop, "selection_score", lambda *_: next(scores))
     with caplog.at_level(logging.INFO):
         assert train.main(train_config(syn, "epochs=10", "patience=3", f"out_dir={tmp_path}")) == 0
     assert [h["epoch"] for h in epochs_of(tmp_path)] == list(range(ran))
     stopped = "no better validation score for 3 epochs: stopping early" in caplog.text
     assert stopped == (ran < 10)
-    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == best
+    assert checkpoint.read(tmp_path / "best.pt").resume.epoch == best
     assert json.loads((tmp_path / "scores.json").read_text())["epoch"] == best
 
 
-def rescore(checkpoint: Path, syn: dict[str, Path]) -> float:
+def rescore(path: Path, syn: dict[str, Path]) -> float:
     """Validation P_MTL of a checkpoint's own weights, computed apart from the training loop."""
-    model, ckpt = load_checkpoint(checkpoint)
-    cache, norm = FeatureCache([syn["cache"]]), Normaliser.from_state(ckpt["normaliser"])
+    model, ckpt = checkpoint.load(path)
+    cache, norm = FeatureCache([syn["cache"]]), Normaliser.from_state(ckpt.inference.normaliser)
     labels = load_annotations(syn["annotations"], "val")
     preds = {}
     for video in labels:
         feats, present, frames = cache.read(video)
         preds[video] = {"frame": frames,
-                        **predict_features(model, feats, present, norm, ckpt["window"], ckpt["eval_stride"])}
+                        **predict_features(model, feats, present, norm, ckpt.inference.window,
+                                           ckpt.inference.eval_stride)}
     prior = metrics.prior_from_labels(load_annotations(syn["annotations"], "train"))
     return metrics.score_videos(preds, labels, prior=prior)["p_mtl"]
 
@@ -252,7 +255,7 @@ def test_best_checkpoint_holds_the_epoch_with_the_best_validation_score(syn, tmp
     p_mtl = [h["val"]["p_mtl"] for h in history]
     best = int(np.argmax(p_mtl))
     assert len(history) == best + 3 < 30, "the run did not stop early: its best epoch would be its last"
-    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == best
+    assert checkpoint.read(tmp_path / "best.pt").resume.epoch == best
     assert rescore(tmp_path / "best.pt", syn) == pytest.approx(p_mtl[best], abs=1e-6)
     assert rescore(tmp_path / "last.pt", syn) == pytest.approx(p_mtl[-1], abs=1e-6)
     assert p_mtl[-1] != pytest.approx(p_mtl[best], abs=1e-6)
@@ -318,7 +321,7 @@ def test_va_smoothing_is_the_window_with_the_best_validation_ccc(noise):
     dimensions together: more than one frame for a noisy prediction of a smooth signal, one frame
     for an exact one."""
     labels, preds = smoothing_case(noise)
-    chosen, p_va = train.choose_va_smoothing(preds, labels, WINDOWS)
+    chosen, p_va = validation.choose_va_smoothing(preds, labels, WINDOWS)
     expected, _, _ = best_windows(labels, preds, WINDOWS)
     assert chosen == expected
     assert (chosen > 1) == (max(noise) > 0)
@@ -330,6 +333,6 @@ def test_va_smoothing_is_the_window_with_the_best_validation_ccc(noise):
 def test_va_smoothing_per_dimension_picks_each_dimensions_own_window():
     """With ``va_smoothing_per_dimension`` a noisy valence gets a wide window and a clean arousal one frame."""
     labels, preds = smoothing_case((0.3, 0.0))
-    chosen, _ = train.choose_va_smoothing(preds, labels, WINDOWS, per_dimension=True)
+    chosen, _ = validation.choose_va_smoothing(preds, labels, WINDOWS, per_dimension=True)
     _, valence, arousal = best_windows(labels, preds, WINDOWS)
     assert chosen == [valence, arousal] and valence > 1 and arousal == 1

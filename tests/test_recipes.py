@@ -32,7 +32,7 @@ from torch import nn
 
 from models.amtl import AMTLModel
 from models.transformer import TransformerEncoder
-from pipeline import train
+from pipeline import training
 from pipeline.config import load_config
 from pipeline.labels import Labels
 from tests.test_seed_options import head_layout
@@ -56,10 +56,10 @@ def built(name: str, *overrides: str, meta: bool = False):
     lab = labels()
     if meta:  # the full-size transformer (134 M parameters) without allocating it
         with torch.device("meta"):
-            model = train.build_model(cfg, D_IN, lab, ["v0"])
+            model = training.build_model(cfg, D_IN, lab, ["v0"])
     else:
-        model = train.build_model(cfg, D_IN, lab, ["v0"])
-    return cfg, model, train.build_loss(cfg, model, lab, ["v0"])
+        model = training.build_model(cfg, D_IN, lab, ["v0"])
+    return cfg, model, training.build_loss(cfg, model, lab, ["v0"])
 
 
 def fc(d_in: int, widths: list[int], d_out: int, p: float) -> list[tuple]:
@@ -74,7 +74,7 @@ def fc(d_in: int, widths: list[int], d_out: int, p: float) -> list[tuple]:
 
 def schedule(cfg, steps_per_epoch: int = 7) -> list[float]:
     """The learning-rate factor of each epoch of one stage, as training steps it."""
-    factor = train.lr_lambda(cfg, steps_per_epoch)
+    factor = training.lr_lambda(cfg, steps_per_epoch)
     if cfg.schedule_unit == "epoch":
         return [factor(e) for e in range(cfg.epochs)]
     return [factor(e * steps_per_epoch) for e in range(cfg.epochs)]
@@ -134,7 +134,7 @@ def test_zhang2022_transformer_loss_optimiser_schedule_and_batches() -> None:
     assert loss.task_weights["valence"] == 12 and loss.task_weights["arousal"] == 12
     assert loss.task_weights["au"] == 1 and loss.task_weights["expr"] == 0.35
     assert loss.va == "mse" and loss.expr_class_weights is None and loss.au_pos_weight is None
-    opt = train.build_optimizer(cfg, list(model.parameters()))
+    opt = training.build_optimizer(cfg, list(model.parameters()))
     assert type(opt) is torch.optim.Adam
     assert opt.defaults["betas"] == (0.5, 0.999) and opt.defaults["lr"] == 5e-5 and opt.defaults["weight_decay"] == 0
     # transformers' get_linear_schedule_with_warmup(10, 50), stepped once per epoch: e / 10 while
@@ -147,7 +147,7 @@ def test_zhang2022_transformer_loss_optimiser_schedule_and_batches() -> None:
     assert ours[:9] == pytest.approx(theirs[1:10])
     assert ours[10:] == pytest.approx(theirs[10:]) and ours[-1] == pytest.approx(1 / 40)
     # one gradient norm of 5 per network: the shared layer and each task's branch with its head
-    groups = train.clip_groups(model, cfg.clip_groups)
+    groups = training.clip_groups(model, cfg.clip_groups)
     assert cfg.clip == 5 and len(groups) == 5
     assert sum(len(g) for g in groups) == len(list(model.parameters()))
     assert (cfg.window, cfg.batch_size, cfg.batches, cfg.train_windows, cfg.eval_windows) == (
@@ -183,7 +183,7 @@ def test_zhang2022_recurrent_recipes(name: str, cell: type, layers: int, widths:
     for head_name, head in model.net.heads.items():
         assert head_layout(head) == fc(256, widths, outs[head_name], 0.3), head_name
     assert loss.task_weights["valence"] == 12 and loss.task_weights["expr"] == 0.35 and loss.va == "mse"
-    opt = train.build_optimizer(cfg, list(model.parameters()))
+    opt = training.build_optimizer(cfg, list(model.parameters()))
     assert type(opt) is torch.optim.Adam and opt.defaults["betas"] == (0.5, 0.999) and opt.defaults["lr"] == 5e-5
     # lr_policy linear: 1 - max(0, e + 1 - 30) / 21 per epoch; ours holds 30 epochs, then decays
     # linearly to zero over the last 20 (theirs ends at 1/21 of the rate, ours at 1/20)
@@ -192,7 +192,7 @@ def test_zhang2022_recurrent_recipes(name: str, cell: type, layers: int, widths:
     assert ours[:30] == pytest.approx(theirs[:30]) == [1.0] * 30
     assert ours[30] == pytest.approx(1.0) and ours[-1] == pytest.approx(1 / 20)
     assert np.abs(np.array(ours[30:]) - np.array(theirs[30:])).max() < 0.05
-    assert len(train.clip_groups(model, cfg.clip_groups)) == 5 and cfg.clip == 5
+    assert len(training.clip_groups(model, cfg.clip_groups)) == 5 and cfg.clip == 5
 
 
 def test_carried_state_equals_the_whole_video_at_once() -> None:
@@ -230,12 +230,12 @@ def test_nguyen2022_amtl_recipe() -> None:
     counts = np.bincount(lab["v0"].expr, minlength=8)
     torch.testing.assert_close(loss.expr_class_weights, torch.tensor(len(lab["v0"].expr) / (8 * counts),
                                                                      dtype=torch.float32))
-    opt = train.build_optimizer(cfg, list(model.parameters()))
+    opt = training.build_optimizer(cfg, list(model.parameters()))
     assert type(opt) is torch.optim.AdamW and opt.defaults["betas"] == (0.9, 0.999)
     assert opt.defaults["lr"] == 1e-3 and opt.defaults["weight_decay"] == 1 / 256
     # their adjust_learning_rate: lr (1 + cos(pi i / n)) / 2 at iteration i of n, no warm-up
     steps = 7
-    factor = train.lr_lambda(cfg, steps)
+    factor = training.lr_lambda(cfg, steps)
     n = cfg.epochs * steps
     for i in (0, 1, n // 2, n - 1):
         assert factor(i) == pytest.approx((1 + math.cos(math.pi * i / n)) / 2, abs=1e-9), i
@@ -244,6 +244,6 @@ def test_nguyen2022_amtl_recipe() -> None:
 
 def test_amtl_stage_two_freezes_the_au_modules() -> None:
     _, model, _ = built("nguyen2022_amtl")
-    frozen = train.task_modules(model, ["au"])
+    frozen = training.task_modules(model, ["au"])
     assert frozen == [model.net.au]
     assert {id(p) for m in frozen for p in m.parameters()} == {id(p) for p in model.net.au.parameters()}

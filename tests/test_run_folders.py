@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import train
+from pipeline import splits, train
 from pipeline.config import Config, load_config
+from pipeline.identity import run_folder, run_identity
 from pipeline.runs import link_newest
 from tests.synthetic import learnable_set
 
@@ -43,18 +44,19 @@ def test_runs_with_other_settings_get_their_own_folder_and_never_touch_a_finishe
         syn: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     base = syn_config(syn)
     assert train.main(base) == 0
-    first = train.run_folder(base)
+    first = run_folder(base)
     assert first.parent == syn["runs"] / "syn" / "train" and first.name.startswith("gru-")
-    link = first.parent / "gru"
+    link = syn["runs"] / "syn" / "latest" / "gru"
     assert link.is_symlink() and link.resolve() == first.resolve()
+    assert not [p for p in first.parent.iterdir() if p.is_symlink()], "train/ holds each run once, no links"
     before = digests(first)
-    identity = train.run_identity(base, train.open_features(base))
+    identity = run_identity(base, splits.open_features(base))
     assert json.loads((first / "run.json").read_text()) == {"identity": identity, "finished": True}
     assert list((first / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
 
     noise = syn_config(syn, "noise_features=true")
     assert train.main(noise) == 0
-    second = train.run_folder(noise)
+    second = run_folder(noise)
     assert second != first and second.name.startswith("gru-")
     assert json.loads((second / "scores.json").read_text())["noise_features"] is True
     assert link.resolve() == second.resolve(), "the name links to the newest run"
@@ -74,13 +76,13 @@ def test_runs_with_other_settings_get_their_own_folder_and_never_touch_a_finishe
 def test_a_changed_training_setting_starts_a_new_run_and_the_same_one_resumes(syn: dict[str, Path]) -> None:
     a, b = syn_config(syn, "lr=0.005"), syn_config(syn, "lr=0.002")
     c = syn_config(syn, "lr=0.005", "device=cpu", "num_workers=0", "resume=true")  # nothing that defines the run
-    assert train.run_folder(a) != train.run_folder(b)
-    assert train.run_folder(a) == train.run_folder(c)
+    assert run_folder(a) != run_folder(b)
+    assert run_folder(a) == run_folder(c)
     # the features are part of a run's identity: other features, other folder
-    cache = train.open_features(a)
+    cache = splits.open_features(a)
     other = [{**part, "config_hash": "another extractor setting"} for part in cache.identity()]
     cache.identity = lambda: other
-    assert train.run_identity(a, cache) != train.run_identity(a, train.open_features(a))
+    assert run_identity(a, cache) != run_identity(a, splits.open_features(a))
 
 
 def test_a_folder_holding_another_run_is_refused_and_left_untouched(syn: dict[str, Path], tmp_path: Path,
@@ -101,7 +103,7 @@ def test_a_folder_holding_another_run_is_refused_and_left_untouched(syn: dict[st
 
 def test_an_unfinished_run_resumes_in_its_own_folder(syn: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     cfg = syn_config(syn, "epochs=4", "seed=7")
-    out = train.run_folder(cfg)
+    out = run_folder(cfg)
     assert train.main(cfg) == 0
     scores = json.loads((out / "scores.json").read_text())
     # as if killed while scoring: scores.json and the finished mark gone, last.pt kept
@@ -125,12 +127,25 @@ def test_the_command_line_skips_a_finished_run(syn: dict[str, Path]) -> None:
     assert digests(folder) == before
 
 
-def test_a_run_folder_of_the_old_layout_is_kept_whole_but_never_taken_for_the_newest(tmp_path: Path) -> None:
-    old = tmp_path / "gru"
-    old.mkdir()
-    (old / "scores.json").write_text("{}")
-    new = tmp_path / "gru-0123abcd"
-    new.mkdir()
-    link_newest(new, "gru")
-    assert (tmp_path / "gru").resolve() == new.resolve()
-    assert (tmp_path / "gru-unhashed" / "scores.json").read_text() == "{}"
+def test_the_newest_link_is_relative_and_replaced_whole(tmp_path: Path) -> None:
+    runs = tmp_path / "sample" / "train"
+    first, second = runs / "gru-0123abcd", runs / "gru-4567ef01"
+    for folder in (first, second):
+        folder.mkdir(parents=True)
+    link = tmp_path / "sample" / "latest" / "gru"
+    link_newest(first, link)
+    assert os.readlink(link) == "../train/gru-0123abcd" and link.resolve() == first.resolve()
+    link_newest(second, link)
+    assert link.resolve() == second.resolve() and sorted(p.name for p in link.parent.iterdir()) == ["gru"]
+
+
+def test_a_link_of_the_older_layout_in_train_is_retired(syn: dict[str, Path]) -> None:
+    """Older versions linked the newest run as ``train/<name>``, beside the run folders, which made
+    TensorBoard over ``train/`` show every run twice; the next run of that name removes it."""
+    cfg = syn_config(syn, "name=old_link", "epochs=1")
+    out = run_folder(cfg)
+    old = out.parent / "old_link"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old.symlink_to("somewhere-else")
+    assert train.main(cfg) == 0
+    assert not os.path.lexists(old) and (syn["runs"] / "syn" / "latest" / "old_link").resolve() == out.resolve()

@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import runs
-from pipeline.runs import h5_is_done, h5_writer
+from pipeline import atomic, hdf5
+from pipeline.hdf5 import h5_is_done, h5_writer
 from tests.faults import ROOT, kill_after
 
 
@@ -62,7 +62,7 @@ def test_h5_writer_files_read_back_as_plain_h5py_writes_them(tmp_path):
 
 def test_h5_writer_finishes_writes_the_system_cuts_short(tmp_path, monkeypatch):
     pwrite = os.pwrite
-    monkeypatch.setattr(runs.os, "pwrite", lambda fd, data, offset: pwrite(fd, bytes(data[:3000]), offset))
+    monkeypatch.setattr(hdf5.os, "pwrite", lambda fd, data, offset: pwrite(fd, bytes(data[:3000]), offset))
     frames = crops(3)
     with h5_writer(tmp_path / "a.h5") as f:
         fill(f, frames)
@@ -84,7 +84,7 @@ def test_h5_writer_on_a_full_disk_closes_then_raises_naming_the_file(tmp_path, m
         room -= n
         return pwrite(fd, bytes(data[:n]), offset)
 
-    monkeypatch.setattr(runs.os, "pwrite", full_disk)
+    monkeypatch.setattr(hdf5.os, "pwrite", full_disk)
     path, finished, before = tmp_path / "a.h5", False, open_files()
     with pytest.raises(OSError) as failed:
         with h5_writer(path) as f:
@@ -107,7 +107,8 @@ FILL_UNTIL_FULL = """
 import sys
 from pathlib import Path
 import numpy as np
-from pipeline.runs import atomic_output, h5_writer
+from pipeline.atomic import atomic_output
+from pipeline.hdf5 import h5_writer
 out, n = Path(sys.argv[1]), int(sys.argv[2])
 frames = np.random.default_rng(0).integers(0, 256, (16, 112, 112, 3), np.uint8)
 try:
@@ -157,7 +158,7 @@ def test_sigkill_mid_write_leaves_only_a_partial_file(tmp_path):
 
 
 def test_sweep_removes_what_ended_writers_of_this_host_left_and_nothing_else(tmp_path):
-    from pipeline.runs import atomic_output, sweep_partials
+    from pipeline.atomic import atomic_output, sweep_partials
 
     ended = subprocess.Popen(["true"])
     ended.wait()
@@ -170,7 +171,7 @@ def test_sweep_removes_what_ended_writers_of_this_host_left_and_nothing_else(tmp
     for p in litter + keep:
         p.write_bytes(b"x")
     with atomic_output(tmp_path / "g.h5") as tmp:  # what atomic_output names its files, it can sweep
-        assert runs.PARTIAL.search(tmp.name)["host"] == host
+        assert atomic.PARTIAL.search(tmp.name)["host"] == host
         tmp.write_bytes(b"x")
         assert sweep_partials(tmp_path) == 2
     assert not any(p.exists() for p in litter) and all(p.exists() for p in keep)

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import metrics, train
+from pipeline import checkpoint, metrics, splits, train, validation
 from pipeline.config import Config, InputError, load_config
-from pipeline.inference import PerTaskModel, load_checkpoint
+from pipeline.data import Normaliser
+from pipeline.inference import predict_features
 from pipeline.labels import Labels, load_annotations
 from tests.synthetic import learnable_set, write_annotations
 
@@ -60,13 +61,13 @@ def test_every_labelled_validation_frame_is_scored_with_the_prior_where_nothing_
     assert scores["videos"]["val_labelled"] == 3 and scores["videos"]["val"] == 2
 
     # the same numbers by hand: predictions where there are any, the training prior elsewhere
-    model, _ = load_checkpoint(out / "best.pt")
+    model, _ = checkpoint.load(out / "best.pt")
     train_labels = load_annotations(paths["annotations"], "train")
     prior = metrics.prior_from_labels(train_labels)
     cfg = config(paths, out, "epochs=2")
-    cache = train.open_features(cfg)
-    normaliser = train.Normaliser.fit(cache, sorted(train_labels))
-    _, preds = train.evaluate(model, cache, val, ["v4", "v5"], normaliser, cfg)
+    cache = splits.open_features(cfg)
+    normaliser = Normaliser.fit(cache, sorted(train_labels))
+    _, preds = validation.validate(model, cache, val, ["v4", "v5"], normaliser, cfg)
     dense = {v: metrics.dense_predictions(preds.get(v, {}), len(lab)) for v, lab in val.items()}
     for v in ("v5", "v6"):
         dense[v]["va"][:] = prior["va"]
@@ -118,8 +119,8 @@ def test_seven_basic_emotions(syn: dict[str, Path], tmp_path: Path) -> None:
     cfg = config(syn, out, "epochs=15")
     cfg.data.expressions = "basic7"
     assert train.main(cfg) == 0
-    model, ckpt = load_checkpoint(out / "best.pt")
-    assert model.args["expr_classes"] == 7 and ckpt["expressions"] == [
+    model, ckpt = checkpoint.load(out / "best.pt")
+    assert model.args["expr_classes"] == 7 and ckpt.recipe.expressions == [
         "Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise"]
     scores = scores_of(out)
     val = load_annotations(syn["annotations"], "val")
@@ -137,16 +138,16 @@ def test_staged_training_freezes_au_after_its_stage_and_keeps_each_tasks_best(sy
     assert train.main(cfg) == 0
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["stage"] for h in history] == [0] * 4 + [1] * 4
-    model, ckpt = load_checkpoint(out / "best.pt")
-    assert isinstance(model, PerTaskModel)
-    epochs = ckpt["task_epochs"]
+    model, ckpt = checkpoint.load(out / "best.pt")
+    assert isinstance(model, checkpoint.PerTaskModel)
+    epochs = ckpt.resume.task_epochs
     assert epochs["au"] < 4 <= min(epochs["expr"], epochs["va"])
     # the AU part of every later weight set is the AU stage's best, untouched by the second stage
-    au_keys = [k for k in ckpt["state_dict"] if k.startswith("net.au.")]
+    au_keys = [k for k in ckpt.model.state_dict if k.startswith("net.au.")]
     assert au_keys
     for task in ("expr", "va"):
         for key in au_keys:
-            torch.testing.assert_close(ckpt["task_state_dicts"][task][key], ckpt["task_state_dicts"]["au"][key])
+            torch.testing.assert_close(ckpt.model.task_state_dicts[task][key], ckpt.model.task_state_dicts["au"][key])
     assert scores_of(out)["epoch"] == epochs
 
 
@@ -161,12 +162,12 @@ def test_chunk_by_chunk_batches_with_a_carried_state(syn: dict[str, Path], tmp_p
     window = scores["va_smoothing"]
     assert isinstance(window, list) and len(window) == 2
     # evaluation fed each video chunk after chunk from the carried state: equal to the whole video at once
-    model, ckpt = load_checkpoint(out / "best.pt")
-    assert ckpt["eval_windows"] == "consecutive"
-    cache = train.open_features(cfg)
+    model, ckpt = checkpoint.load(out / "best.pt")
+    assert ckpt.inference.eval_windows == "consecutive"
+    cache = splits.open_features(cfg)
     feats, present, _ = cache.read("v4")
-    norm = train.Normaliser.from_state(ckpt["normaliser"])
-    chunked = train.predict_features(model, feats, present, norm, 24, 12, consecutive=True)
+    norm = Normaliser.from_state(ckpt.inference.normaliser)
+    chunked = predict_features(model, feats, present, norm, 24, 12, consecutive=True)
     x = torch.from_numpy(np.where(present[:, None], norm(feats), 0.0).astype(np.float32))[None]
     model.net.encoder.reset_state()
     with torch.no_grad():

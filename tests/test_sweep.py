@@ -36,11 +36,12 @@ def args(syn: dict[str, Path], *more: str) -> list[str]:
 
 
 def test_a_sweep_trains_each_run_once_and_tables_mean_and_std_over_seeds(syn: dict[str, Path],
-                                                                        capsys: pytest.CaptureFixture) -> None:
-    grid = sweep.parse("sweep", args(syn, "encoder=gru,lstm", "seed=0,1"))
+                                                                        capfd: pytest.CaptureFixture) -> None:
+    """Each run is a `python -m pipeline.train` process: capfd sees what they print."""
+    grid = sweep.PROGRAM.read(args(syn, "encoder=gru,lstm", "seed=0,1"))
     assert len(grid.runs) == 4 and grid.axes == ["encoder", "seed"]
     assert sweep.main(grid) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     table = next(Path(syn["runs"], "syn", "sweeps").glob("*.md")).read_text()
     assert table.strip() in printed
     assert "| encoder=gru | 2 |" in table and "| encoder=lstm | 2 |" in table
@@ -57,20 +58,20 @@ def test_a_sweep_trains_each_run_once_and_tables_mean_and_std_over_seeds(syn: di
         assert f"{row['p_mtl']['mean']:.4f} ± {row['p_mtl']['std']:.4f}" in table
 
     # the same sweep again trains nothing and gives the same table
-    assert sweep.main(sweep.parse("sweep", args(syn, "encoder=gru,lstm", "seed=0,1"))) == 0
-    again = capsys.readouterr().out
+    assert sweep.main(sweep.PROGRAM.read(args(syn, "encoder=gru,lstm", "seed=0,1"))) == 0
+    again = capfd.readouterr().out
     assert again.count("not trained again") == 4 and table.strip() in again
 
 
 def test_every_run_is_checked_before_the_first_starts(syn: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match="schedule=cosin: config key 'schedule' = 'cosin'"):
-        sweep.parse("sweep", args(syn, "schedule=linear,cosin"))
+        sweep.PROGRAM.read(args(syn, "schedule=linear,cosin"))
     with pytest.raises(ConfigError, match="unknown config key 'encoder.hiden'"):
-        sweep.parse("sweep", args(syn, "encoder=gru,lstm", "encoder.hiden=3,4"))
+        sweep.PROGRAM.read(args(syn, "encoder=gru,lstm", "encoder.hiden=3,4"))
 
 
 def test_a_failing_run_fails_alone(syn: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    grid = sweep.parse("sweep", [*FAST, f"runs_dir={syn['runs']}", "data.name=syn", "seed=5",
+    grid = sweep.PROGRAM.read([*FAST, f"runs_dir={syn['runs']}", "data.name=syn", "seed=5",
                                  f"data.annotations={tmp_path / 'nothing'},{syn['annotations']}"])
     assert sweep.main(grid) == 1
     result = json.loads(sorted(Path(syn["runs"], "syn", "sweeps").glob("*.json"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import train
+from pipeline import loop, splits, train, training
 from pipeline.config import Config, load_config
 from pipeline.distributed import World
 from tests.synthetic import learnable_set
@@ -42,17 +42,17 @@ class Board:
 
 def test_build_training_is_seeded_and_an_epoch_steps_every_batch(syn: dict[str, Path]) -> None:
     cfg, cpu = config(syn), torch.device("cpu")
-    built = train.build_training(cfg, World(), cpu, train.open_features(cfg))
-    again = train.build_training(cfg, World(), cpu, train.open_features(cfg))
+    built = training.build_training(cfg, World(), cpu, splits.open_features(cfg))
+    again = training.build_training(cfg, World(), cpu, splits.open_features(cfg))
     for a, b in zip(built.model.state_dict().values(), again.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)  # the seed is set before the model is built
     assert built.stages == [["va", "expr", "au"]] and len(built.train_videos) == 4
 
-    _, groups, optimizer, scheduler = train.enter_stage(cfg, built.model, built.loss_fn, built.stages, 0,
+    _, groups, optimizer, scheduler = training.enter_stage(cfg, built.model, built.loss_fn, built.stages, 0,
                                                         len(built.loader))
     before = [p.detach().clone() for p in built.model.parameters()]
     board = Board()
-    losses = train.train_epoch(cfg, built.model, built.loader, built.loss_fn, optimizer, scheduler, groups,
+    losses = loop.train_epoch(cfg, built.model, built.loader, built.loss_fn, optimizer, scheduler, groups,
                                built.stages[0], cpu, World(), first_step=100, board=board)
     assert len(losses) == len(built.loader) > 1 and all(math.isfinite(v) for v in losses)
     assert scheduler.last_epoch == len(built.loader)  # stepped after every optimiser step
@@ -63,12 +63,12 @@ def test_build_training_is_seeded_and_an_epoch_steps_every_batch(syn: dict[str, 
 
 def test_a_later_stage_freezes_what_the_earlier_trained(syn: dict[str, Path]) -> None:
     cfg = config(syn, "stages=[[au],[expr,va]]")
-    built = train.build_training(cfg, World(), torch.device("cpu"), train.open_features(cfg))
-    frozen, _, optimizer, _ = train.enter_stage(cfg, built.model, built.loss_fn, built.stages, 1, len(built.loader))
+    built = training.build_training(cfg, World(), torch.device("cpu"), splits.open_features(cfg))
+    frozen, _, optimizer, _ = training.enter_stage(cfg, built.model, built.loss_fn, built.stages, 1, len(built.loader))
     assert frozen and all(not p.requires_grad for m in frozen for p in m.parameters())
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not stepped & {id(p) for m in frozen for p in m.parameters()}
-    frozen, _, _, _ = train.enter_stage(cfg, built.model, built.loss_fn, built.stages, 0, len(built.loader))
+    frozen, _, _, _ = training.enter_stage(cfg, built.model, built.loss_fn, built.stages, 0, len(built.loader))
     assert frozen == [] and all(p.requires_grad for p in built.model.parameters())
 
 

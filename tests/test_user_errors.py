@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models import STRUCTURES
 from pipeline import evaluate, faces, features, predict, train
-from pipeline.config import ConfigError, check_choices, load_config, run_stage
+from pipeline.cli import run_stage
+from pipeline.config import ConfigError, check_choices, load_config
 from tests.synthetic import learnable_set, write_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +48,10 @@ WRONG = [
     ("train", "loss.au_pos_weight=balanced", "'loss.au_pos_weight' = 'balanced'"),
     ("train", "loss.va=mae", "'loss.va' = 'mae': choose one of ccc, mse"),
     ("train", "loss.weighting=learned", "'loss.weighting' = 'learned': choose one of fixed, uncertainty"),
-    ("train", "model.structure=shard", "'model.structure' = 'shard': choose one of shared, task_specific"),
-    ("train", "model.au_graph=cooc", "'model.au_graph' = 'cooc': choose one of null, learned, cooccurrence"),
+    ("train", "model.structure=shard",
+     "'model.structure' = 'shard': choose one of amtl, cross_attention, feedback, shared, task_specific"),
+    ("train", "model.structure=cross_attention model.au_graph=cooc",
+     "'model.au_graph' = 'cooc': choose one of null, learned, cooccurrence"),
     ("train", "model.tasks=[va,exp]", "'model.tasks' = 'exp': choose one of va, expr, au"),
     ("train", "data.format=abaw5", "'data.format' = 'abaw5'"),
     ("train", "device=gpu", "'device' = 'gpu': choose cpu, cuda, cuda:<index> or mps"),
@@ -63,9 +67,11 @@ WRONG = [
     ("train", "loss.au_weight=auto", "'loss.au_weight' = 'auto': choose one of none, inverse_positive"),
     ("train", "model.va_output=sigmoid", "'model.va_output' = 'sigmoid': choose one of tanh, linear"),
     ("train", "model.head_activation=silu", "'model.head_activation' = 'silu': choose one of gelu, relu"),
-    ("train", "model.feedback_sources=[valence,v]", "'model.feedback_sources' = 'v': choose one of valence"),
-    ("train", "model.feedback_targets=[a]", "'model.feedback_targets' = 'a'"),
-    ("train", "model.feedback_from=logits", "'model.feedback_from' = 'logits': choose one of branch, head"),
+    ("train", "model.structure=feedback model.feedback_sources=[valence,v]",
+     "'model.feedback_sources' = 'v': choose one of valence"),
+    ("train", "model.structure=feedback model.feedback_targets=[a]", "'model.feedback_targets' = 'a'"),
+    ("train", "model.structure=feedback model.feedback_from=logits",
+     "'model.feedback_from' = 'logits': choose one of branch, head"),
     ("train", "encoder=transformer encoder.norm=mid", "'encoder.norm' = 'mid': choose one of pre, post"),
     ("train", "encoder=transformer encoder.activation=tanh", "'encoder.activation' = 'tanh'"),
     ("train", "data.expressions=basic6", "'data.expressions' = 'basic6': choose one of abaw8, basic7"),
@@ -96,15 +102,22 @@ def test_a_value_outside_its_choices_is_refused_before_any_work(stage: str, over
 
 
 def test_every_declared_choice_names_a_key_of_its_stage_config() -> None:
-    # a CHOICES entry for a key that no longer exists would check nothing
+    # a CHOICES entry for a key that no longer exists would check nothing; a structure's options are
+    # in the config when it is the one chosen
     for stage, module in STAGES.items():
-        cfg = load_config(stage, overrides=["encoder=transformer"] if stage == "train" else [])
+        variants = [[]] if stage != "train" else [["encoder=transformer", f"model.structure={s}"] for s in STRUCTURES]
+        configs = [load_config(stage, overrides=v) for v in variants]
         for key in module.CHOICES:
-            node = cfg
-            for part in key.split("."):
-                assert part in node, f"{stage}: CHOICES names {key!r}, which its config lacks"
-                node = node[part]
-        check_choices(cfg, module.CHOICES)  # and the shipped defaults are among the choices
+            def has(cfg, key=key) -> bool:
+                node = cfg
+                for part in key.split("."):
+                    if part not in node:
+                        return False
+                    node = node[part]
+                return True
+            assert any(has(cfg) for cfg in configs), f"{stage}: CHOICES names {key!r}, which its config lacks"
+        for cfg in configs:
+            check_choices(cfg, module.CHOICES)  # and the shipped defaults are among the choices
 
 
 def test_choices_are_exact() -> None:
@@ -170,6 +183,12 @@ def test_predict_with_a_file_that_is_no_checkpoint(tmp_path: Path) -> None:
 
 def test_evaluate_missing_predictions(tmp_path: Path) -> None:
     assert str(tmp_path / "none") in one_line_error("evaluate", f"predictions={tmp_path / 'none'}")
+
+
+def test_an_option_of_another_structure_is_one_line_before_any_data_is_read() -> None:
+    message = one_line_error("train", "data.annotations=/no/labels", "runs_dir=/no/runs", "model.structure=shared",
+                             "model.au_neighbours=8")
+    assert message == "error: config key 'model.au_neighbours' is an option of model.structure amtl, not of 'shared'"
 
 
 def test_unknown_experiment_lists_the_known_ones() -> None:

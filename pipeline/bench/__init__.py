@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.cli import command_line_process
 from pipeline.config import load_config
-from pipeline.runs import command_line_process
 
 
 def time_call(

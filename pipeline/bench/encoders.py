@@ -22,19 +22,22 @@ import os
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from models import MultiTaskLoss, MultiTaskModel
+from pipeline.atomic import write_json
 from pipeline.bench import cpu_peak_meter, dotted_overrides, machine, time_call
-from pipeline.config import Config, ConfigError, component_names, load_component, load_config, run_stage
+from pipeline.cli import run_stage, setup_logging
+from pipeline.config import Config, ConfigError, component_names, load_component, load_config
 from pipeline.data import feature_paths
 from pipeline.feature_cache import FeatureCache
+from pipeline.identity import run_folder
+from pipeline.launch import train_process
 from pipeline.metrics import markdown_table, summarise
-from pipeline.runs import setup_logging, write_json
 
 log = logging.getLogger("pipeline")
 
@@ -156,12 +159,12 @@ def measure_in_child(**kw) -> dict:
         return {"length": kw["length"], "error": f"{type(e).__name__}: {e}"}
 
 
-def train_config(cfg: Config, name: str, seed: int) -> Config:
-    """The ``pipeline.train`` config of ``name`` with the bench budget and one seed: an ordinary
+def train_overrides(cfg: Config, name: str, seed: int) -> list[str]:
+    """The ``pipeline.train`` overrides of ``name`` with the bench budget and one seed: an ordinary
     training run named ``bench_<encoder>``, so a repeated bench with the same settings reuses it
     and other settings get their own folder."""
     data = {k: v for k, v in cfg.data.items() if k != "name"}
-    overrides = [
+    return [
         f"data={cfg.data.name}",
         f"encoder={name}",
         *dotted_overrides("data", data),
@@ -169,31 +172,27 @@ def train_config(cfg: Config, name: str, seed: int) -> Config:
         *dotted_overrides("", {"extractors": list(cfg.extractors), **cfg.train, "seed": seed, "device": cfg.device,
                          "runs_dir": cfg.runs_dir, "name": f"bench_{name}"}),
     ]
-    return load_config("train", overrides=overrides)
 
 
-def train_scores(cfg: Config, name: str, seed: int) -> dict:
-    """Train ``name`` with the bench budget and one seed via ``pipeline.train``; its scores.json."""
-    from pipeline import train  # here, so the spawned timing processes need not import it
+def train_config(cfg: Config, name: str, seed: int) -> Config:
+    """The resolved training config of :func:`train_overrides`."""
+    return load_config("train", overrides=train_overrides(cfg, name, seed))
 
-    run_cfg = train_config(cfg, name, seed)
-    status = train.main(run_cfg)
-    out = train.run_folder(run_cfg)
+
+def train_scores(cfg: Config, name: str, seed: int, threads: int | None = None) -> dict:
+    """Train ``name`` with the bench budget and one seed (``python -m pipeline.train`` in a process
+    of its own, with ``threads`` torch threads); its scores.json."""
+    overrides = train_overrides(cfg, name, seed)
+    status = train_process(None, overrides, {"OMP_NUM_THREADS": str(threads)} if threads else None)
+    out = run_folder(load_config("train", overrides=overrides))
     if status:
         raise RuntimeError(f"pipeline.train exited with status {status} for {out}")
     return json.loads((out / "scores.json").read_text())
 
 
-def train_in_child(cfg: Config, name: str, seed: int, threads: int) -> dict:
-    """:func:`train_scores` in a worker process with ``threads`` torch threads."""
-    setup_logging()
-    torch.set_num_threads(threads)
-    return train_scores(cfg, name, seed)
-
-
 def all_scores(cfg: Config, names: list[str]) -> dict[tuple[str, int], dict]:
-    """Every (encoder, seed) run's scores.json, ``jobs`` runs at once in spawned processes that
-    share the cores; a failed run gives ``{}`` and the others go on."""
+    """Every (encoder, seed) run's scores.json, ``jobs`` training processes at once sharing the
+    cores; a failed run gives ``{}`` and the others go on."""
     jobs = [(name, seed) for name in names for seed in cfg.seeds]
     workers = max(1, min(cfg.jobs, len(jobs)))
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)
@@ -207,12 +206,9 @@ def all_scores(cfg: Config, names: list[str]) -> dict[tuple[str, int], dict]:
             log.error("%s seed %d failed: %s: %s", name, seed, type(e).__name__, e)
             done[name, seed] = {}
 
-    if workers == 1:  # in this process, one after the other
-        for name, seed in jobs:
-            collect(name, seed, lambda name=name, seed=seed: train_scores(cfg, name, seed))
-        return done
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(train_in_child, cfg, name, seed, threads): (name, seed) for name, seed in jobs}
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # each thread waits on its training process
+        futures = {pool.submit(train_scores, cfg, name, seed, threads if workers > 1 else None): (name, seed)
+                   for name, seed in jobs}
         for future in as_completed(futures):
             collect(*futures[future], future.result)
     return done
@@ -222,7 +218,7 @@ def loop_speed(cfg: Config, name: str) -> dict:
     """Training frames/s of ``pipeline.train``'s own loop against the bare model step, for ``name``
     built from the bench budget exactly as its training runs build it.
 
-    Loop: :func:`pipeline.train.train_epoch` over the training DataLoader (reading the cache,
+    Loop: :func:`pipeline.loop.train_epoch` over the training DataLoader (reading the cache,
     moving to the device, loss, clipping, optimiser and schedule, progress bar, TensorBoard).
     Bare: forward + loss + backward + optimiser step over the same batches, read beforehand and
     already on the device. One untimed pass of each, then ``loop_repeats`` interleaved timed
@@ -231,14 +227,16 @@ def loop_speed(cfg: Config, name: str) -> dict:
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    from pipeline import train
+    from pipeline import loop as epoch_loop
     from pipeline.distributed import World
+    from pipeline.splits import open_features
+    from pipeline.training import build_training, enter_stage
 
     run_cfg = train_config(cfg, name, cfg.seed)
     world, device = World(), torch.device(cfg.device)
-    built = train.build_training(run_cfg, world, device, train.open_features(run_cfg))
+    built = build_training(run_cfg, world, device, open_features(run_cfg))
     model, loss_fn, loader, tasks = built.model, built.loss_fn, built.loader, built.stages[0]
-    _, groups, optimizer, scheduler = train.enter_stage(run_cfg, model, loss_fn, built.stages, 0, len(loader))
+    _, groups, optimizer, scheduler = enter_stage(run_cfg, model, loss_fn, built.stages, 0, len(loader))
     use_amp = run_cfg.amp and device.type == "cuda"
     built.shuffle.manual_seed(cfg.seed)  # every pass draws these same batches
     batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in loader]
@@ -251,7 +249,7 @@ def loop_speed(cfg: Config, name: str) -> dict:
 
         def loop() -> None:
             built.shuffle.manual_seed(cfg.seed)
-            train.train_epoch(run_cfg, model, loader, loss_fn, optimizer, scheduler, groups, tasks, device, world,
+            epoch_loop.train_epoch(run_cfg, model, loader, loss_fn, optimizer, scheduler, groups, tasks, device, world,
                               board=board, desc=f"{name} loop")
 
         def bare() -> None:
@@ -372,7 +370,7 @@ def report_tables(result: dict) -> str:
         text += "\n\n" + markdown_table(
             ["encoder", "training loop frames/s", "bare step frames/s", "loop / bare", "per pass",
              "frames per pass", "timed passes"], rows)
-        text += ("\nloop: pipeline.train.train_epoch over the DataLoader (reading, to the device, loss, clipping, "
+        text += ("\nloop: pipeline.loop.train_epoch over the DataLoader (reading, to the device, loss, clipping, "
                  "optimiser, schedule, progress bar, TensorBoard); bare: forward + loss + backward + optimiser "
                  "step over the same batches already on the device; medians of interleaved passes")
     scored = {n: e["scores"] for n, e in result["encoders"].items() if "scores" in e}

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from pipeline import faces
+from pipeline.atomic import atomic_output, write_json
 from pipeline.bench import machine, stage_peak_in_child
-from pipeline.config import Config, load_config, run_stage
+from pipeline.cli import run_stage, setup_logging
+from pipeline.config import Config, load_config
 from pipeline.metrics import markdown_table
-from pipeline.runs import setup_logging, write_json
 from pipeline.vision.detect import FaceDetector
 from pipeline.vision.track import iou
 
@@ -111,8 +112,7 @@ def make_long_video(path: Path, seconds: float, width: int, height: int, fps: in
     face = astronaut()[:300, 80:380]  # (300, 300, 3): the head and shoulders
     fh, fw = face.shape[:2]
     n = int(round(seconds * fps))
-    tmp = path.with_name(path.name + ".partial")
-    with av.open(str(tmp), "w", format="mp4") as out:
+    with atomic_output(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "crf": "28"})
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         canvas = np.full((height, width, 3), 110, np.uint8)
@@ -124,7 +124,6 @@ def make_long_video(path: Path, seconds: float, width: int, height: int, fps: in
             canvas[y : y + fh, x : x + fw] = face
             out.mux(stream.encode(av.VideoFrame.from_ndarray(canvas, format="rgb24")))
         out.mux(stream.encode())
-    tmp.replace(path)
     return path
 
 

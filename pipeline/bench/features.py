@@ -25,11 +25,12 @@ from einops import rearrange
 
 from features import Extractor, build_extractor
 from pipeline import features as stage
+from pipeline.atomic import write_json
 from pipeline.bench import machine
-from pipeline.config import Config, load_config, run_stage
+from pipeline.cli import run_stage, setup_logging
+from pipeline.config import Config, load_config
 from pipeline.feature_cache import FeatureCache
 from pipeline.metrics import markdown_table
-from pipeline.runs import setup_logging, write_json
 
 log = logging.getLogger("pipeline")
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import h5py
 
+from pipeline.atomic import write_json
 from pipeline.bench import dotted_overrides, machine, stage_peak_in_child
 from pipeline.bench.faces import make_long_video
-from pipeline.config import Config, ConfigError, load_config, run_stage
+from pipeline.cli import run_stage, setup_logging
+from pipeline.config import Config, ConfigError, load_config
 from pipeline.metrics import markdown_table
-from pipeline.runs import setup_logging, write_json
 
 log = logging.getLogger("pipeline")
 

@@ -25,12 +25,14 @@ import numpy as np
 import torch
 
 from features import EXTRACTORS, build_extractor
+from pipeline.atomic import write_json
 from pipeline.bench import machine, time_call
 from pipeline.bench.encoders import encoder_spec, measure
+from pipeline.cli import run_stage, setup_logging
 from pipeline.clips import fetch_pyfeat_clips
-from pipeline.config import Config, ConfigError, load_config, run_stage
+from pipeline.config import Config, ConfigError, load_config
 from pipeline.metrics import markdown_table
-from pipeline.runs import list_inputs, setup_logging, write_json
+from pipeline.runs import list_inputs
 from pipeline.vision.align import align_faces
 from pipeline.vision.detect import FaceDetector
 from pipeline.vision.track import Detections

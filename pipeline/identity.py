@@ -1,0 +1,49 @@
+"""What names a training run: the identity hashed from every setting that changes its result and
+from what its features are made of, the folder that identity names, and the link to the newest
+finished run of a name.
+
+``runs/<data>/train/<name>-<first 8 of the identity>/`` holds one run; ``runs/<data>/latest/<name>``
+links to the newest finished one (outside ``train/``, so that TensorBoard over ``train/`` shows
+each run once).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.feature_cache import FeatureCache
+from pipeline.splits import open_features
+
+# Keys that do not change what a run computes: its name and folder, the device it runs on, how its
+# data is fed, whether it may resume. Every other key, present or future, defines the run.
+NOT_DEFINING = ("name", "runs_dir", "out_dir", "device", "num_workers", "cache_in_memory", "resume")
+
+
+def run_identity(cfg: Config, cache: FeatureCache) -> str:
+    """The hash that names a run: every defining key of ``cfg`` and what the features are made of
+    (extractor settings and weights, the face files behind each video, the videos cached)."""
+    defining = {k: v for k, v in cfg.items() if k not in NOT_DEFINING}
+    return Config({"config": defining, "features": cache.identity()}).hash()
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.get("name") or cfg.encoder.name
+
+
+def run_dir(cfg: Config, identity: str) -> Path:
+    """``out_dir``, else ``<runs_dir>/<data>/train/<name>-<first 8 of the identity>``."""
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    return Path(cfg.runs_dir) / cfg.data.name / "train" / f"{run_name(cfg)}-{identity[:8]}"
+
+
+def run_link(cfg: Config) -> Path | None:
+    """Where the newest finished run of ``cfg``'s name is linked: ``<runs_dir>/<data>/latest/<name>``;
+    None for a run given its own ``out_dir``."""
+    return None if cfg.out_dir else Path(cfg.runs_dir) / cfg.data.name / "latest" / run_name(cfg)
+
+
+def run_folder(cfg: Config) -> Path:
+    """The folder the run of ``cfg`` writes to (where its ``scores.json`` is once it finished)."""
+    return run_dir(cfg, run_identity(cfg, open_features(cfg)))

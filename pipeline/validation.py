@@ -1,0 +1,157 @@
+"""Validation of a training run: the model's outputs over every validation video, the score that
+picks the best epoch, the VA smoothing and AU thresholds chosen on validation, and the scoring of
+the best checkpoint once training ends (its predictions, ``scores.json``, ``curves.png``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import MultiTaskModel
+from pipeline import checkpoint, metrics
+from pipeline.atomic import write_json
+from pipeline.config import Config
+from pipeline.data import Normaliser
+from pipeline.feature_cache import FeatureCache, PooledCache
+from pipeline.inference import predict_features, smooth
+from pipeline.splits import expressions
+from pipeline.writers import write_task_files
+
+
+def validate(
+    model: MultiTaskModel,
+    cache: FeatureCache,
+    labels: dict,
+    videos: list[str],
+    normaliser: Normaliser | None,
+    cfg: Config,
+    au_thresholds: np.ndarray | None = None,
+    prior: dict | None = None,
+) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """Scores over every labelled validation frame pooled, and the per-frame predictions of each
+    video with features; labelled frames without a prediction (no features, no face in the whole
+    video) take ``prior`` and are counted as ``filled_<task>``."""
+    preds = {}
+    for video in videos:
+        feats, present, frames = cache.read(video)
+        if cfg.noise_features:
+            feats = np.random.default_rng((cfg.seed, len(video))).standard_normal(feats.shape).astype(np.float32)
+            norm = None
+        else:
+            norm = normaliser
+        out = predict_features(model, feats, present, norm, cfg.window, cfg.eval_stride, cfg.device,
+                               consecutive=cfg.eval_windows == "consecutive")
+        preds[video] = {"frame": frames, **out}
+    scores = metrics.score_videos(preds, labels, au_thresholds=au_thresholds, prior=prior,
+                                  expressions=expressions(cfg))
+    if isinstance(cache, PooledCache):  # each data set's own scores beside the pooled ones
+        scores["data"] = {}
+        for name in cache.caches:
+            own = {v: lab for v, lab in labels.items() if v.startswith(f"{name}/")}
+            scores["data"][name] = metrics.score_videos({v: p for v, p in preds.items() if v in own}, own,
+                                                        au_thresholds=au_thresholds, prior=prior,
+                                                        expressions=expressions(cfg))
+    return scores, preds
+
+
+
+def choose_va_smoothing(preds: dict, labels: dict, windows: list[int], per_dimension: bool = False,
+                        prior: dict | None = None) -> tuple[int | list[int], float]:
+    """The moving-average window (frames) for valence and arousal that maximises validation P_VA;
+    with ``per_dimension`` each dimension's own window, by its CCC, as ``[valence, arousal]``."""
+    def scores(window):
+        smoothed = {v: {**p, "va": smooth(p["va"], window)} for v, p in preds.items()}
+        return metrics.score_videos(smoothed, labels, prior=prior)
+
+    tried = {w: scores(w) for w in sorted(set(windows) | {1})}
+    if not per_dimension:
+        best = max(tried, key=lambda w: (round(tried[w]["p_va"], 6), -w))  # the smallest of equals
+        return best, tried[best]["p_va"]
+    chosen = [max(tried, key=lambda w: (round(tried[w][key], 6), -w)) for key in ("ccc_v", "ccc_a")]
+    return chosen, scores(chosen)["p_va"]
+
+
+TERMS = {"va": "p_va", "expr": "f1_expr", "au": "f1_au"}  # each task's term of P_MTL
+
+
+def selection_score(scores: dict, tasks: list[str]) -> float:
+    """What early stopping maximises: P_MTL's terms for the tasks trained (P_MTL for all three)."""
+    return float(sum(scores[TERMS[t]] for t in tasks))
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend()
+    for key in ("p_mtl", "ccc_v", "ccc_a", "f1_expr", "f1_au"):
+        values = [h["val"].get(key) for h in history]
+        if any(v is not None and not math.isnan(v) for v in values):
+            ax2.plot(epochs, values, label=key)
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("validation"), ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+
+def print_scores(scores: dict) -> None:
+    """The scores table, and each data set's own line when the run pooled several."""
+    print(metrics.format_table(scores))
+    if scores.get("data"):
+        keys = ("ccc_v", "ccc_a", "f1_expr", "f1_au", "p_mtl")
+        print("\n" + metrics.markdown_table(
+            ["data set", "CCC-V", "CCC-A", "F1-EXPR", "F1-AU", "P_MTL", "frames (va/expr/au)"],
+            [[name, *(metrics.score_cell(own[k]) for k in keys), f"{own['n_va']}/{own['n_expr']}/{own['n_au']}"]
+             for name, own in scores["data"].items()]))
+
+
+
+def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, val_labels: dict, val_videos: list[str],
+           normaliser: Normaliser | None, device: torch.device, counts: dict[str, int], identity: str,
+           prior: dict) -> None:
+    """Score the best checkpoint, store the thresholds and smoothing chosen on validation with it,
+    and write the curves, predictions and ``scores.json``."""
+    plot_curves(history, out / "curves.png")
+    best_path = out / "best.pt"
+    model, ckpt = checkpoint.load(best_path, device)
+    scores, preds = validate(model, cache, val_labels, val_videos, normaliser, cfg, prior=prior)
+    # Chosen on validation and stored with the model for prediction; the headline scores stay
+    # those of the official 0.5 threshold and unsmoothed outputs.
+    chosen = {}
+    if cfg.tune_au_thresholds and "au" in cfg.model.tasks:
+        probs = np.concatenate([metrics.dense_predictions(preds[v], len(val_labels[v]))["au"] for v in val_videos])
+        thresholds = metrics.tune_au_thresholds(probs, np.concatenate([val_labels[v].au for v in val_videos]))
+        chosen["au_thresholds"] = thresholds.tolist()
+        scores["f1_au_tuned"] = metrics.score_videos(preds, val_labels, au_thresholds=thresholds,
+                                                     prior=prior)["f1_au"]
+    if "va" in cfg.model.tasks:
+        chosen["va_smoothing"], scores["p_va_smoothed"] = choose_va_smoothing(
+            preds, val_labels, cfg.va_smoothing, cfg.va_smoothing_per_dimension, prior)
+        scores["va_smoothing"] = chosen["va_smoothing"]
+    if chosen:
+        ckpt.inference = dataclasses.replace(ckpt.inference, **chosen)
+        checkpoint.save(best_path, ckpt)
+    write_task_files(out / "predictions", preds, tasks=tuple(cfg.model.tasks))
+    epoch = ckpt.resume.task_epochs if cfg.selection == "per_task" else ckpt.resume.epoch
+    scores.update({"encoder": cfg.encoder.name, "extractors": list(cfg.extractors), "epoch": epoch,
+                   "expressions": expressions(cfg), "noise_features": cfg.noise_features,
+                   "videos": counts, "identity": identity})
+    write_json(out / "scores.json", scores)
+    print(f"\nValidation scores ({cfg.data.name}, {'+'.join(cfg.extractors)} features, {cfg.encoder.name}, "
+          f"best epoch {epoch}){' -- NOISE CONTROL' if cfg.noise_features else ''}")
+    print_scores(scores)
+    filled = {k[len("filled_"):]: v for k, v in scores.items() if k.startswith("filled_") and v}
+    if filled:
+        print("labelled frames without a prediction, scored with the training prior: "
+              + ", ".join(f"{t} {n}" for t, n in filled.items()))
+    print(f"written to {out / 'scores.json'}")
