@@ -4,6 +4,9 @@
 # hashes, a training run by the identity that names its folder), so `make train` runs faces and
 # features first and a second identical call only checks. ARGS="key=value ..." goes to the stage
 # named on the command line (make faces ARGS="device=cuda" passes it to the faces stage only).
+# Training targets compute the features of every extractor their resolved config reads (from
+# EXTRACTOR, an experiment, a config file or ARGS; `--show extractors` asks the command itself),
+# each with its configs/features/<name>.yaml.
 
 DATA       ?= sample
 EXTRACTOR  ?= fer_xception
@@ -33,6 +36,21 @@ SAMPLE_CONFIG := $(if $(filter sample_temporal,$(DATA)),configs/sample_temporal.
 # An experiment or config file names its own encoder and extractors; the variables apply to train.yaml.
 TRAIN_SOURCE   = $(if $(EXPERIMENT),experiment=$(EXPERIMENT),$(CONFIG))
 TRAIN_CHOICES  = $(if $(TRAIN_SOURCE),,extractors=[$(EXTRACTOR)] encoder=$(ENCODER))
+TRAIN_LINE     = $(TRAIN_SOURCE) data=$(DATA) $(TRAIN_CHOICES) name=$(RUN) runs_dir=$(RUNS) $(call args_for,train)
+SWEEP_LINE     = data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(SWEEP) $(call args_for,sweep)
+EXPERIMENTS_LINE = data=$(DATA) runs_dir=$(RUNS) experiment=$(subst $(space),$(comma),$(strip $(EXPERIMENTS))) \
+                 seed=$(SEEDS) $(call args_for,experiments)
+BENCH_LINE     = data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(ARGS)
+define newline
+
+
+endef
+# The features stage for each extractor that `$(1) --show extractors $(2)` names (a command of the
+# training config it resolves), one command line each; nothing when that config cannot be resolved
+# (the training command then says why, in one line).
+features_for = $(foreach x,$(shell $(PY) -m $(1) --show extractors $(2) 2>/dev/null),$(PY) -m pipeline.features \
+	data=$(DATA) extractor=$(x) faces_dir=$(RUNS)/$(DATA)/faces out_dir=$(RUNS)/$(DATA)/features \
+	$(call args_for,features)$(newline))
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
@@ -66,7 +84,7 @@ test-faults: setup ## the fault-injection and bad-input suites alone (kills, loc
 	$(VENV)/bin/pytest -q tests/test_faults.py tests/test_bad_inputs.py
 
 demo: train ## the whole pipeline on the built-in sample; prints the validation scores
-	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(RUNS)/$(DATA)/train/$(RUN)/predictions \
+	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(RUNS)/$(DATA)/latest/$(RUN)/predictions \
 		output=$(RUNS)/$(DATA)/evaluate/$(RUN).json
 
 sample: setup ## write the built-in labelled sample to data/sample (DATA=sample_temporal: the set that needs time)
@@ -79,33 +97,35 @@ features: faces ## stage 2: per-frame features (runs/$(DATA)/features/$(EXTRACTO
 	$(PY) -m pipeline.features data=$(DATA) extractor=$(EXTRACTOR) faces_dir=$(RUNS)/$(DATA)/faces \
 		out_dir=$(RUNS)/$(DATA)/features $(call args_for,features)
 
-train: features ## stage 3: train and score (runs/$(DATA)/train/$(RUN)-<hash>/; EXPERIMENT=<name> for configs/experiments/)
-	$(PY) -m pipeline.train $(TRAIN_SOURCE) data=$(DATA) $(TRAIN_CHOICES) name=$(RUN) runs_dir=$(RUNS) \
-		$(call args_for,train)
+train: faces ## stage 3: features of its extractors, then train and score (runs/$(DATA)/train/$(RUN)-<hash>/; EXPERIMENT=<name>)
+	$(call features_for,pipeline.train,$(TRAIN_LINE))
+	$(PY) -m pipeline.train $(TRAIN_LINE)
 
-sweep: features ## a grid of training overrides times seeds, mean +- std per setting: SWEEP="encoder=gru,lstm seed=0,1,2"
-	$(PY) -m pipeline.sweep data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(SWEEP) $(call args_for,sweep)
+sweep: faces ## a grid of training overrides times seeds, mean +- std per setting: SWEEP="encoder=gru,lstm seed=0,1,2"
+	$(call features_for,pipeline.sweep,$(SWEEP_LINE))
+	$(PY) -m pipeline.sweep $(SWEEP_LINE)
 
-experiments: features ## a sweep over configs/experiments/ named in EXPERIMENTS, seeds SEEDS
-	$(PY) -m pipeline.sweep data=$(DATA) runs_dir=$(RUNS) experiment=$(subst $(space),$(comma),$(strip $(EXPERIMENTS))) \
-		seed=$(SEEDS) $(call args_for,experiments)
+experiments: faces ## a sweep over configs/experiments/ named in EXPERIMENTS, seeds SEEDS
+	$(call features_for,pipeline.sweep,$(EXPERIMENTS_LINE))
+	$(PY) -m pipeline.sweep $(EXPERIMENTS_LINE)
 
 ensemble: setup ## average the outputs of finished runs and score them as one: make ensemble RUNS="dir dir dir"
 	@test -n "$(filter command environment,$(origin RUNS))" || { echo 'error: set RUNS="run_dir run_dir ..."' >&2; exit 1; }
 	$(PY) -m pipeline.ensemble $(RUNS) $(ARGS)
 
 evaluate: setup ## score a predictions folder: make evaluate PRED=folder [DATA=...]
-	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(or $(PRED),$(RUNS)/$(DATA)/train/$(RUN)/predictions) $(ARGS)
+	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(or $(PRED),$(RUNS)/$(DATA)/latest/$(RUN)/predictions) $(ARGS)
 
 # Without CHECKPOINT (or RUN, EXPERIMENT, ENCODER, CONFIG naming a run), predict runs the expression network alone (no trained model needed).
-PREDICT_CHECKPOINT = $(or $(CHECKPOINT),$(if $(filter command environment,$(foreach v,RUN EXPERIMENT ENCODER CONFIG,$(origin $(v)))),$(RUNS)/$(DATA)/train/$(RUN)/best.pt))
+PREDICT_CHECKPOINT = $(or $(CHECKPOINT),$(if $(filter command environment,$(foreach v,RUN EXPERIMENT ENCODER CONFIG,$(origin $(v)))),$(RUNS)/$(DATA)/latest/$(RUN)/best.pt))
 
 predict: setup ## one new video through all stages: make predict VIDEO=clip.mp4 [CHECKPOINT=runs/.../best.pt]
 	@test -n "$(VIDEO)" || { echo "error: set VIDEO=path/to/video.mp4" >&2; exit 1; }
 	$(PY) -m pipeline.predict video=$(VIDEO) checkpoint=$(PREDICT_CHECKPOINT) runs_dir=$(RUNS) $(ARGS)
 
-bench: features ## encoders side by side: parameters, throughput, memory, validation P_MTL
-	$(PY) -m pipeline.bench.encoders data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(ARGS)
+bench: faces ## encoders side by side: parameters, throughput, memory, validation P_MTL
+	$(call features_for,pipeline.bench.encoders,$(BENCH_LINE))
+	$(PY) -m pipeline.bench.encoders $(BENCH_LINE)
 
 bench-faces: setup ## faces stage against the plain facenet-pytorch loop, and peak memory on a long video
 	$(PY) -m pipeline.bench.faces $(ARGS)

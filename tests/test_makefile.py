@@ -63,3 +63,33 @@ def test_bench_on_the_set_that_needs_time_generates_it_first() -> None:
     assert not stage_lines(dry_run("bench", "DATA=affwild2"), "sample")
     (sample,) = stage_lines(dry_run("features"), "sample")
     assert "sample_temporal" not in sample
+
+
+@pytest.mark.parametrize(("args", "extractors"), [
+    ([], ["fer_xception"]),  # EXTRACTOR, the targets' default
+    (["EXTRACTOR=onet"], ["onet"]),
+    (["EXPERIMENT=va_only"], ["onet"]),  # the experiment's own (train.yaml's) extractors
+    (["EXPERIMENT=nguyen2022_amtl", "ARGS=epochs=2 extractors=[onet]"], ["onet"]),  # ARGS win
+    (["EXPERIMENT=fusion_onet_iresnet18"], ["onet", "iresnet18"]),
+    (["CONFIG=configs/experiments/fusion_onet_iresnet18.yaml"], ["onet", "iresnet18"]),
+])
+def test_training_computes_the_features_of_every_extractor_its_config_reads(args: list[str],
+                                                                            extractors: list[str]) -> None:
+    """Never a feature cache of another extractor than the run reads: the features stage runs for each
+    extractor of the resolved training config, in its order, before training."""
+    text = dry_run("train", *args)
+    features = stage_lines(text, "features")
+    assert [next(w.split("=", 1)[1] for w in line.split() if w.startswith("extractor=")) for line in features] \
+        == extractors
+    lines = text.splitlines()
+    assert max(lines.index(f) for f in features) < lines.index(stage_lines(text, "train")[0])
+
+
+def test_sweeps_experiments_and_the_bench_compute_the_features_they_read() -> None:
+    for target, args, extractors in [
+        ("experiments", [], ["onet"]), ("sweep", ["EXTRACTOR=onet"], ["onet"]),
+        ("sweep", ["SWEEP=extractors=[onet],[onet,iresnet18] seed=0"], ["onet", "iresnet18"]),
+        ("bench", ["EXTRACTOR=onet"], ["onet"])]:
+        features = stage_lines(dry_run(target, *args), "features")
+        assert [next(w.split("=", 1)[1] for w in line.split() if w.startswith("extractor=")) for line in features] \
+            == extractors, (target, args)
