@@ -296,7 +296,7 @@ def load_component(group: str, name: str) -> dict:
     if path.is_file():
         data = read_yaml(path)
     elif ":" in name:  # a plug-in such as ``my_package.my_module:build``
-        data = {}
+        data = plugin_options(group, name)
     else:
         raise ConfigError(
             f"unknown {group} {name!r}: no {GROUPS[group]}/{name}.yaml in {' or '.join(map(str, config_dirs()))}; "
@@ -304,6 +304,51 @@ def load_component(group: str, name: str) -> dict:
         )
     data["name"] = name
     return data
+
+
+# Leading parameters of a plug-in's callable that the pipeline passes itself (an encoder's d_in).
+PLUGIN_SUPPLIED = {"encoder": 1}
+
+
+def _plugin_parameters(group: str, name: str) -> list:
+    """The parameters of the class or function a plug-in ``package.module:attribute`` names that its
+    config sets; a module that does not import, or has no such attribute, is refused naming it."""
+    import importlib
+    import inspect
+
+    module, _, attr = name.partition(":")
+    try:
+        target = getattr(importlib.import_module(module), attr)
+    except AttributeError:
+        raise ConfigError(f"{group} plug-in {name!r}: module {module!r} has no attribute {attr!r}") from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed to import, for whatever reason
+        raise ConfigError(f"{group} plug-in {name!r} cannot be imported: {type(e).__name__}: {e}") from None
+    if not callable(target):
+        raise ConfigError(f"{group} plug-in {name!r} is a {type(target).__name__}, not a class or function")
+    params = list(inspect.signature(target).parameters.values())[PLUGIN_SUPPLIED.get(group, 0):]
+    return [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def plugin_options(group: str, name: str) -> dict:
+    """The options of a plug-in: its keyword parameters with their defaults (None for one without a
+    default, which must then be given), set as ``<group>.<option>=...`` like a built-in component's."""
+    options = {}
+    for p in _plugin_parameters(group, name):
+        default = None if p.default is p.empty else p.default
+        options[p.name] = list(default) if isinstance(default, tuple) else default
+    return options
+
+
+def check_plugins(cfg: Mapping) -> None:
+    """Refuse a plug-in component whose parameters without a default are left unset, naming them."""
+    for group in GROUPS:
+        section = cfg.get(group)
+        name = section.get("name") if isinstance(section, Mapping) else None
+        if isinstance(name, str) and ":" in name:
+            unset = [p.name for p in _plugin_parameters(group, name)
+                     if p.default is p.empty and section.get(p.name) is None]
+            if unset:
+                raise ConfigError(f"{group} plug-in {name!r} needs {', '.join(f'{group}.{n}=...' for n in unset)}")
 
 
 def pooled_data(stage: str, names: list) -> dict:
@@ -465,4 +510,5 @@ def load_config(
         if key in GROUPS and key in cfg:
             continue
         apply_override(cfg, key, value)
+    check_plugins(cfg)
     return _wrap(cfg)

@@ -151,12 +151,3 @@ def write_table(path: str | Path, tables: Sequence[Mapping[str, np.ndarray]], fo
     with atomic_output(Path(path)) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return Path(path)
-
-
-def to_dataframe(tables: Sequence[Mapping[str, np.ndarray]]):
-    """The tables as one pandas data frame (pandas is imported only here)."""
-    import pandas as pd
-
-    if not tables:
-        return pd.DataFrame(columns=list(COLUMNS))
-    return pd.concat([pd.DataFrame(dict(t)) for t in tables], ignore_index=True)

@@ -172,8 +172,11 @@ def build_model(cfg: Config, d_in: int, train_labels: dict, train_videos: list[s
     model_args = dict(cfg.model)
     if model_args.get("au_graph") == "cooccurrence":
         model_args["au_graph"] = au_cooccurrence(np.concatenate([train_labels[v].au for v in train_videos])).tolist()
-    model = MultiTaskModel(d_in=d_in, encoder=dict(cfg.encoder), expr_classes=len(expression_set(expressions(cfg))),
-                           **model_args)
+    try:  # options that cannot go together, or a plug-in encoder refusing one, are the user's to fix
+        model = MultiTaskModel(d_in=d_in, encoder=dict(cfg.encoder),
+                               expr_classes=len(expression_set(expressions(cfg))), **model_args)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"the model of this config cannot be built: {e}") from None
     if cfg.init == "normal":
         normal_init(model)
     return model

@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 Preds = Mapping[str, np.ndarray]
 MTL_HEADER_LINE = "image,valence,arousal,expression,aus"
 CSV_COLUMNS = ("valence", "arousal", "expression", *AUS)
-LAYOUTS = ("mtl", "tasks", "csv")
 
 
 def _frames(pred: Preds, video: str) -> np.ndarray:
@@ -185,25 +184,6 @@ def write_csv(path: str | Path, preds: Mapping[str, Preds], au_thresholds: np.nd
         face = None if faces is None else faces[video]
         tables.append(frame_table(video, {**pred, "frame": frames}, face, au_thresholds, classes))
     return write_table(path, tables, format)
-
-
-def write_predictions(
-    path: str | Path,
-    preds: Mapping[str, Preds],
-    layout: str,
-    au_thresholds: np.ndarray | None = None,
-    expressions: str | None = None,
-) -> Path:
-    """Write in ``layout`` ("mtl", "tasks" or "csv"); ``path`` is a file, or a folder for "tasks"
-    (whose expression header names the class set ``expressions``, see :func:`write_task_files`)."""
-    if layout == "mtl":
-        return write_mtl(path, preds, au_thresholds)
-    if layout == "tasks":
-        write_task_files(path, preds, au_thresholds=au_thresholds, expressions=expressions)
-        return Path(path)
-    if layout == "csv":
-        return write_csv(path, preds)
-    raise ValueError(f"prediction layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
 
 
 # ---- reading ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TIMM_OFFLINE", "1")
 
-from pipeline.clips import fetch_pyfeat_clips  # noqa: E402 - after the offline switches
+from pipeline.bench.clips import fetch_pyfeat_clips  # noqa: E402 - after the offline switches
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

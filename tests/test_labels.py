@@ -16,15 +16,13 @@ from pipeline.labels import (
     Labels,
     concat,
     detect_format,
-    folds,
     load_annotations,
     read_csv,
     read_mtl_file,
     read_task_file,
-    read_video_list,
     restrict_expressions,
-    split_videos,
 )
+from tests.splits import folds, read_video_list, split_videos
 
 VA_HEAD = "valence,arousal"
 EXPR_HEAD = ",".join(EXPRESSIONS)

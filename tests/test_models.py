@@ -13,7 +13,7 @@ from torch import nn
 
 from models import ENCODERS, STRUCTURES, MultiTaskLoss, MultiTaskModel, build_encoder, encoder_from, encoder_options
 from models.cross_task import AUGraph, au_cooccurrence
-from pipeline.config import component_names, load_component, load_config
+from pipeline.config import ConfigError, component_names, load_component, load_config
 
 torch.set_num_threads(1)
 D_IN = 16
@@ -379,9 +379,12 @@ def test_encoder_configs_build_with_comparable_sizes():
 
 def test_plugin_encoder_from_the_command_line_builds_and_trains(tmp_path):
     cfg = load_config("train", overrides=[f"encoder={PLUGIN}"])
-    assert cfg.encoder.to_dict() == {"name": PLUGIN}
+    assert cfg.encoder.to_dict() == {"hidden": 8, "name": PLUGIN}  # its options, from its signature
+    assert load_config("train", overrides=[f"encoder={PLUGIN}", "encoder.hidden=6"]).encoder.hidden == 6
+    with pytest.raises(ConfigError, match="unknown config key 'encoder.layers'"):
+        load_config("train", overrides=[f"encoder={PLUGIN}", "encoder.layers=2"])
     (tmp_path / "run.yaml").write_text(f"encoder: {{name: '{PLUGIN}', hidden: 4}}\n")
-    assert load_config("train", tmp_path / "run.yaml", ["encoder.hidden=6"]).encoder.hidden == 6  # options: a file
+    assert load_config("train", tmp_path / "run.yaml", ["encoder.hidden=6"]).encoder.hidden == 6  # or a file
     assert encoder_options(PLUGIN) == {"hidden"}
     x, mask = holey_batch()
     g = torch.Generator().manual_seed(1)

@@ -83,7 +83,7 @@ def test_the_data_frame_holds_the_rows_of_the_csv(tmp_path: Path) -> None:
     face = face_track()
     preds = outputs(face["frame"])
     table = tables.frame_table("clip", preds, face)
-    frame = tables.to_dataframe([table])
+    frame = pd.DataFrame(dict(table))
     assert list(frame.columns) == list(tables.COLUMNS) and len(frame) == 6
     written = pd.read_csv(tables.write_table(tmp_path / "t.csv", [table]))
     pd.testing.assert_frame_equal(written, frame, check_dtype=False, atol=1e-5)

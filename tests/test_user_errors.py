@@ -191,6 +191,35 @@ def test_an_option_of_another_structure_is_one_line_before_any_data_is_read() ->
     assert message == "error: config key 'model.au_neighbours' is an option of model.structure amtl, not of 'shared'"
 
 
+class NeedsWidth:
+    """A plug-in encoder whose ``width`` has no default."""
+
+    def __init__(self, d_in: int, width: int) -> None:
+        self.out_dim = width
+
+
+def needs_weights(weights: str, size: int = 112) -> None:
+    """A plug-in extractor's factory whose weights file must be given."""
+
+
+def test_a_plug_in_that_cannot_be_used_is_one_line(tmp_path: Path) -> None:
+    here = f"{__name__}"
+    for args, said in [
+        (["encoder=no_such_package.encoders:Enc"],
+         "error: encoder plug-in 'no_such_package.encoders:Enc' cannot be imported: ModuleNotFoundError: "
+         "No module named 'no_such_package'"),
+        ([f"encoder={here}:Gone"], f"error: encoder plug-in '{here}:Gone': module '{here}' has no attribute 'Gone'"),
+        ([f"encoder={here}:NeedsWidth"], f"error: encoder plug-in '{here}:NeedsWidth' needs encoder.width=..."),
+        ([f"encoder={here}:NeedsWidth", "encoder.widht=3"],
+         "error: unknown config key 'encoder.widht'; did you mean encoder.width?"),
+    ]:
+        assert one_line_error("train", "data.annotations=/no/labels", "runs_dir=/no/runs", *args) == said
+    message = one_line_error("features", f"extractor={here}:needs_weights", f"faces_dir={tmp_path}",
+                             f"out_dir={tmp_path / 'out'}")
+    assert message == f"error: extractor plug-in '{here}:needs_weights' needs extractor.weights=..."
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_experiment_lists_the_known_ones() -> None:
     message = one_line_error("train", "experiment=mtl_grus")
     assert "unknown experiment 'mtl_grus'" in message and "mtl_gru" in message

@@ -22,9 +22,23 @@ from pipeline.writers import (
     read_predictions,
     write_csv,
     write_mtl,
-    write_predictions,
     write_task_files,
 )
+
+LAYOUTS = ("mtl", "tasks", "csv")
+
+
+def write_predictions(path: Path, preds: dict, layout: str, au_thresholds: np.ndarray | None = None,
+                      expressions: str | None = None) -> Path:
+    """Write ``preds`` in ``layout`` ("mtl", "tasks" or "csv"); ``path`` is a file, or a folder for "tasks"."""
+    if layout == "mtl":
+        return write_mtl(path, preds, au_thresholds)
+    if layout == "tasks":
+        write_task_files(path, preds, au_thresholds=au_thresholds, expressions=expressions)
+        return Path(path)
+    if layout == "csv":
+        return write_csv(path, preds)
+    raise ValueError(f"prediction layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
 
 
 def model_outputs(frames: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:

