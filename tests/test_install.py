@@ -3,6 +3,7 @@ source tree: its configs come from the package data and its commands run on a re
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -58,3 +59,31 @@ def test_a_non_editable_install_runs_affect_predict_on_a_real_clip(tmp_path: Pat
     assert len(table) == 72 and table["p_Happiness"].iloc[24:67].mean() > 0.5
     assert (work / "out" / "timeline.png").is_file()
     assert not (work / ".cache").exists() and not (work / "runs").exists(), "nothing written beside the caller"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:3])
+
+
+@pytest.mark.slow
+def test_a_plain_install_resolves_the_tested_stack(tmp_path: Path) -> None:
+    """``pip install .`` without ``constraints.txt``, in a clean environment, chooses the stack the
+    tests run on: the pinned facenet-pytorch and decord, torch and torchvision at the pinned versions or
+    newer, numpy 2. (Unbounded, pip took facenet-pytorch 2.6.0, which pins torch < 2.3 and numpy < 2,
+    and installed torch 2.2.2 with numpy 1.26.)"""
+    import tomllib
+
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+                           "--report", str(report), *dependencies], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    chosen = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+              for item in json.loads(report.read_text())["install"]}
+    pinned = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                  if "==" in line and not line.startswith("#"))
+    for name in ("facenet-pytorch", "decord"):
+        assert chosen[name] == pinned[name], (name, chosen[name], pinned[name])
+    for name in ("torch", "torchvision"):
+        assert _version(chosen[name]) >= _version(pinned[name]), (name, chosen[name], pinned[name])
+    assert _version(chosen["numpy"]) >= (2,), chosen["numpy"]
