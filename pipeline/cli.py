@@ -145,13 +145,13 @@ class Program:
     def module(self) -> str:
         name = self.main.__module__
         if name == "__main__":  # run as python -m <module>: its own name is in its spec
-            spec = getattr(sys.modules["__main__"], "__spec__", None)
+            spec = getattr(self.main, "__globals__", {}).get("__spec__")
             name = spec.name if spec is not None else name
         return name
 
     @property
     def doc(self) -> str:
-        return (sys.modules[self.main.__module__].__doc__ or "").strip()
+        return (getattr(self.main, "__globals__", {}).get("__doc__") or "").strip()
 
     def usage(self) -> str:
         plain = f"[{self.arguments.upper().rstrip('S')} ...]" if self.arguments else "[config.yaml]"
