@@ -10,6 +10,10 @@ argument is a run folder, and so is each ``runs=...``). ``--config-dir DIR`` loo
 (a list one item per line; a sweep's values over all its runs), and runs nothing. ``--help``
 prints the usage and exits 0 before anything else happens.
 
+``python -m pipeline.cli <stage> --show KEY [config.yaml] [key=value ...]`` prints the same from
+the config alone, without loading the command (``sweep``: over every run of its grid); Make asks it
+which extractors a training target reads.
+
 A config or input error, found while reading the command line or inside ``main``, is one
 ``error: ...`` line and exit status 1; ``main``'s own status is the process's otherwise. Process-wide
 settings (log lines on stderr, the allocator option of the stages that decode video) are applied
@@ -19,6 +23,7 @@ here, never by importing or calling the stages as a library.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -82,6 +87,34 @@ def parse(argv: Iterable[str], arguments: str | None = None) -> Command:
 
 def _looks_like_key(item: str) -> bool:
     return bool(item) and "=" not in item and not item.startswith("-") and not item.endswith((".yaml", ".yml"))
+
+
+def split_values(text: str) -> list[str]:
+    """``"a,b,[c,d]"`` -> ``["a", "b", "[c,d]"]``: a comma inside brackets or braces stays in its value."""
+    values, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    values.append(text[start:])
+    return [v.strip() for v in values]
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """The runs of a sweep, each as its list of ``key=value`` overrides, in grid order (last axis
+    fastest): every ``key=a,b,c`` is an axis, commas inside brackets belong to the value."""
+    axes = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        values = split_values(text)
+        if any(v == "" for v in values):
+            raise ConfigError(f"{item!r}: an empty value in the list")
+        axes.append([f"{key.strip()}={v}" for v in values])
+    return [list(run) for run in itertools.product(*axes)]
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -196,21 +229,25 @@ class Program:
         try:
             command = parse(argv, self.arguments)
             if command.show is not None:
-                resolved = self._resolve(command)
-                if command.show:
-                    values = _values(resolved, command.show)
-                    if any(isinstance(v, Mapping) for v in values):
-                        print(yaml.safe_dump(_plain(values if len(values) > 1 else values[0]), sort_keys=False), end="")
-                    else:
-                        print("\n".join(str(v) for v in values))
-                else:
-                    print(yaml.safe_dump(_plain(resolved), sort_keys=False), end="")
+                _print_shown(self._resolve(command), command.show)
                 raise SystemExit(0)
             command_line_process(self.stage)
             status = self.main(self._resolve(command))
         except InputError as e:
             raise SystemExit(f"error: {e}") from None
         raise SystemExit(status)
+
+
+def _print_shown(resolved: Any, key: str) -> None:
+    """Print the resolved config as YAML, or one key's values (a list one item per line)."""
+    if not key:
+        print(yaml.safe_dump(_plain(resolved), sort_keys=False), end="")
+        return
+    values = _values(resolved, key)
+    if any(isinstance(v, Mapping) for v in values):
+        print(yaml.safe_dump(_plain(values if len(values) > 1 else values[0]), sort_keys=False), end="")
+    else:
+        print("\n".join(str(v) for v in values))
 
 
 def _plain(resolved: Any) -> Any:
@@ -223,3 +260,33 @@ def _plain(resolved: Any) -> Any:
 def run_stage(stage: str, main: Callable[[Any], int], argv: list[str] | None = None) -> NoReturn:
     """``Program(stage, main).run(argv)``: the command line of a stage with the default resolution."""
     Program(stage, main).run(argv)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    configs: list
+
+
+def _show_only(argv: list[str]) -> NoReturn:
+    """``python -m pipeline.cli <stage> --show KEY [config] [key=value ...]``: what a command's
+    ``--show`` prints, resolved from its config alone (the sweep's over every run of its grid),
+    without importing the command; for Make, which asks before each training target."""
+    if not argv or argv[0] in HELP:
+        print(__doc__.strip())
+        raise SystemExit(0)
+    stage, command = argv[0], parse(argv[1:])
+    try:
+        if command.config_dir is not None:
+            os.environ[USER_CONFIG_ENV] = command.config_dir
+        if stage == "sweep":
+            resolved = _Grid([load_config("train", command.config, run) for run in expand(command.overrides)])
+        else:
+            resolved = load_config(stage, command.config, command.overrides)
+        _print_shown(resolved, command.show or "")
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
+    raise SystemExit(0)
+
+
+if __name__ == "__main__":
+    _show_only(sys.argv[1:])

@@ -92,6 +92,15 @@ def stop(stage: str, error: BaseException) -> int:
     return 2
 
 
+def finished(out: Path, identity: str) -> bool:
+    """Whether the run ``identity`` finished in the folder ``out`` (its ``run.json`` says so)."""
+    try:
+        held = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return held.get("identity") == identity and bool(held.get("finished"))
+
+
 def claim_run(out: Path, identity: str) -> bool:
     """Take the folder ``out`` for the run named by ``identity`` (kept in ``out/run.json``); True
     when that run already finished there. A folder holding another run, or results that record

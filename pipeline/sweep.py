@@ -16,7 +16,6 @@ ran.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -24,43 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json, write_text
-from pipeline.cli import Program
-from pipeline.config import Config, ConfigError, check_choices, load_config
-from pipeline.identity import run_folder
+from pipeline.cli import Program, expand, split_values
+from pipeline.config import Config, ConfigError, InputError, check_choices, load_config
+from pipeline.identity import run_dir, run_folder, run_identity, run_link
 from pipeline.launch import train_process
 from pipeline.metrics import markdown_table, summarise
+from pipeline.runs import finished, link_newest
+from pipeline.splits import open_features
 from pipeline.training import CHOICES
+from pipeline.validation import report_finished
 
 log = logging.getLogger("pipeline")
 
 SCORES = (("CCC-V", "ccc_v"), ("CCC-A", "ccc_a"), ("F1-EXPR", "f1_expr"), ("F1-AU", "f1_au"), ("P_MTL", "p_mtl"))
-
-
-def split_values(text: str) -> list[str]:
-    """``"a,b,[c,d]"`` -> ``["a", "b", "[c,d]"]``: a comma inside brackets or braces stays in its value."""
-    values, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        depth += ch in "[{"
-        depth -= ch in "]}"
-        if ch == "," and depth == 0:
-            values.append(text[start:i])
-            start = i + 1
-    values.append(text[start:])
-    return [v.strip() for v in values]
-
-
-def expand(overrides: list[str]) -> list[list[str]]:
-    """The runs of a sweep, each as its list of ``key=value`` overrides, in grid order (last axis fastest)."""
-    axes = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, text = item.split("=", 1)
-        values = split_values(text)
-        if any(v == "" for v in values):
-            raise ConfigError(f"{item!r}: an empty value in the list")
-        axes.append([f"{key.strip()}={v}" for v in values])
-    return [list(run) for run in itertools.product(*axes)]
 
 
 class Sweep:
@@ -123,16 +98,34 @@ def format_summary(rows: list[dict]) -> str:
           *(cell(r[k]) for _, k in SCORES)] for r in rows])
 
 
+def done_before(cfg: Config) -> Path | None:
+    """The folder of ``cfg``'s run when it finished there before (relinked as the newest of its
+    name, as training does), else None: a run to start, whose process says why it cannot be."""
+    try:
+        identity = run_identity(cfg, open_features(cfg))
+    except InputError:
+        return None
+    out = run_dir(cfg, identity)
+    if not finished(out, identity):
+        return None
+    if run_link(cfg) is not None:
+        link_newest(out, run_link(cfg))
+    return out
+
+
 def main(sweep: Sweep) -> int:
     results: list[dict[str, Any]] = []
     for i, (run, cfg) in enumerate(sweep.runs, start=1):
         log.info("sweep run %d/%d: %s", i, len(sweep.runs), " ".join(run))
-        status = train_process(sweep.path, run)  # a run that fails, fails alone; the sweep goes on
-        out = scores = None
-        if status == 0:
-            out = run_folder(cfg)
-            scores = json.loads((out / "scores.json").read_text())
+        out = done_before(cfg)
+        if out is not None:  # as the run itself would say, without starting a process for it
+            report_finished(out)
+            status = 0
         else:
+            status = train_process(sweep.path, run)  # a run that fails, fails alone; the sweep goes on
+            out = run_folder(cfg) if status == 0 else None
+        scores = json.loads((out / "scores.json").read_text()) if out is not None else None
+        if status:
             log.error("sweep run %s failed with exit status %d", " ".join(run), status)
         results.append({"overrides": run, "setting": sweep.setting(run), "seed": cfg.seed, "status": status,
                         "folder": str(out) if out else None, "scores": scores})

@@ -52,7 +52,7 @@ from pipeline.loop import LoopState, train_epoch
 from pipeline.runs import STOPS, claimed, stop
 from pipeline.splits import expressions, open_features, stage_configs
 from pipeline.training import CHOICES, Training, build_training, check_stages
-from pipeline.validation import finish, print_scores, validate
+from pipeline.validation import finish, report_finished, validate
 
 log = logging.getLogger("pipeline")
 
@@ -76,18 +76,17 @@ def main(cfg: Config) -> int:
             try:
                 run = stack.enter_context(claimed(out, identity, run_link(cfg)))
                 if run.done:
-                    verdict = [("skip", json.loads((out / "scores.json").read_text()))]
+                    verdict = [("skip", None)]
             except STOPS as e:
                 verdict = [("stop", stop("train", e))]
         if world.size > 1:
             dist.broadcast_object_list(verdict, src=0)
-        what, scores = verdict[0]
+        what, _ = verdict[0]
         if what == "stop":
             return 2
         if what == "skip":
             if world.main:
-                print(f"\n{out}: finished earlier with these settings; not trained again")
-                print_scores(scores)
+                report_finished(out)
             return 0
         status = train(cfg, world, device, out, cache, identity)
         if world.main:

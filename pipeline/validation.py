@@ -5,6 +5,7 @@ the best checkpoint once training ends (its predictions, ``scores.json``, ``curv
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -114,6 +115,12 @@ def print_scores(scores: dict) -> None:
             [[name, *(metrics.score_cell(own[k]) for k in keys), f"{own['n_va']}/{own['n_expr']}/{own['n_au']}"]
              for name, own in scores["data"].items()]))
 
+
+
+def report_finished(out: Path) -> None:
+    """What a run finished earlier with the same settings says instead of training again."""
+    print(f"\n{out}: finished earlier with these settings; not trained again")
+    print_scores(json.loads((out / "scores.json").read_text()))
 
 
 def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, val_labels: dict, val_videos: list[str],
