@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -23,10 +24,12 @@ from pipeline.cli import run_stage
 from pipeline.config import DEVICE, Config, InputError, check_choices
 from pipeline.hdf5 import h5_is_done, h5_writer
 from pipeline.runs import STOPS, list_inputs, run_each, shard_of, stage_lock, stop
-from pipeline.vision.align import TEMPLATES, align_faces
-from pipeline.vision.detect import FaceDetector
+from pipeline.vision.templates import TEMPLATES
 from pipeline.vision.track import SUBJECTS, Detections, Subject, follow, link, subject_tracks
 from pipeline.vision.video import VideoInfo, chunk_frames, iter_chunks, open_video, shrunk
+
+if TYPE_CHECKING:
+    from pipeline.vision.detect import FaceDetector
 
 log = logging.getLogger("pipeline")
 
@@ -109,6 +112,8 @@ def _attrs(info: VideoInfo, cfg: Config, subject: str) -> dict:
 
 def process_video(video: Path, outputs: list[Output], cfg: Config, detector: FaceDetector) -> None:
     """Detect, track and align one video into each of ``outputs``; files appear only when complete."""
+    from pipeline.vision.align import align_faces  # torch, imported only when a video has work to do
+
     start = time.perf_counter()
     info = open_video(video)[1]  # its reader is dropped at once: iter_chunks opens one per chunk
     full = (info.height, info.width)
@@ -270,9 +275,18 @@ def run(cfg: Config, out_dir: Path) -> int:
         annotated = annotation_names(cfg)
         items = shard_of(videos, cfg.shard or None)
         plan = {v: outputs_for(v, cfg, annotated) for v in items}
-        detector = FaceDetector.from_config(cfg)
+        detector = None
+
+        def work(video: Path) -> None:
+            nonlocal detector
+            if detector is None:  # MTCNN, and torch, only once a video has work to do
+                from pipeline.vision.detect import FaceDetector
+
+                detector = FaceDetector.from_config(cfg)
+            process_video(video, plan[video], cfg, detector)
+
         summary = run_each(
-            items, lambda v: process_video(v, plan[v], cfg, detector), name=str, failures_file=failures,
+            items, work, name=str, failures_file=failures,
             is_done=lambda v: all(h5_is_done(o.path, chash) for o in plan[v]), desc="faces",
         )
     if cfg.export_cropped:

@@ -11,15 +11,14 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
+from pipeline.face_rig import build_rig, render
 from pipeline.sample import (
     AUS,
     CHANNELS,
     EXPRESSIONS,
     MAX_OCCLUDED,
     MIN_VISIBLE,
-    build_rig,
     main,
-    render,
 )
 
 HEADERS = {
