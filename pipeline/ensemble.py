@@ -50,8 +50,7 @@ from pipeline.writers import write_task_files
 log = logging.getLogger("pipeline")
 
 CHOICES = {"device": DEVICE}
-COLUMNS = (("CCC-V", "ccc_v"), ("CCC-A", "ccc_a"), ("P_VA", "p_va"), ("F1-EXPR", "f1_expr"), ("F1-AU", "f1_au"),
-           ("P_MTL", "p_mtl"))
+COLUMNS = metrics.SCORE_COLUMNS
 
 Outputs = dict[str, dict[str, np.ndarray]]
 

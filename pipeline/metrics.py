@@ -300,6 +300,19 @@ def score_videos(
     return {**score(pooled, truth, au_thresholds, expressions), **missing}
 
 
+# A run's headline scores in table order: (column header, key of score() and scores.json).
+SCORE_COLUMNS = (("CCC-V", "ccc_v"), ("CCC-A", "ccc_a"), ("P_VA", "p_va"), ("F1-EXPR", "f1_expr"), ("F1-AU", "f1_au"),
+                 ("P_MTL", "p_mtl"))
+
+
+def columns(*keys: str) -> tuple[tuple[str, str], ...]:
+    """The :data:`SCORE_COLUMNS` of ``keys``, in table order."""
+    unknown = set(keys) - {k for _, k in SCORE_COLUMNS}
+    if unknown:
+        raise ValueError(f"no score columns {sorted(unknown)}")
+    return tuple(c for c in SCORE_COLUMNS if c[1] in keys)
+
+
 def score_cell(x: float | None) -> str:
     """A score as a table cell: four decimals, ``n/a`` when undefined (None or NaN)."""
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
@@ -307,8 +320,7 @@ def score_cell(x: float | None) -> str:
 
 def format_table(scores: Mapping[str, float]) -> str:
     """A small Markdown table of :func:`score`'s output: the headline scores, then per-AU F1."""
-    head = [("CCC-V", "ccc_v"), ("CCC-A", "ccc_a"), ("P_VA", "p_va"), ("F1-EXPR", "f1_expr"),
-            ("F1-AU", "f1_au"), ("P_MTL", "p_mtl")]
+    head = SCORE_COLUMNS
     lines = [
         "| " + " | ".join(h for h, _ in head) + " | frames (va/expr/au) |",
         "|" + "---:|" * (len(head) + 1),

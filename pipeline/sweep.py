@@ -27,7 +27,7 @@ from pipeline.cli import Program, expand, split_values
 from pipeline.config import Config, ConfigError, InputError, check_choices, load_config
 from pipeline.identity import run_dir, run_folder, run_identity, run_link
 from pipeline.launch import train_process
-from pipeline.metrics import markdown_table, summarise
+from pipeline.metrics import columns, markdown_table, summarise
 from pipeline.runs import finished, link_newest
 from pipeline.splits import open_features
 from pipeline.training import CHOICES
@@ -35,7 +35,7 @@ from pipeline.validation import report_finished
 
 log = logging.getLogger("pipeline")
 
-SCORES = (("CCC-V", "ccc_v"), ("CCC-A", "ccc_a"), ("F1-EXPR", "f1_expr"), ("F1-AU", "f1_au"), ("P_MTL", "p_mtl"))
+SCORES = columns("ccc_v", "ccc_a", "f1_expr", "f1_au", "p_mtl")
 
 
 class Sweep:

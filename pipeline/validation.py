@@ -94,7 +94,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     ax1.plot(epochs, [h["train_loss"] for h in history], label="train loss")
     ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend()
-    for key in ("p_mtl", "ccc_v", "ccc_a", "f1_expr", "f1_au"):
+    for _, key in metrics.columns("p_mtl", "ccc_v", "ccc_a", "f1_expr", "f1_au"):
         values = [h["val"].get(key) for h in history]
         if any(v is not None and not math.isnan(v) for v in values):
             ax2.plot(epochs, values, label=key)
@@ -109,10 +109,10 @@ def print_scores(scores: dict) -> None:
     """The scores table, and each data set's own line when the run pooled several."""
     print(metrics.format_table(scores))
     if scores.get("data"):
-        keys = ("ccc_v", "ccc_a", "f1_expr", "f1_au", "p_mtl")
+        shown = metrics.columns("ccc_v", "ccc_a", "f1_expr", "f1_au", "p_mtl")
         print("\n" + metrics.markdown_table(
-            ["data set", "CCC-V", "CCC-A", "F1-EXPR", "F1-AU", "P_MTL", "frames (va/expr/au)"],
-            [[name, *(metrics.score_cell(own[k]) for k in keys), f"{own['n_va']}/{own['n_expr']}/{own['n_au']}"]
+            ["data set", *(h for h, _ in shown), "frames (va/expr/au)"],
+            [[name, *(metrics.score_cell(own[k]) for _, k in shown), f"{own['n_va']}/{own['n_expr']}/{own['n_au']}"]
              for name, own in scores["data"].items()]))
 
 

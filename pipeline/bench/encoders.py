@@ -37,12 +37,12 @@ from pipeline.data import feature_paths
 from pipeline.feature_cache import FeatureCache
 from pipeline.identity import run_folder
 from pipeline.launch import train_process
-from pipeline.metrics import markdown_table, summarise
+from pipeline.metrics import columns, markdown_table, summarise
 
 log = logging.getLogger("pipeline")
 
 TASKS = ("va", "expr", "au")
-TASK_SCORES = {"ccc_v": "CCC-V", "ccc_a": "CCC-A", "f1_expr": "F1-EXPR", "f1_au": "F1-AU"}  # scores.json keys
+TASK_SCORES = {key: header for header, key in columns("ccc_v", "ccc_a", "f1_expr", "f1_au")}  # P_MTL's terms
 TIE_RULE = "tie: |mean paired difference| < the larger of the two encoders' seed std of P_MTL"
 
 
