@@ -1,6 +1,6 @@
 """Run a trained model on one new video: faces, features and the model, as in training.
 
-    python -m pipeline.predict video=clip.mp4 checkpoint=runs/sample/train/gru/best.pt
+    python -m pipeline.predict video=clip.mp4 checkpoint=runs/sample/latest/gru/best.pt
     python -m pipeline.predict video=clip.mp4      # no model: fer_xception's own expressions
 
 Without a checkpoint, the faces stage's defaults and the ``fer_xception`` expression network give
