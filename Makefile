@@ -5,7 +5,7 @@
 # features first and a second identical call only checks. ARGS="key=value ..." goes to the stage
 # named on the command line (make faces ARGS="device=cuda" passes it to the faces stage only).
 # Training targets compute the features of every extractor their resolved config reads (from
-# EXTRACTOR, an experiment, a config file or ARGS; `--show extractors` asks the command itself),
+# EXTRACTOR, an experiment, a config file or ARGS; `python -m pipeline.cli <command> --show extractors`),
 # each with its configs/features/<name>.yaml.
 
 DATA       ?= sample
@@ -45,10 +45,10 @@ define newline
 
 
 endef
-# The features stage for each extractor that `$(1) --show extractors $(2)` names (a command of the
-# training config it resolves), one command line each; nothing when that config cannot be resolved
-# (the training command then says why, in one line).
-features_for = $(foreach x,$(shell $(PY) -m $(1) --show extractors $(2) 2>/dev/null),$(PY) -m pipeline.features \
+# The features stage for each extractor that the config of command $(1) (train, sweep, bench) with
+# the arguments $(2) reads, one command line each; nothing when that config cannot be resolved (the
+# command then says why, in one line).
+features_for = $(foreach x,$(shell $(PY) -m pipeline.cli $(1) --show extractors $(2) 2>/dev/null),$(PY) -m pipeline.features \
 	data=$(DATA) extractor=$(x) faces_dir=$(RUNS)/$(DATA)/faces out_dir=$(RUNS)/$(DATA)/features \
 	$(call args_for,features)$(newline))
 
@@ -77,8 +77,8 @@ $(WEIGHTS): | $(VENV)/.installed
 lint: setup ## ruff over the project
 	$(VENV)/bin/ruff check .
 
-test: setup lint ## lint, then the whole test suite (one end-to-end run on a reduced sample included)
-	$(VENV)/bin/pytest -q
+test: setup lint ## lint, then the whole test suite on every core (an end-to-end run and the README's commands included)
+	$(VENV)/bin/pytest -q -n auto --dist loadfile
 
 test-faults: setup ## the fault-injection and bad-input suites alone (kills, locks, full disk, bad files)
 	$(VENV)/bin/pytest -q tests/test_faults.py tests/test_bad_inputs.py
@@ -98,15 +98,15 @@ features: faces ## stage 2: per-frame features (runs/$(DATA)/features/$(EXTRACTO
 		out_dir=$(RUNS)/$(DATA)/features $(call args_for,features)
 
 train: faces ## stage 3: features of its extractors, then train and score (runs/$(DATA)/train/$(RUN)-<hash>/; EXPERIMENT=<name>)
-	$(call features_for,pipeline.train,$(TRAIN_LINE))
+	$(call features_for,train,$(TRAIN_LINE))
 	$(PY) -m pipeline.train $(TRAIN_LINE)
 
 sweep: faces ## a grid of training overrides times seeds, mean +- std per setting: SWEEP="encoder=gru,lstm seed=0,1,2"
-	$(call features_for,pipeline.sweep,$(SWEEP_LINE))
+	$(call features_for,sweep,$(SWEEP_LINE))
 	$(PY) -m pipeline.sweep $(SWEEP_LINE)
 
 experiments: faces ## a sweep over configs/experiments/ named in EXPERIMENTS, seeds SEEDS
-	$(call features_for,pipeline.sweep,$(EXPERIMENTS_LINE))
+	$(call features_for,sweep,$(EXPERIMENTS_LINE))
 	$(PY) -m pipeline.sweep $(EXPERIMENTS_LINE)
 
 ensemble: setup ## average the outputs of finished runs and score them as one: make ensemble RUNS="dir dir dir"
@@ -124,7 +124,7 @@ predict: setup ## one new video through all stages: make predict VIDEO=clip.mp4 
 	$(PY) -m pipeline.predict video=$(VIDEO) checkpoint=$(PREDICT_CHECKPOINT) runs_dir=$(RUNS) $(ARGS)
 
 bench: faces ## encoders side by side: parameters, throughput, memory, validation P_MTL
-	$(call features_for,pipeline.bench.encoders,$(BENCH_LINE))
+	$(call features_for,bench,$(BENCH_LINE))
 	$(PY) -m pipeline.bench.encoders $(BENCH_LINE)
 
 bench-faces: setup ## faces stage against the plain facenet-pytorch loop, and peak memory on a long video
