@@ -71,20 +71,19 @@ def main(cfg: Config) -> int:
     with contextlib.ExitStack() as stack:
         # the processes of a torchrun job are one run: rank 0 holds the folder and tells the others
         # whether to stop, skip or train
-        verdict: list = [("train", None)]
+        verdict = ["train"]
         if world.main:
             try:
                 run = stack.enter_context(claimed(out, identity, run_link(cfg)))
-                if run.done:
-                    verdict = [("skip", None)]
+                verdict = ["skip" if run.done else "train"]
             except STOPS as e:
-                verdict = [("stop", stop("train", e))]
+                stop("train", e)
+                verdict = ["stop"]
         if world.size > 1:
             dist.broadcast_object_list(verdict, src=0)
-        what, _ = verdict[0]
-        if what == "stop":
+        if verdict[0] == "stop":
             return 2
-        if what == "skip":
+        if verdict[0] == "skip":
             if world.main:
                 report_finished(out)
             return 0
