@@ -45,6 +45,7 @@ def test_every_console_script_prints_its_usage_on_help_and_does_nothing_else(
 @pytest.mark.parametrize("module", BENCHES)
 def test_every_benchmark_prints_its_usage_on_help(module: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.delitem(sys.modules, module, raising=False)  # run as `python -m` does, not over an import of it
     run_help(monkeypatch, tmp_path, lambda: runpy.run_module(module, run_name="__main__"))
     said = capsys.readouterr().out
     assert said.startswith(f"usage: python -m {module}") and len(said.splitlines()) > 3, said[:200]
