@@ -267,25 +267,20 @@ class _Grid:
     configs: list
 
 
+def _only_shows(_: Any) -> int:
+    raise ConfigError("python -m pipeline.cli <command> only shows a config: give --show [KEY]")
+
+
 def _show_only(argv: list[str]) -> NoReturn:
-    """``python -m pipeline.cli <stage> --show KEY [config] [key=value ...]``: what a command's
+    """``python -m pipeline.cli <command> --show KEY [config] [key=value ...]``: what the command's
     ``--show`` prints, resolved from its config alone (the sweep's over every run of its grid),
     without importing the command; for Make, which asks before each training target."""
     if not argv or argv[0] in HELP:
         print(__doc__.strip())
         raise SystemExit(0)
-    stage, command = argv[0], parse(argv[1:])
-    try:
-        if command.config_dir is not None:
-            os.environ[USER_CONFIG_ENV] = command.config_dir
-        if stage == "sweep":
-            resolved = _Grid([load_config("train", command.config, run) for run in expand(command.overrides)])
-        else:
-            resolved = load_config(stage, command.config, command.overrides)
-        _print_shown(resolved, command.show or "")
-    except InputError as e:
-        raise SystemExit(f"error: {e}") from None
-    raise SystemExit(0)
+    stage, rest = argv[0], argv[1:]
+    grid = (lambda c: _Grid([load_config("train", c.config, run) for run in expand(c.overrides)]))
+    Program(stage, _only_shows, configure=grid if stage == "sweep" else None).run(rest)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def sub_options(section: str, name: Any) -> dict:
 def _owners(section: str, option: str) -> list[str]:
     """The components of a ``SUBGROUPS`` section that have ``option``."""
     folder = SUBGROUPS[section][1]
-    return [n for n in _config_names(folder) if option in read_yaml(config_file(f"{folder}/{n}.yaml"))]
+    return [n for n in _config_names(folder) if option in sub_options(section, n)]
 
 
 def _named(cfg: Mapping, section: str) -> Any:
@@ -475,7 +475,7 @@ def load_config(
     for section, (key, _) in SUBGROUPS.items():  # the options of the component a section names join it
         if _named(cfg, section) is None:
             continue
-        named = [v for k, v in [(d[0], d[1]) for d in dotted] + pairs if k == f"{section}.{key}"]
+        named = [d[1] for d in dotted if d[0] == f"{section}.{key}"] + [v for k, v in pairs if k == f"{section}.{key}"]
         chosen = named[-1] if named else _named(cfg, section)
         dotted = _leave_component(cfg, dotted, section, _named(cfg, section), chosen)
         options = sub_options(section, chosen)
