@@ -98,32 +98,32 @@ def format_summary(rows: list[dict]) -> str:
           *(cell(r[k]) for _, k in SCORES)] for r in rows])
 
 
-def done_before(cfg: Config) -> Path | None:
-    """The folder of ``cfg``'s run when it finished there before (relinked as the newest of its
-    name, as training does), else None: a run to start, whose process says why it cannot be."""
+def folder_of(cfg: Config) -> tuple[Path | None, bool]:
+    """The folder of ``cfg``'s run (None when its features cannot be read: its process will say
+    why) and whether the run finished there before, in which case it is relinked as the newest of
+    its name, as training does."""
     try:
         identity = run_identity(cfg, open_features(cfg))
     except InputError:
-        return None
+        return None, False
     out = run_dir(cfg, identity)
-    if not finished(out, identity):
-        return None
-    if run_link(cfg) is not None:
+    done = finished(out, identity)
+    if done and run_link(cfg) is not None:
         link_newest(out, run_link(cfg))
-    return out
+    return out, done
 
 
 def main(sweep: Sweep) -> int:
     results: list[dict[str, Any]] = []
     for i, (run, cfg) in enumerate(sweep.runs, start=1):
         log.info("sweep run %d/%d: %s", i, len(sweep.runs), " ".join(run))
-        out = done_before(cfg)
-        if out is not None:  # as the run itself would say, without starting a process for it
+        out, done = folder_of(cfg)
+        if done:  # as the run itself would say, without starting a process for it
             report_finished(out)
             status = 0
         else:
             status = train_process(sweep.path, run)  # a run that fails, fails alone; the sweep goes on
-            out = run_folder(cfg) if status == 0 else None
+            out = (out or run_folder(cfg)) if status == 0 else None
         scores = json.loads((out / "scores.json").read_text()) if out is not None else None
         if status:
             log.error("sweep run %s failed with exit status %d", " ".join(run), status)

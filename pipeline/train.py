@@ -212,9 +212,7 @@ def train(cfg: Config, world: World, device: torch.device, out: Path, cache: Fea
 
     if world.main:
         board.close()
-        finish(cfg, out, state.history, cache, training.val_labels, training.val_videos, training.normaliser, device,
-               {"train": len(training.train_videos), "val": len(training.val_videos),
-                "val_labelled": len(training.val_labels)}, identity, training.prior)
+        finish(cfg, out, state.history, cache, training, device, identity)
     world.barrier()
     if world.size > 1:
         dist.destroy_process_group()

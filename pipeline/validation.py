@@ -20,6 +20,7 @@ from pipeline.data import Normaliser
 from pipeline.feature_cache import FeatureCache, PooledCache
 from pipeline.inference import predict_features, smooth
 from pipeline.splits import expressions
+from pipeline.training import Training
 from pipeline.writers import write_task_files
 
 
@@ -123,15 +124,16 @@ def report_finished(out: Path) -> None:
     print_scores(json.loads((out / "scores.json").read_text()))
 
 
-def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, val_labels: dict, val_videos: list[str],
-           normaliser: Normaliser | None, device: torch.device, counts: dict[str, int], identity: str,
-           prior: dict) -> None:
-    """Score the best checkpoint, store the thresholds and smoothing chosen on validation with it,
-    and write the curves, predictions and ``scores.json``."""
+def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, training: Training,
+           device: torch.device, identity: str) -> None:
+    """Score the best checkpoint of the run ``training`` built, store the thresholds and smoothing
+    chosen on validation with it, and write the curves, predictions and ``scores.json``."""
+    val_labels, val_videos, prior = training.val_labels, training.val_videos, training.prior
+    counts = {"train": len(training.train_videos), "val": len(val_videos), "val_labelled": len(val_labels)}
     plot_curves(history, out / "curves.png")
     best_path = out / "best.pt"
     model, ckpt = checkpoint.load(best_path, device)
-    scores, preds = validate(model, cache, val_labels, val_videos, normaliser, cfg, prior=prior)
+    scores, preds = validate(model, cache, val_labels, val_videos, training.normaliser, cfg, prior=prior)
     # Chosen on validation and stored with the model for prediction; the headline scores stay
     # those of the official 0.5 threshold and unsmoothed outputs.
     chosen = {}
