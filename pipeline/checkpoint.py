@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from models import MultiTaskModel
-from models.abaw import EXPRESSIONS
+from models.abaw import EXPRESSIONS, VA_PARTS
 from pipeline.atomic import atomic_output
 
 FORMAT = 2  # 1: the flat layout of every key at the top level
@@ -96,6 +96,7 @@ class Inference:
     eval_windows: str = "overlapping"  # overlapping | consecutive
     au_thresholds: list[float] | None = None  # chosen on validation; None: 0.5
     va_smoothing: int | list[int] = 1  # moving-average window(s), [valence, arousal] when apart
+    va_smoothing_edges: str = "pad"  # pad | truncate: the average at a video's ends
 
 
 @dataclass
@@ -180,7 +181,8 @@ def read(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
 
 class PerTaskModel(torch.nn.Module):
     """Each task's output from the weights of the epoch that was best for that task (a checkpoint
-    trained with ``selection: per_task``), behind the interface of one ``MultiTaskModel``."""
+    trained with ``selection: per_task``), behind the interface of one ``MultiTaskModel``; with
+    ``valence`` and ``arousal`` weights (``selection_va: apart``) each VA dimension from its own."""
 
     def __init__(self, args: dict, states: dict[str, dict]) -> None:
         super().__init__()
@@ -192,7 +194,10 @@ class PerTaskModel(torch.nn.Module):
         self.args, self.tasks, self.au_output = first.args, first.tasks, first.au_output
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {task: model(x, mask)[task] for task, model in self.models.items()}
+        out = {task: model(x, mask)[task] for task, model in self.models.items() if task not in VA_PARTS}
+        if "valence" in self.models:
+            out["va"] = torch.cat([self.models[d](x, mask)["va"][..., k : k + 1] for k, d in enumerate(VA_PARTS)], -1)
+        return out
 
     def probabilities(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return next(iter(self.models.values())).probabilities(out)
@@ -204,7 +209,9 @@ def build(part: ModelPart) -> torch.nn.Module:
     model = MultiTaskModel.from_args(part.args)
     model.load_state_dict(part.state_dict)
     if part.task_state_dicts:
-        states = {t: part.task_state_dicts.get(t, part.state_dict) for t in model.tasks}
+        split = "va" in model.tasks and any(d in part.task_state_dicts for d in VA_PARTS)
+        keys = [k for t in model.tasks for k in (VA_PARTS if t == "va" and split else (t,))]
+        states = {k: part.task_state_dicts.get(k, part.state_dict) for k in keys}
         model = PerTaskModel(part.args, states)
     return model
 

@@ -8,6 +8,10 @@ A window is ``t`` consecutive kept frames of one video. Each item holds
   (-5 / -1) where a frame has no label, lies past the labels' end, or is padding;
 - ``video`` (index into ``dataset.videos``) and ``start``.
 
+With ``frames="labelled"`` a video is the sequence of its labelled frames only, in order (frames
+labelled for none of the tasks trained are left out, as s-Aff-Wild2 lists only its labelled
+images); windows are cut from that sequence.
+
 Only the windows being served are read from disk, unless ``cache_in_memory`` is set.
 """
 
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from models.abaw import INVALID, TASK_SIZES
+from models.abaw import INVALID, TASK_SIZES, TASKS
 from pipeline.feature_cache import FeatureCache
 from pipeline.labels import Labels
 
@@ -92,6 +96,24 @@ def labels_at(labels: Labels | None, frames: np.ndarray) -> tuple[np.ndarray, np
     return va, expr, au
 
 
+FRAMES = ("all", "labelled")  # every cached frame, or only those labelled for a task trained
+
+
+def labelled_rows(labels: Labels | None, frames: np.ndarray, tasks: Sequence[str]) -> np.ndarray:
+    """Positions (k,) int64 of the rows whose ``frames`` hold a valid label of any of ``tasks``."""
+    if labels is None:
+        return np.zeros(0, np.int64)
+    va, expr, au = labels_at(labels, frames)
+    valid = np.zeros(len(frames), bool)
+    if "va" in tasks:
+        valid |= ((va != INVALID["va"]) & np.isfinite(va)).any(-1)
+    if "expr" in tasks:
+        valid |= expr >= 0
+    if "au" in tasks:
+        valid |= (au >= 0).any(-1)
+    return np.flatnonzero(valid)
+
+
 def check_label_length(video: str, n_labels: int, frames: np.ndarray) -> None:
     """``frames`` (k,) the last cached frame indices, k >= 1. Warn, naming ``video``, when its
     label rows do not span them: fewer rows leave the last frames unlabelled, more rows than
@@ -131,7 +153,11 @@ class SequenceDataset(Dataset):
         cache_in_memory: bool = False,
         seed: int = 0,
         consecutive: bool = False,
+        frames: str = "all",
+        tasks: Sequence[str] = TASKS,
     ) -> None:
+        if frames not in FRAMES:
+            raise ValueError(f"frames {frames!r}: choose one of {', '.join(FRAMES)}")
         if length < 1 or stride < 1:
             raise ValueError(f"window length and stride must be positive, got {length} and {stride}")
         missing = [v for v in videos if v not in cache.videos]
@@ -140,18 +166,35 @@ class SequenceDataset(Dataset):
         self.cache, self.labels, self.videos = cache, labels, list(videos)
         self.length, self.stride, self.train = length, stride, train
         self.normaliser, self.noise, self.seed = normaliser, noise, seed
-        self.consecutive = consecutive
+        self.consecutive, self.frames = consecutive, frames
         self.lengths = [cache.length(v) for v in self.videos]
         for video, n in zip(self.videos, self.lengths, strict=True):
             if video in labels and n:
                 check_label_length(video, len(labels[video]), cache.read(video, max(0, n - 2), n)[2])
         self._memory = {v: cache.read(v) for v in self.videos} if cache_in_memory else None
-        self.set_epoch(0)
+        # with frames="labelled", the cached rows each video's sequence is made of
+        self.rows: list[np.ndarray | None] = [None] * len(self.videos)
+        self.epoch = 0
+        self.set_tasks(tasks)
+
+    def set_tasks(self, tasks: Sequence[str]) -> None:
+        """Train on frames labelled for ``tasks`` (with ``frames="labelled"``; else every frame is
+        kept whatever the tasks): a stage of staged training reads its own tasks' frames."""
+        if self.frames == "labelled":
+            self.rows = [labelled_rows(self.labels.get(v), self._frames(v), tasks) for v in self.videos]
+            self.lengths = [len(r) for r in self.rows]
+        self.set_epoch(self.epoch)
+
+    def _frames(self, video: str) -> np.ndarray:
+        return self._memory[video][2] if self._memory is not None else self.cache.frames(video)
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         rng = np.random.default_rng((self.seed, epoch))
         self.items = []
         for i, n in enumerate(self.lengths):
+            if n == 0 and self.rows[i] is not None:
+                continue  # no frame labelled for the tasks trained: nothing to learn from
             if self.consecutive:
                 self.items.extend((i, s) for s in chunk_starts(n, self.length))
                 continue
@@ -169,7 +212,18 @@ class SequenceDataset(Dataset):
         every label invalid."""
         return len(self.items) + i
 
-    def _read(self, video: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _read(self, i: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        video, rows = self.videos[i], self.rows[i]
+        if rows is not None:  # the labelled rows start:stop of the sequence, read as one span
+            rows = rows[start:stop]
+            if not len(rows):
+                return self._span(video, 0, 0)
+            feats, present, frames = self._span(video, int(rows[0]), int(rows[-1]) + 1)
+            at = rows - rows[0]
+            return feats[at], present[at], frames[at]
+        return self._span(video, start, stop)
+
+    def _span(self, video: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._memory is not None:
             feats, present, frames = self._memory[video]
             return feats[start:stop], present[start:stop], frames[start:stop]
@@ -179,7 +233,7 @@ class SequenceDataset(Dataset):
         i, start = self.items[index] if index < len(self.items) else (index - len(self.items), None)
         start = self.lengths[i] if start is None else start
         video = self.videos[i]
-        feats, present, frames = self._read(video, start, start + self.length)
+        feats, present, frames = self._read(i, start, start + self.length)
         if self.noise:
             # The control: features replaced by noise of the same shape, fixed per frame.
             rng = np.random.default_rng((self.seed, i, start))
@@ -230,7 +284,8 @@ class VideoChunkBatches(Sampler):
         self.dataset, self.size, self.generator = dataset, size, generator
 
     def _groups(self) -> list[list[int]]:
-        order = torch.randperm(len(self.dataset.lengths), generator=self.generator).tolist()
+        videos = sorted({i for i, _ in self.dataset.items})  # a video with no frame to train on is left out
+        order = [videos[j] for j in torch.randperm(len(videos), generator=self.generator).tolist()]
         return [order[i : i + self.size] for i in range(0, len(order), self.size)]
 
     def __iter__(self):
@@ -242,7 +297,9 @@ class VideoChunkBatches(Sampler):
                 yield [chunks[i][k] if k < len(chunks.get(i, [])) else self.dataset.empty_item(i) for i in group]
 
     def __len__(self) -> int:
-        per_video = [len(chunk_starts(n, self.dataset.length)) for n in self.dataset.lengths]
+        per_video = [0] * len(self.dataset.lengths)
+        for i, _ in self.dataset.items:
+            per_video[i] += 1
         state = self.generator.get_state()
         groups = self._groups()
         self.generator.set_state(state)

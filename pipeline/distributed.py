@@ -55,6 +55,9 @@ def init_world(device: str) -> tuple[World, torch.device]:
     return World(rank, size, local_rank, group), torch.device(f"cuda:{local_rank}" if cuda else device)
 
 
+LAST_BATCHES = ("drop", "keep")  # a short last batch of an epoch: left out (unless the only one), or trained on
+
+
 class GlobalBatches(Sampler[list[tuple[int, bool]]]):
     """Batches of a seeded permutation of the windows, each split into contiguous equal shares,
     one per rank; so the ranks together take exactly the batches of a single process.
@@ -63,10 +66,18 @@ class GlobalBatches(Sampler[list[tuple[int, bool]]]):
     with copies of its first window marked ``real=False``, which carry no labels.
     """
 
-    def __init__(self, data: Dataset, batch_size: int, drop_last: bool, generator: torch.Generator,
+    def __init__(self, data: Dataset, batch_size: int, last_batch: str, generator: torch.Generator,
                  world: World) -> None:
-        self.data, self.batch_size, self.drop_last = data, batch_size, drop_last
+        if last_batch not in LAST_BATCHES:
+            raise ValueError(f"last_batch {last_batch!r}: choose one of {', '.join(LAST_BATCHES)}")
+        self.data, self.batch_size, self.last_batch = data, batch_size, last_batch
         self.generator, self.world = generator, world
+
+    @property
+    def drop_last(self) -> bool:
+        """Whether a short last batch is left out: with ``drop``, unless it is the only one (the
+        windows may change from stage to stage)."""
+        return self.last_batch == "drop" and len(self.data) > self.batch_size
 
     def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
         # randperm with the shared generator, as RandomSampler draws it, so one process is unchanged

@@ -104,6 +104,10 @@ class FeatureCache:
             self._lengths[video] = lengths[0]
         return self._lengths[video]
 
+    def frames(self, video: str) -> np.ndarray:
+        """The frame index (n,) int64 of every row cached for ``video``, without its features."""
+        return self._group(0, video)["frame"][:].astype(np.int64)
+
     def read(self, video: str, start: int = 0,
              stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows ``start:stop`` of ``video``: features (t, D) float32, present (t,) bool (a face in
@@ -188,6 +192,10 @@ class PooledCache:
     def length(self, video: str) -> int:
         cache, inner = self._split(video)
         return cache.length(inner)
+
+    def frames(self, video: str) -> np.ndarray:
+        cache, inner = self._split(video)
+        return cache.frames(inner)
 
     def read(self, video: str, start: int = 0,
              stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

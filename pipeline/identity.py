@@ -20,11 +20,38 @@ from pipeline.splits import open_features
 NOT_DEFINING = ("name", "runs_dir", "out_dir", "device", "num_workers", "cache_in_memory", "resume")
 
 
+# Keys added after runs were made, with the value that computes what those runs computed: at that
+# value a key is left out of the identity, so a run made before the key existed keeps its folder
+# (and resumes there); any other value names another run.
+ADDED_KEYS = {
+    "frames": "all",
+    "last_batch": "drop",
+    "selection_va": "joint",
+    "selection_ties": "first",
+    "frozen_mode": "eval",
+    "va_smoothing_edges": "pad",
+    "standardise": True,
+}
+
+
+def defining_settings(cfg: Config) -> dict:
+    """The settings of ``cfg`` that name its run: all but ``NOT_DEFINING`` and the ``ADDED_KEYS``
+    at their neutral value (dotted names reach into sections such as ``loss``)."""
+    defining = {k: v for k, v in cfg.to_dict().items() if k not in NOT_DEFINING}
+    for key, neutral in ADDED_KEYS.items():
+        *path, last = key.split(".")
+        section = defining
+        for part in path:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict) and last in section and section[last] == neutral:
+            del section[last]
+    return defining
+
+
 def run_identity(cfg: Config, cache: FeatureCache) -> str:
     """The hash that names a run: every defining key of ``cfg`` and what the features are made of
     (extractor settings and weights, the face files behind each video, the videos cached)."""
-    defining = {k: v for k, v in cfg.items() if k not in NOT_DEFINING}
-    return Config({"config": defining, "features": cache.identity()}).hash()
+    return Config({"config": defining_settings(cfg), "features": cache.identity()}).hash()
 
 
 def run_name(cfg: Config) -> str:

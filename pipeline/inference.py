@@ -10,20 +10,33 @@ from models import MultiTaskModel
 from models.recurrent import reset_carried_state
 from pipeline.data import Normaliser, chunk_starts, window_starts
 
+SMOOTHING_EDGES = ("pad", "truncate")  # at a video's ends: repeat its first and last value, or average fewer frames
 
-def smooth(values: np.ndarray, window: int | list[int]) -> np.ndarray:
+
+def smooth(values: np.ndarray, window: int | list[int], edges: str = "pad") -> np.ndarray:
     """Centred moving average of (n, c) values over ``window`` frames (1 or less: unchanged); a list
-    gives each column its own window (valence and arousal smoothed apart)."""
+    gives each column its own window (valence and arousal smoothed apart). Near the ends the window
+    is filled with the first or last value (``pad``), or holds only the frames there are
+    (``truncate``: frame t averages frames t - h .. t + h that exist, h = window // 2)."""
+    if edges not in SMOOTHING_EDGES:
+        raise ValueError(f"smoothing edges {edges!r}: choose one of {', '.join(SMOOTHING_EDGES)}")
     windows = list(window) if isinstance(window, list | tuple) else [window] * values.shape[-1]
     if len(windows) != values.shape[-1]:
         raise ValueError(f"{len(windows)} smoothing windows for {values.shape[-1]} columns")
     if all(w <= 1 for w in windows) or len(values) == 0:
         return values
     columns = []
+    n = len(values)
     for j, w in enumerate(windows):
         half = max(int(w), 1) // 2
-        padded = np.pad(values[:, j], (half, half), mode="edge")
-        columns.append(np.convolve(padded, np.ones(2 * half + 1) / (2 * half + 1), mode="valid"))
+        if edges == "pad":
+            padded = np.pad(values[:, j], (half, half), mode="edge")
+            columns.append(np.convolve(padded, np.ones(2 * half + 1) / (2 * half + 1), mode="valid"))
+            continue
+        sums = np.concatenate([[0.0], np.cumsum(values[:, j], dtype=np.float64)])
+        t = np.arange(n)
+        lo, hi = np.maximum(t - half, 0), np.minimum(t + half + 1, n)
+        columns.append((sums[hi] - sums[lo]) / (hi - lo))
     return np.stack(columns, 1)
 
 

@@ -5,6 +5,7 @@ epoch to epoch (history, best scores, the stage's optimiser), which every checkp
 from __future__ import annotations
 
 import math
+import operator
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ from pipeline.checkpoint import Checkpoint, Resume
 from pipeline.config import Config
 from pipeline.distributed import World, gather_batch
 from pipeline.training import Training, enter_stage
-from pipeline.validation import TERMS, selection_score
+from pipeline.validation import selection_keys, selection_score, selection_term
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -103,30 +104,36 @@ class LoopState:
     scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
     @classmethod
-    def start(cls, tasks: list[str]) -> LoopState:
-        return cls(task_best={t: -math.inf for t in tasks})
+    def start(cls, cfg: Config) -> LoopState:
+        return cls(task_best={k: -math.inf for k in selection_keys(cfg.model.tasks, cfg.selection_va)})
 
     def enter(self, cfg: Config, training: Training, k: int) -> None:
-        """Make stage ``k`` live: freeze what earlier stages trained, a fresh optimiser and schedule."""
+        """Make stage ``k`` live: its tasks' frames (with ``frames: labelled``), frozen what earlier
+        stages trained, a fresh optimiser and schedule."""
         self.stage = k
+        training.train_set.set_tasks(training.stages[k])
         self.frozen, self.groups, self.optimizer, self.scheduler = enter_stage(
             cfg, training.model, training.loss_fn, training.stages, k, len(training.loader))
 
     def judge(self, epoch: int, scores: dict, tasks: list[str], model: torch.nn.Module,
-              per_task: bool) -> tuple[bool, list[str], float]:
+              cfg: Config) -> tuple[bool, list[str], float]:
         """Take epoch ``epoch``'s validation ``scores`` for the stage's ``tasks``: whether it is the
-        best so far (per task: better for any task), the tasks it is best for, its selection score."""
+        best so far (per task: better for any task or, with ``selection_va: apart``, VA dimension),
+        what it is best for, its selection score. With ``selection_ties: last`` an epoch equal to
+        the best so far takes its place; NaN is never better."""
         score = selection_score(scores, tasks)
+        beats = operator.ge if cfg.selection_ties == "last" else operator.gt
         better: list[str] = []
-        if per_task:
-            better = [t for t in tasks if scores[TERMS[t]] > self.task_best[t]]  # NaN is never better
+        if cfg.selection == "per_task":
+            better = [k for k in selection_keys(tasks, cfg.selection_va)
+                      if beats(scores[selection_term(k)], self.task_best[k])]
             snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()} if better else None
-            for t in better:  # tasks best at the same epoch share its weights, in memory and in best.pt
-                self.task_best[t], self.task_epochs[t], self.task_states[t] = scores[TERMS[t]], epoch, snapshot
+            for k in better:  # what is best at the same epoch shares its weights, in memory and in best.pt
+                self.task_best[k], self.task_epochs[k], self.task_states[k] = scores[selection_term(k)], epoch, snapshot
             improved = bool(better)
             self.best = max(self.best, score) if improved else self.best
         else:
-            improved = not math.isnan(score) and score > self.best
+            improved = not math.isnan(score) and beats(score, self.best)
             self.best = score if improved else self.best
         self.stale = 0 if improved else self.stale + 1
         return improved, better, score
@@ -144,7 +151,7 @@ class LoopState:
         saved = last.resume
         training.model.load_state_dict(last.model.state_dict)
         training.loss_fn.load_state_dict(saved.loss_state)
-        state = cls.start(cfg.model.tasks)
+        state = cls.start(cfg)
         state.history, state.best, state.stale, state.epoch = saved.history, saved.best, saved.stale, saved.epoch + 1
         if state.epoch % cfg.epochs and state.epoch < cfg.epochs * len(training.stages):
             state.enter(cfg, training, state.epoch // cfg.epochs)

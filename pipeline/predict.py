@@ -307,7 +307,7 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module | None, ckpt: Check
         preds = predict_features(model, feats, present, norm, how.window, how.eval_stride, cfg.device,
                                  consecutive=how.eval_windows == "consecutive")
         if "va" in preds:
-            preds["va"] = smooth(preds["va"], cfg.smooth or how.va_smoothing)
+            preds["va"] = smooth(preds["va"], cfg.smooth or how.va_smoothing, how.va_smoothing_edges)
         results[key] = {"frame": frames, **preds}
         if not present.any():
             log.warning("%s: no face found in any frame; predictions are empty", key)

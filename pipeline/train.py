@@ -122,7 +122,7 @@ def train(cfg: Config, world: World, device: torch.device, out: Path, cache: Fea
              f" in {len(stages)} stages {stages}" if len(stages) > 1 else "")
 
     last_path, best_path = out / "last.pt", out / "best.pt"
-    state = LoopState.start(cfg.model.tasks)
+    state = LoopState.start(cfg)
     if cfg.resume and last_path.is_file():
         last = checkpoint.read(last_path, device)
         if last.recipe.identity != identity:  # claimed() lets no other run's folder through
@@ -139,7 +139,8 @@ def train(cfg: Config, world: World, device: torch.device, out: Path, cache: Fea
                     feature_attrs=cache.attrs, stage_configs=stage_configs(cfg),
                     expressions=list(expression_set(expressions(cfg))))
     inference = Inference(normaliser=training.normaliser.state() if training.normaliser else None,
-                          window=cfg.window, eval_stride=cfg.eval_stride, eval_windows=cfg.eval_windows)
+                          window=cfg.window, eval_stride=cfg.eval_stride, eval_windows=cfg.eval_windows,
+                          va_smoothing_edges=cfg.va_smoothing_edges)
     # Per-step and per-epoch scalars for TensorBoard; a resumed run first drops what the killed one
     # logged past its last checkpoint, so no step appears twice.
     board = None
@@ -168,8 +169,9 @@ def train(cfg: Config, world: World, device: torch.device, out: Path, cache: Fea
         torch.manual_seed(cfg.seed * 100_003 + epoch)
         training.shuffle.manual_seed(cfg.seed * 100_003 + epoch)
         net.train()
-        for module in state.frozen:
-            module.eval()
+        if cfg.frozen_mode == "eval":  # else frozen modules keep training mode: dropout and batch statistics live
+            for module in state.frozen:
+                module.eval()
         training.train_set.set_epoch(epoch)
         looping = time.perf_counter()
         losses = train_epoch(cfg, net, loader, loss_fn, state.optimizer, state.scheduler, state.groups, tasks_now,
@@ -186,7 +188,7 @@ def train(cfg: Config, world: World, device: torch.device, out: Path, cache: Fea
             continue
         val_scores, _ = validate(model, cache, training.val_labels, training.val_videos, training.normaliser, cfg,
                                  prior=training.prior)
-        improved, better, score = state.judge(epoch, val_scores, tasks_now, model, cfg.selection == "per_task")
+        improved, better, score = state.judge(epoch, val_scores, tasks_now, model, cfg)
         if world.size > 1:
             dist.broadcast_object_list([state.best, state.stale], src=0)
         record = {"epoch": epoch, "stage": k, "train_loss": float(np.mean(losses)),

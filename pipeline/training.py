@@ -20,9 +20,10 @@ from models.losses import AU_LOSSES, VA_LOSSES, WEIGHTINGS
 from models.transformer import NORMS, POSITIONS
 from pipeline import metrics
 from pipeline.config import DEVICE, Config, InputError
-from pipeline.data import Normaliser, SequenceDataset, VideoChunkBatches
-from pipeline.distributed import GlobalBatches, Shares, World
+from pipeline.data import FRAMES, Normaliser, SequenceDataset, VideoChunkBatches
+from pipeline.distributed import LAST_BATCHES, GlobalBatches, Shares, World
 from pipeline.feature_cache import FeatureCache
+from pipeline.inference import SMOOTHING_EDGES
 from pipeline.labels import EXPRESSION_SETS, FORMATS, expression_set
 from pipeline.splits import expressions, load_splits
 
@@ -39,6 +40,9 @@ INITS = ("default", "normal")  # PyTorch's initialisation, or every linear layer
 BATCHES = ("windows", "videos")  # any windows together, or one chunk of each of batch_size videos per step
 SELECTIONS = ("p_mtl", "per_task")  # one best epoch, or each task's own
 CLIP_GROUPS = ("whole", "task")  # one gradient norm, or one per task's branch and head
+SELECTION_VA = ("joint", "apart")  # per-task selection: VA's best epoch on P_VA, or valence's and arousal's apart
+SELECTION_TIES = ("first", "last")  # an epoch equal to the best so far: keep the earlier one, or take it
+FROZEN_MODES = ("eval", "train")  # frozen modules in evaluation mode, or left in training mode
 BRANCHES = ("valence", "arousal", "expr", "au")  # task branches that feedback may name
 
 # Keys whose value is one of a set, refused before any work starts when it is not.
@@ -70,6 +74,12 @@ CHOICES = {
     "clip_groups": CLIP_GROUPS,
     "batches": BATCHES,
     "init": INITS,
+    "frames": FRAMES,
+    "last_batch": LAST_BATCHES,
+    "selection_va": SELECTION_VA,
+    "selection_ties": SELECTION_TIES,
+    "frozen_mode": FROZEN_MODES,
+    "va_smoothing_edges": SMOOTHING_EDGES,
     "data.expressions": tuple(EXPRESSION_SETS),
     "device": DEVICE,
 }
@@ -250,10 +260,11 @@ def build_training(cfg: Config, world: World, device: torch.device, cache: Featu
     if cfg.noise_features:
         log.warning("noise_features=true: every feature is replaced by Gaussian noise (the control run)")
 
-    normaliser = None if cfg.noise_features else Normaliser.fit(cache, train_videos)
+    normaliser = None if cfg.noise_features or not cfg.standardise else Normaliser.fit(cache, train_videos)
     train_set = SequenceDataset(cache, train_labels, train_videos, cfg.window, cfg.stride, normaliser,
                                 train=True, noise=cfg.noise_features, cache_in_memory=cfg.cache_in_memory,
-                                seed=cfg.seed, consecutive=cfg.train_windows == "consecutive")
+                                seed=cfg.seed, consecutive=cfg.train_windows == "consecutive",
+                                frames=cfg.frames, tasks=stages[0])
     shuffle = torch.Generator()
     carry = bool(cfg.encoder.get("carry_state"))
     if carry and (cfg.batches != "videos" or cfg.eval_windows != "consecutive"):
@@ -264,7 +275,7 @@ def build_training(cfg: Config, world: World, device: torch.device, cache: Featu
         loader = DataLoader(train_set, batch_sampler=VideoChunkBatches(train_set, cfg.batch_size, shuffle),
                             num_workers=cfg.num_workers)
     else:
-        batches = GlobalBatches(train_set, cfg.batch_size, len(train_set) > cfg.batch_size, shuffle, world)
+        batches = GlobalBatches(train_set, cfg.batch_size, cfg.last_batch, shuffle, world)
         loader = DataLoader(Shares(train_set), batch_sampler=batches, num_workers=cfg.num_workers,
                             generator=shuffle)
     if cfg.batch_size % world.size:

@@ -16,7 +16,7 @@ from models import MultiTaskModel
 from pipeline import checkpoint, metrics
 from pipeline.atomic import write_json
 from pipeline.config import Config
-from pipeline.data import Normaliser
+from pipeline.data import Normaliser, labelled_rows
 from pipeline.feature_cache import FeatureCache, PooledCache
 from pipeline.inference import predict_features, smooth
 from pipeline.splits import expressions
@@ -40,6 +40,11 @@ def validate(
     preds = {}
     for video in videos:
         feats, present, frames = cache.read(video)
+        if cfg.frames == "labelled":  # the sequence of the video's labelled frames, as it was trained
+            rows = labelled_rows(labels.get(video), frames, cfg.model.tasks)
+            if not len(rows):
+                continue
+            feats, present, frames = feats[rows], present[rows], frames[rows]
         if cfg.noise_features:
             feats = np.random.default_rng((cfg.seed, len(video))).standard_normal(feats.shape).astype(np.float32)
             norm = None
@@ -62,11 +67,12 @@ def validate(
 
 
 def choose_va_smoothing(preds: dict, labels: dict, windows: list[int], per_dimension: bool = False,
-                        prior: dict | None = None) -> tuple[int | list[int], float]:
+                        prior: dict | None = None, edges: str = "pad") -> tuple[int | list[int], float]:
     """The moving-average window (frames) for valence and arousal that maximises validation P_VA;
-    with ``per_dimension`` each dimension's own window, by its CCC, as ``[valence, arousal]``."""
+    with ``per_dimension`` each dimension's own window, by its CCC, as ``[valence, arousal]``.
+    ``edges``: how the average treats a video's ends (:func:`pipeline.inference.smooth`)."""
     def scores(window):
-        smoothed = {v: {**p, "va": smooth(p["va"], window)} for v, p in preds.items()}
+        smoothed = {v: {**p, "va": smooth(p["va"], window, edges)} for v, p in preds.items()}
         return metrics.score_videos(smoothed, labels, prior=prior)
 
     tried = {w: scores(w) for w in sorted(set(windows) | {1})}
@@ -78,6 +84,18 @@ def choose_va_smoothing(preds: dict, labels: dict, windows: list[int], per_dimen
 
 
 TERMS = {"va": "p_va", "expr": "f1_expr", "au": "f1_au"}  # each task's term of P_MTL
+VA_TERMS = {"valence": "ccc_v", "arousal": "ccc_a"}  # VA's dimensions, selected apart
+
+
+def selection_keys(tasks: list[str], va: str = "joint") -> list[str]:
+    """What per-task selection keeps a best epoch for: each task, with VA split into valence and
+    arousal when ``va`` is ``apart``."""
+    return [k for t in tasks for k in (VA_TERMS if t == "va" and va == "apart" else (t,))]
+
+
+def selection_term(key: str) -> str:
+    """The validation score that picks ``key``'s best epoch (a task or a VA dimension)."""
+    return TERMS.get(key) or VA_TERMS[key]
 
 
 def selection_score(scores: dict, tasks: list[str]) -> float:
@@ -145,7 +163,7 @@ def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, tra
                                                      prior=prior)["f1_au"]
     if "va" in cfg.model.tasks:
         chosen["va_smoothing"], scores["p_va_smoothed"] = choose_va_smoothing(
-            preds, val_labels, cfg.va_smoothing, cfg.va_smoothing_per_dimension, prior)
+            preds, val_labels, cfg.va_smoothing, cfg.va_smoothing_per_dimension, prior, cfg.va_smoothing_edges)
         scores["va_smoothing"] = chosen["va_smoothing"]
     if chosen:
         ckpt.inference = dataclasses.replace(ckpt.inference, **chosen)

@@ -40,7 +40,8 @@ def shares(n: int, batch: int, world: int, drop_last: bool, seed: int) -> list[l
     out = []
     for rank in range(world):
         g = torch.Generator().manual_seed(seed)
-        sampler = distributed.GlobalBatches(Keys(n), batch, drop_last, g, distributed.World(rank, world))
+        sampler = distributed.GlobalBatches(Keys(n), batch, "drop" if drop_last else "keep", g,
+                                            distributed.World(rank, world))
         loader = DataLoader(Keys(n), batch_sampler=sampler, generator=g, collate_fn=list)
         out.append([[(int(i), bool(real)) for i, real in b] for b in loader])
         assert len(loader) == len(out[-1])
