@@ -8,9 +8,9 @@ A window is ``t`` consecutive kept frames of one video. Each item holds
   (-5 / -1) where a frame has no label, lies past the labels' end, or is padding;
 - ``video`` (index into ``dataset.videos``) and ``start``.
 
-With ``frames="labelled"`` a video is the sequence of its labelled frames only, in order (frames
-labelled for none of the tasks trained are left out, as s-Aff-Wild2 lists only its labelled
-images); windows are cut from that sequence.
+With ``frames="labelled"`` a training video is the sequence of its frames that have a face and a
+label of a task trained, in order (s-Aff-Wild2 lists only its labelled images, and a listed image
+without features is skipped); windows are cut from that sequence.
 
 Only the windows being served are read from disk, unless ``cache_in_memory`` is set.
 """
@@ -99,18 +99,23 @@ def labels_at(labels: Labels | None, frames: np.ndarray) -> tuple[np.ndarray, np
 FRAMES = ("all", "labelled")  # every cached frame, or only those labelled for a task trained
 
 
-def labelled_rows(labels: Labels | None, frames: np.ndarray, tasks: Sequence[str]) -> np.ndarray:
-    """Positions (k,) int64 of the rows whose ``frames`` hold a valid label of any of ``tasks``."""
+def labelled_rows(labels: Labels | None, frames: np.ndarray, tasks: Sequence[str],
+                  present: np.ndarray | None = None) -> np.ndarray:
+    """Positions (k,) int64 of the rows whose ``frames`` are labelled for any of ``tasks`` (and,
+    given ``present``, have a face): VA labelled when valence and arousal both are, AUs when all
+    twelve are, as s-Aff-Wild2 marks a task it did not annotate on a frame."""
     if labels is None:
         return np.zeros(0, np.int64)
     va, expr, au = labels_at(labels, frames)
     valid = np.zeros(len(frames), bool)
     if "va" in tasks:
-        valid |= ((va != INVALID["va"]) & np.isfinite(va)).any(-1)
+        valid |= ((va != INVALID["va"]) & np.isfinite(va)).all(-1)
     if "expr" in tasks:
         valid |= expr >= 0
     if "au" in tasks:
-        valid |= (au >= 0).any(-1)
+        valid |= (au >= 0).all(-1)
+    if present is not None:
+        valid &= present
     return np.flatnonzero(valid)
 
 
@@ -181,12 +186,15 @@ class SequenceDataset(Dataset):
         """Train on frames labelled for ``tasks`` (with ``frames="labelled"``; else every frame is
         kept whatever the tasks): a stage of staged training reads its own tasks' frames."""
         if self.frames == "labelled":
-            self.rows = [labelled_rows(self.labels.get(v), self._frames(v), tasks) for v in self.videos]
+            self.rows = []
+            for video in self.videos:  # frames without a face have no features to learn from
+                present, frames = self._index(video)
+                self.rows.append(labelled_rows(self.labels.get(video), frames, tasks, present))
             self.lengths = [len(r) for r in self.rows]
         self.set_epoch(self.epoch)
 
-    def _frames(self, video: str) -> np.ndarray:
-        return self._memory[video][2] if self._memory is not None else self.cache.frames(video)
+    def _index(self, video: str) -> tuple[np.ndarray, np.ndarray]:
+        return self._memory[video][1:] if self._memory is not None else self.cache.index(video)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -104,9 +104,12 @@ class FeatureCache:
             self._lengths[video] = lengths[0]
         return self._lengths[video]
 
-    def frames(self, video: str) -> np.ndarray:
-        """The frame index (n,) int64 of every row cached for ``video``, without its features."""
-        return self._group(0, video)["frame"][:].astype(np.int64)
+    def index(self, video: str) -> tuple[np.ndarray, np.ndarray]:
+        """Without the features: present (n,) bool (a face in every cache) and frame (n,) int64 of
+        every row cached for ``video``."""
+        present = np.logical_and.reduce([self._group(i, video)["present"][:].astype(bool)
+                                         for i in range(len(self.paths))])
+        return present, self._group(0, video)["frame"][:].astype(np.int64)
 
     def read(self, video: str, start: int = 0,
              stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -193,9 +196,9 @@ class PooledCache:
         cache, inner = self._split(video)
         return cache.length(inner)
 
-    def frames(self, video: str) -> np.ndarray:
+    def index(self, video: str) -> tuple[np.ndarray, np.ndarray]:
         cache, inner = self._split(video)
-        return cache.frames(inner)
+        return cache.index(inner)
 
     def read(self, video: str, start: int = 0,
              stop: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -228,6 +228,12 @@ def check_stages(cfg: Config) -> list[list[str]]:
     return stages
 
 
+def fit_normaliser(cfg: Config, cache: FeatureCache, train_videos: list[str]) -> Normaliser | None:
+    """The standardisation of the features fitted on the training split, or None where they are
+    fed as cached (``standardise: false``) or replaced by noise."""
+    return None if cfg.noise_features or not cfg.standardise else Normaliser.fit(cache, train_videos)
+
+
 @dataclass
 class Training:
     """What a run trains, as its config builds it: the splits, the training windows and their loader,
@@ -260,7 +266,7 @@ def build_training(cfg: Config, world: World, device: torch.device, cache: Featu
     if cfg.noise_features:
         log.warning("noise_features=true: every feature is replaced by Gaussian noise (the control run)")
 
-    normaliser = None if cfg.noise_features or not cfg.standardise else Normaliser.fit(cache, train_videos)
+    normaliser = fit_normaliser(cfg, cache, train_videos)
     train_set = SequenceDataset(cache, train_labels, train_videos, cfg.window, cfg.stride, normaliser,
                                 train=True, noise=cfg.noise_features, cache_in_memory=cfg.cache_in_memory,
                                 seed=cfg.seed, consecutive=cfg.train_windows == "consecutive",

@@ -149,3 +149,43 @@ def test_a_link_of_the_older_layout_in_train_is_retired(syn: dict[str, Path]) ->
     old.symlink_to("somewhere-else")
     assert train.main(cfg) == 0
     assert not os.path.lexists(old) and (syn["runs"] / "syn" / "latest" / "old_link").resolve() == out.resolve()
+
+
+class _Features:
+    """What run_identity reads of a feature cache."""
+
+    def identity(self) -> list:
+        return [{"extractor": "onet", "config_hash": "fixed"}]
+
+
+def _with(cfg: dict, dotted: str, value) -> dict:
+    out = json.loads(json.dumps(cfg))
+    *path, last = dotted.split(".")
+    section = out
+    for part in path:
+        section = section.setdefault(part, {})
+    section[last] = value
+    return out
+
+
+def test_keys_added_later_keep_the_identity_of_runs_made_before_them_at_their_neutral_value() -> None:
+    from pipeline import checkpoint
+    from pipeline.identity import ADDED_KEYS
+
+    # the config of a run made before any of these keys existed (commit de9e064)
+    old = checkpoint.read(Path(__file__).parent / "data" / "checkpoints_v1" / "shared_gru_best.pt").recipe.config
+    features = _Features()
+    now = old
+    for key, neutral in ADDED_KEYS.items():
+        *path, last = key.split(".")
+        section = old
+        for part in path:
+            section = section.get(part, {})
+        assert last not in section, f"{key} was already a key when that run was made"
+        now = _with(now, key, neutral)
+    assert run_identity(Config(now), features) == run_identity(Config(old), features)
+    # any other value is another run
+    for key, neutral in ADDED_KEYS.items():
+        other = {"all": "labelled", "drop": "keep", "joint": "apart", "first": "last", "eval": "train",
+                 "pad": "truncate", True: False}.get(neutral, "something else")
+        assert run_identity(Config(_with(now, key, other)), features) != run_identity(Config(old), features), key

@@ -176,3 +176,49 @@ def test_chunk_by_chunk_batches_with_a_carried_state(syn: dict[str, Path], tmp_p
     np.testing.assert_allclose(chunked["va"][ok], whole["va"][0].numpy()[ok], atol=1e-5)
     with pytest.raises(InputError, match="carry_state needs batches: videos"):
         train.main(config(syn, tmp_path / "bad", "encoder.bidirectional=false", "encoder.carry_state=true"))
+
+
+def test_frozen_modules_left_in_training_mode_keep_their_weights_but_not_their_batch_statistics(
+        syn: dict[str, Path], tmp_path: Path) -> None:
+    """Nguyen's procedure: AU trained first, then its part frozen by requires_grad alone while the
+    network stays in training mode (their train.py calls net.train()), on each stage's own frames."""
+    out = tmp_path / "run"
+    cfg = config(syn, out, "epochs=2", "model.structure=amtl", "encoder=none", "window=1", "stride=1",
+                 "eval_stride=1", "batch_size=32", "loss.au=asymmetric", "loss.au_pos_weight=none",
+                 "stages=[[au],[expr,va]]", "selection=per_task", "frozen_mode=train", "frames=labelled",
+                 "last_batch=keep", "selection_ties=last", "standardise=false")
+    assert train.main(cfg) == 0
+    _, ckpt = checkpoint.load(out / "best.pt")
+    states = ckpt.model.task_state_dicts
+    assert ckpt.inference.normaliser is None
+    au = {k for k in ckpt.model.state_dict if k.startswith("net.au.")}
+    weights = {k for k in au if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    statistics = au - weights
+    assert weights and statistics
+    for key in weights:  # frozen: the AU stage's weights
+        torch.testing.assert_close(states["expr"][key], states["au"][key])
+    # ... but its batch norms went on counting and moving in the second stage
+    assert any(not torch.equal(states["expr"][k], states["au"][k]) for k in statistics)
+
+
+def test_valence_and_arousal_each_from_their_own_best_epoch(syn: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = config(syn, out, "epochs=4", "selection=per_task", "selection_va=apart", "frames=labelled",
+                 "train_windows=consecutive", "eval_windows=consecutive", "va_smoothing_edges=truncate",
+                 "lr=0.05")
+    assert train.main(cfg) == 0
+    model, ckpt = checkpoint.load(out / "best.pt")
+    assert set(ckpt.resume.task_epochs) == {"valence", "arousal", "expr", "au"}
+    assert scores_of(out)["epoch"] == ckpt.resume.task_epochs
+    assert ckpt.inference.va_smoothing_edges == "truncate"
+    history = [json.loads(line)["val"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for dim, term in (("valence", "ccc_v"), ("arousal", "ccc_a")):
+        assert ckpt.resume.task_epochs[dim] == int(np.argmax([h[term] for h in history]))
+    # the VA output: valence from the weights of valence's epoch, arousal from arousal's
+    x, mask = torch.randn(1, 24, 24), torch.ones(1, 24, dtype=torch.bool)
+    with torch.no_grad():
+        va = model(x, mask)["va"]
+        for k, dim in enumerate(("valence", "arousal")):
+            own = checkpoint.build(checkpoint.ModelPart(ckpt.model.args, ckpt.model.task_state_dicts[dim]))
+            own.eval()
+            torch.testing.assert_close(va[..., k], own(x, mask)["va"][..., k])
