@@ -208,6 +208,12 @@ def report(out: Path, members: list[dict], scores: dict) -> None:
     print(f"written to {out / 'scores.json'}")
 
 
+def folder(members: list[Member]) -> tuple[str, Path]:
+    """The identity of an ensemble of ``members`` (sorted by identity) and the folder it names."""
+    identity = Config({"members": [m.identity for m in members]}).hash()
+    return identity, Path(members[0].cfg.runs_dir) / members[0].cfg.data.name / "ensembles" / identity[:8]
+
+
 def main(cfg: Config) -> int:
     """Average and score the runs of ``cfg.runs``; 0 when done, 2 when the output folder is locked,
     unwritable or holds other results."""
@@ -217,8 +223,7 @@ def main(cfg: Config) -> int:
     # sorted by identity: the folder and the sums do not depend on the order the runs are given in
     members = sorted((load_member(Path(r)) for r in cfg.runs), key=lambda m: m.identity)
     check_members(members)
-    identity = Config({"members": [m.identity for m in members]}).hash()
-    out = Path(members[0].cfg.runs_dir) / members[0].cfg.data.name / "ensembles" / identity[:8]
+    identity, out = folder(members)
     try:
         with claimed(out, identity) as run:
             if run.done:

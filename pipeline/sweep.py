@@ -113,7 +113,9 @@ def folder_of(cfg: Config) -> tuple[Path | None, bool]:
     return out, done
 
 
-def main(sweep: Sweep) -> int:
+def run_all(sweep: Sweep) -> list[dict[str, Any]]:
+    """Train (or find finished) every run of ``sweep``, one process each; per run its overrides,
+    setting, seed, exit status, folder and scores (None for a run that failed)."""
     results: list[dict[str, Any]] = []
     for i, (run, cfg) in enumerate(sweep.runs, start=1):
         log.info("sweep run %d/%d: %s", i, len(sweep.runs), " ".join(run))
@@ -129,6 +131,11 @@ def main(sweep: Sweep) -> int:
             log.error("sweep run %s failed with exit status %d", " ".join(run), status)
         results.append({"overrides": run, "setting": sweep.setting(run), "seed": cfg.seed, "status": status,
                         "folder": str(out) if out else None, "scores": scores})
+    return results
+
+
+def main(sweep: Sweep) -> int:
+    results = run_all(sweep)
     rows = summary_rows(results)
     table = format_summary(rows)
     where = Path(sweep.runs[0][1].runs_dir) / sweep.name()
