@@ -21,6 +21,9 @@ VA_LOSSES = ("ccc", "mse")  # 1 - CCC over the batch, or mean squared error
 WEIGHTINGS = ("fixed", "uncertainty")  # task weights as given, or learned (Kendall et al.)
 AU_LOSSES = ("bce", "asymmetric")  # binary cross-entropy on logits, or the weighted asymmetric loss
 AU_OUTPUTS = ("logits", "cosine")  # what a model's AU outputs are: logits, or scores read as probabilities
+# The expression loss over a batch: torch's weighted mean, sum(w_y l) / sum(w_y), or the plain mean
+# of the class-weighted losses, sum(w_y l) / frames (Nguyen et al. 2022's MaskedCELoss)
+EXPR_REDUCTIONS = ("weighted_mean", "mean")
 EPS = 1e-8
 
 
@@ -60,6 +63,9 @@ class MultiTaskLoss(nn.Module):
     are pushed less; averaged over a frame's labelled AUs, then over frames. ``au_weight`` (12)
     multiplies each AU's term in either loss. ``au_output="cosine"``: the model's AU outputs are
     already probabilities (asymmetric loss only).
+
+    ``expr_reduction``: ``"weighted_mean"`` divides the class-weighted cross-entropies by the sum
+    of their frames' class weights (torch's ``cross_entropy``), ``"mean"`` by the number of frames.
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class MultiTaskLoss(nn.Module):
         au_output: str = "logits",
         au_weight: Sequence[float] | torch.Tensor | None = None,
         expr_classes: int = TASK_SIZES["expr"],
+        expr_reduction: str = "weighted_mean",
     ) -> None:
         super().__init__()
         for option, value, choices in (
@@ -81,6 +88,7 @@ class MultiTaskLoss(nn.Module):
             ("weighting", weighting, WEIGHTINGS),
             ("au loss", au, AU_LOSSES),
             ("au_output", au_output, AU_OUTPUTS),
+            ("expr_reduction", expr_reduction, EXPR_REDUCTIONS),
         ):
             if value not in choices:
                 raise ValueError(f"{option} {value!r}: choose one of {', '.join(choices)}")
@@ -102,7 +110,7 @@ class MultiTaskLoss(nn.Module):
             )
         self.terms = (*(VA_PARTS if split_va else ("va",)), "expr", "au")
         self.va, self.weighting, self.label_smoothing = va, weighting, label_smoothing
-        self.au, self.au_output = au, au_output
+        self.au, self.au_output, self.expr_reduction = au, au_output, expr_reduction
         self.task_weights = {t: weights.get(t, 1.0) for t in self.terms}
         self.register_buffer("expr_class_weights", _vector(expr_class_weights, expr_classes, "expr_class_weights"))
         self.register_buffer("au_pos_weight", _vector(au_pos_weight, TASK_SIZES["au"], "au_pos_weight"))
@@ -140,8 +148,9 @@ class MultiTaskLoss(nn.Module):
             target[valid].long(),
             weight=self.expr_class_weights,
             label_smoothing=self.label_smoothing,
+            reduction="mean" if self.expr_reduction == "weighted_mean" else "none",
         )
-        return loss, n
+        return loss.mean(), n
 
     def au_loss(
         self, scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor

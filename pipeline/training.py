@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from models import STRUCTURES, TASKS, MultiTaskLoss, MultiTaskModel
 from models.cross_task import au_cooccurrence
 from models.heads import ACTIVATIONS, VA_OUTPUTS
-from models.losses import AU_LOSSES, VA_LOSSES, WEIGHTINGS
+from models.losses import AU_LOSSES, EXPR_REDUCTIONS, VA_LOSSES, WEIGHTINGS
 from models.transformer import NORMS, POSITIONS
 from pipeline import metrics
 from pipeline.config import DEVICE, Config, InputError
@@ -56,6 +56,7 @@ CHOICES = {
     "loss.au_pos_weight": CLASS_WEIGHTS,
     "loss.au_weight": AU_WEIGHTS,
     "loss.au": AU_LOSSES,
+    "loss.expr_reduction": EXPR_REDUCTIONS,
     "model.va_output": VA_OUTPUTS,
     "model.head_activation": tuple(ACTIVATIONS),
     "model.feedback_sources": BRANCHES,
@@ -207,6 +208,7 @@ def build_loss(cfg: Config, model: MultiTaskModel, train_labels: dict, train_vid
         au_weight=au_inverse_positive(train_labels, train_videos) if cfg.loss.au_weight == "inverse_positive" else None,
         au_output=model.au_output,
         expr_classes=n_classes,
+        expr_reduction=cfg.loss.expr_reduction,
     )
 
 

@@ -240,6 +240,7 @@ def test_nguyen2022_amtl_recipe() -> None:
     for i in (0, 1, n // 2, n - 1):
         assert factor(i) == pytest.approx((1 + math.cos(math.pi * i / n)) / 2, abs=1e-9), i
     assert (cfg.window, cfg.batch_size, cfg.clip, cfg.tune_au_thresholds) == (1, 256, 0.0, False)
+    assert cfg.amp is False  # train.py trains in fp32: no autocast anywhere in it
 
 
 def test_amtl_stage_two_freezes_the_au_modules() -> None:

@@ -65,6 +65,7 @@ WRONG = [
     ("train", "init=xavier", "'init' = 'xavier': choose one of default, normal"),
     ("train", "loss.au=focal", "'loss.au' = 'focal': choose one of bce, asymmetric"),
     ("train", "loss.au_weight=auto", "'loss.au_weight' = 'auto': choose one of none, inverse_positive"),
+    ("train", "loss.expr_reduction=sum", "'loss.expr_reduction' = 'sum': choose one of weighted_mean, mean"),
     ("train", "model.va_output=sigmoid", "'model.va_output' = 'sigmoid': choose one of tanh, linear"),
     ("train", "model.head_activation=silu", "'model.head_activation' = 'silu': choose one of gelu, relu"),
     ("train", "model.structure=feedback model.feedback_sources=[valence,v]",
