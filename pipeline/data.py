@@ -193,6 +193,26 @@ class SequenceDataset(Dataset):
             self.lengths = [len(r) for r in self.rows]
         self.set_epoch(self.epoch)
 
+    def labels_read(self) -> dict[str, Labels]:
+        """The labels of the frames this set can train on: with ``frames="labelled"`` those of frames
+        with a face (a label without features is never read, as the seed systems' data holds no image
+        without one), else every label."""
+        if self.frames != "labelled":
+            return dict(self.labels)
+        out = {}
+        for video in self.videos:
+            lab = self.labels.get(video)
+            if lab is None:
+                continue
+            present, frames = self._index(video)
+            seen = frames[present]
+            keep = np.zeros(len(lab), bool)
+            keep[seen[(seen >= 0) & (seen < len(lab))]] = True
+            out[video] = Labels(np.where(keep[:, None], lab.va, INVALID["va"]),
+                                np.where(keep, lab.expr, INVALID["expr"]),
+                                np.where(keep[:, None], lab.au, INVALID["au"]))
+        return out
+
     def _index(self, video: str) -> tuple[np.ndarray, np.ndarray]:
         return self._memory[video][1:] if self._memory is not None else self.cache.index(video)
 

@@ -31,6 +31,7 @@ ADDED_KEYS = {
     "frozen_mode": "eval",
     "va_smoothing_edges": "pad",
     "standardise": True,
+    "loss.expr_reduction": "weighted_mean",
 }
 
 

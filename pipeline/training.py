@@ -291,7 +291,8 @@ def build_training(cfg: Config, world: World, device: torch.device, cache: Featu
                     cfg.batch_size, world.size)
 
     model = build_model(cfg, cache.dim, train_labels, train_videos).to(device)
-    loss_fn = build_loss(cfg, model, train_labels, train_videos).to(device)
+    # class weights from the labels training reads (with frames: labelled, only those of frames with a face)
+    loss_fn = build_loss(cfg, model, train_set.labels_read(), train_videos).to(device)
     return Training(stages, train_labels, val_labels, train_videos, val_videos, prior, normaliser, train_set,
                     shuffle, loader, model, loss_fn)
 

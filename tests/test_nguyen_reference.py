@@ -19,7 +19,10 @@ from torch.utils.data import Dataset
 
 from pipeline import training
 from pipeline.config import load_config
+from pipeline.data import SequenceDataset
+from pipeline.feature_cache import FeatureCache
 from pipeline.labels import Labels
+from tests.synthetic import write_cache
 
 torch.set_num_threads(1)
 D_IN = 16  # feature width of the model the loss is built for; the loss does not read it
@@ -250,10 +253,15 @@ def recipe(*overrides: str):
     return load_config("train", overrides=["experiment=nguyen2022_amtl", *overrides])
 
 
-def project_loss(cfg, labels: dict[str, Labels]):
+def project_loss(cfg, labels: dict[str, Labels], present: dict[str, np.ndarray], where: Path):
+    """The loss as build_training makes it: its class weights from the labels its training set reads,
+    over a feature cache with the split's faces."""
     videos = sorted(labels)
+    cache = FeatureCache([write_cache(where / "features.h5", {
+        v: (np.zeros((len(labels[v]), D_IN), np.float32), present[v]) for v in videos})])
+    train_set = SequenceDataset(cache, labels, videos, cfg.window, cfg.stride, train=True, frames=cfg.frames)
     model = training.build_model(cfg, D_IN, labels, videos)
-    return training.build_loss(cfg, model, labels, videos)
+    return training.build_loss(cfg, model, train_set.labels_read(), videos)
 
 
 def outputs(n: int, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -298,33 +306,34 @@ def their_loss(task: str, sets: dict, criteria: dict, out: dict[str, torch.Tenso
 
 @pytest.fixture
 def both(tmp_path: Path):
-    """The split in the project's form and theirs: their criteria from a data set where every labelled
-    image has a feature, and per task their training set restricted to the frames with a face, the
-    frames of the project's batch that its mask keeps."""
+    """The split in the project's form and theirs: per task their training set and criteria from the
+    images with a face (those they have a feature of), the frames of the project's batch that its
+    mask keeps."""
     labels, present = split()
-    train_file, every, faces = their_files(tmp_path, labels, present)
-    criteria = their_criteria(train_file, every)
+    train_file, _, faces = their_files(tmp_path, labels, present)
+    criteria = their_criteria(train_file, faces)
     sets = {task: UniSAW2(train_file, faces, task) for task in ("VA", "EX", "AU")}
-    return labels, present, sets, criteria
+    return labels, present, sets, criteria, tmp_path
 
 
 def test_class_weights_are_theirs(tmp_path: Path) -> None:
-    """train.py:156-163 on a split whose labelled images all have a feature: their weights count
-    the frames their dataset keeps (dataset.py:39), the project's every labelled row."""
+    """train.py:156-163: their weights count the frames their dataset keeps for the task, labelled
+    images that have a feature (dataset.py:39); the split has labelled frames without a face."""
     labels, present = split()
-    train_file, every, _ = their_files(tmp_path, labels, present)
-    loss = project_loss(recipe(), labels)
-    expr = UniSAW2(train_file, every, "EX")
+    assert not all(p.all() for p in present.values())
+    train_file, _, faces = their_files(tmp_path, labels, present)
+    loss = project_loss(recipe(), labels, present, tmp_path)
+    expr = UniSAW2(train_file, faces, "EX")
     assert len(np.unique(expr.y["EX"])) == 8  # every class present: compute_class_weight gives 8 weights
     torch.testing.assert_close(loss.expr_class_weights, torch.from_numpy(expr.ex_weight()).float(),
                                rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(loss.au_weight, torch.from_numpy(UniSAW2(train_file, every, "AU").au_weight()).float(),
+    torch.testing.assert_close(loss.au_weight, torch.from_numpy(UniSAW2(train_file, faces, "AU").au_weight()).float(),
                                rtol=1e-6, atol=1e-6)
 
 
 def test_each_loss_is_theirs(both) -> None:
-    labels, present, sets, criteria = both
-    loss_fn = project_loss(recipe(), labels)
+    labels, present, sets, criteria, where = both
+    loss_fn = project_loss(recipe(), labels, present, where)
     targets, mask = project_batch(labels, present)
     out = outputs(len(mask))
     _, parts = loss_fn(out, targets, mask)
@@ -345,8 +354,8 @@ def test_each_stage_total_and_its_gradient_are_theirs(both, stage: list[str]) ->
     """A stage's total as train_epoch gives it (the stage's outputs only) against their runs' losses
     for those tasks: --task AU, then --task EX and --task VA, whose heads share no parameter, so the
     two runs' gradients are those of the sum."""
-    labels, present, sets, criteria = both
-    loss_fn = project_loss(recipe(), labels)
+    labels, present, sets, criteria, where = both
+    loss_fn = project_loss(recipe(), labels, present, where)
     targets, mask = project_batch(labels, present)
     out = outputs(len(mask), seed=2)
     total, _ = loss_fn({k: v for k, v in out.items() if k in stage}, targets, mask)

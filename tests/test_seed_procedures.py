@@ -1,5 +1,5 @@
-"""The seed systems' training procedures around the model, compared with their authors' code:
-which frames are learned from, the last partial batch, how the best epoch is kept, the smoothing
+"""The seed systems' training procedures around the model, compared with their authors' code
+(Nguyen's dataset as tests/test_nguyen_reference.py transcribes it): which frames are learned from, the last partial batch, how the best epoch is kept, the smoothing
 at a video's ends, and whether features are standardised. Each reference below is the authors'
 code as written (only wrapped in a function where it is inline in a script), with its source."""
 
@@ -24,81 +24,10 @@ from pipeline.inference import smooth
 from pipeline.labels import Labels
 from pipeline.loop import LoopState
 from tests.synthetic import write_cache
+from tests.test_nguyen_reference import UniSAW2  # their dataset.py, transcribed there
 
 
 # fmt: off
-# ---- khanhnd185/MTL-ABAW4 dataset.py, lines 13-63 (get_dataset) and 89-104 (UniSAW2.__init__) ----
-def get_dataset(filename, feature_dict, onlyfilename=False):
-    with open(filename) as f:
-        lines = f.read().splitlines()
-    num_missed = 0
-    X, y_va, y_ex, y_au = [], [], [], []
-    masks_va, masks_ex, masks_au = [], [], []
-
-    for line in lines[1:]:
-        splitted_line = line.split(',')
-        imagename = splitted_line[0]
-        valence = float(splitted_line[1])
-        arousal = float(splitted_line[2])
-        expression = int(splitted_line[3])
-        aus = list(map(int, splitted_line[4:]))
-
-        mask_va = (valence > -5 and arousal > -5)
-        if not mask_va:
-            valence = arousal = 0
-        mask_ex = (expression > -1)
-        if not mask_ex:
-            expression = 0
-        mask_au = min(aus) >= 0
-        if not mask_au:
-            aus = [0]*len(aus)
-
-        if mask_va or mask_ex or mask_au:
-            if imagename in feature_dict or onlyfilename:
-                if onlyfilename:
-                    X.append(imagename)
-                else:
-                    X.append(np.concatenate((feature_dict[imagename][0], feature_dict[imagename][1])))
-                y_va.append((valence, arousal))
-                masks_va.append(mask_va)
-
-                y_ex.append(expression)
-                masks_ex.append(mask_ex)
-
-                y_au.append(aus)
-                masks_au.append(mask_au)
-            else:
-                num_missed += 1
-
-    X = np.array(X)
-    y_va = np.array(y_va)
-    y_ex = np.array(y_ex)
-    y_au = np.array(y_au)
-    masks_va = np.array(masks_va).astype(np.float32)
-    masks_ex = np.array(masks_ex).astype(np.float32)
-    masks_au = np.array(masks_au).astype(np.float32)
-
-    return X, y_va, y_ex, y_au, masks_va, masks_ex, masks_au
-
-
-class UniSAW2:
-    def __init__(self, filename, feature_dict, task='All'):
-        super(UniSAW2, self).__init__()
-        y = {}
-        mask = {}
-        self.y = {}
-        self.task = task
-        X , y['VA'], y['EX'], y['AU'], mask['VA'], mask['EX'], mask['AU'] = get_dataset(filename, feature_dict)
-
-        if task == 'All':
-            self.X = X
-            self.y = y
-            self.mask = mask
-        else:
-            self.X = X[mask[task] == 1]
-            self.y[task] = y[task][mask[task] == 1]
-
-
 # ---- khanhnd185/MTL-ABAW4 train.py, lines 190-231: the best epoch of one run (checkpointing cut) ----
 def nguyen_best_epoch(val_metrics_per_epoch):
     best_performance = 0.0
