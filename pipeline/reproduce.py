@@ -67,7 +67,10 @@ def table(results: list[dict], ensembled: dict | None, published: dict) -> str:
     """Each seed, their mean ± std, the ensemble and the paper's figures, one row each."""
     rows = []
     for r in results:
-        rows.append([f"seed {r['seed']}", *(score_cell((r["scores"] or {}).get(k)) for _, k in SCORES)])
+        if r["scores"] is None:
+            rows.append([f"seed {r['seed']}", f"failed (exit status {r['status']})", *[""] * (len(SCORES) - 1)])
+        else:
+            rows.append([f"seed {r['seed']}", *(score_cell(r["scores"].get(k)) for _, k in SCORES)])
     done = [r["scores"] for r in results if r["scores"] is not None]
     if len(done) > 1:
         cells = []
