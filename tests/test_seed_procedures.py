@@ -274,7 +274,7 @@ def test_zhang_recipe_smooths_as_their_smooth_predictions(half: int) -> None:
 @pytest.mark.parametrize("name", ["zhang2022_transformer", "nguyen2022_amtl"])
 def test_recipes_feed_the_features_as_cached(listed, name: str) -> None:
     """Zhang's transformer script sets ``norm_features=None`` (scripts/train_mtl_transformer.sh line
-    31), so SeqDataset.load_feature (lines 121-123) leaves every feature as stored; Nguyen's
+    33), so SeqDataset.load_feature (lines 121-123) leaves every feature as stored; Nguyen's
     get_dataset concatenates the stored features (dataset.py line 43)."""
     cfg = recipe(name, "extractors=[onet]")
     videos = list(listed["labels"])
