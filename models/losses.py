@@ -24,6 +24,7 @@ AU_OUTPUTS = ("logits", "cosine")  # what a model's AU outputs are: logits, or s
 # The expression loss over a batch: torch's weighted mean, sum(w_y l) / sum(w_y), or the plain mean
 # of the class-weighted losses, sum(w_y l) / frames (Nguyen et al. 2022's MaskedCELoss)
 EXPR_REDUCTIONS = ("weighted_mean", "mean")
+VA_REDUCTIONS = ("labelled", "steps")  # MSE over labelled frames, or over every step of the batch
 EPS = 1e-8
 
 
@@ -66,6 +67,12 @@ class MultiTaskLoss(nn.Module):
 
     ``expr_reduction``: ``"weighted_mean"`` divides the class-weighted cross-entropies by the sum
     of their frames' class weights (torch's ``cross_entropy``), ``"mean"`` by the number of frames.
+
+    ``va_reduction`` (MSE only): ``"labelled"`` averages the squared errors over the labelled
+    frames; ``"steps"`` sums them and divides by every step of the batch, b x L with L the steps to
+    the end of its longest window (``targets["steps"]``, each window's steps before padding; else the
+    padded length), so unlabelled, padded and ended steps count as zeros, as the ABAW4 winner's
+    masked MSE does.
     """
 
     def __init__(
@@ -81,6 +88,7 @@ class MultiTaskLoss(nn.Module):
         au_weight: Sequence[float] | torch.Tensor | None = None,
         expr_classes: int = TASK_SIZES["expr"],
         expr_reduction: str = "weighted_mean",
+        va_reduction: str = "labelled",
     ) -> None:
         super().__init__()
         for option, value, choices in (
@@ -89,9 +97,12 @@ class MultiTaskLoss(nn.Module):
             ("au loss", au, AU_LOSSES),
             ("au_output", au_output, AU_OUTPUTS),
             ("expr_reduction", expr_reduction, EXPR_REDUCTIONS),
+            ("va_reduction", va_reduction, VA_REDUCTIONS),
         ):
             if value not in choices:
                 raise ValueError(f"{option} {value!r}: choose one of {', '.join(choices)}")
+        if va_reduction == "steps" and va != "mse":
+            raise ValueError(f"va_reduction 'steps' is for the MSE; the {va!r} loss is over labelled frames")
         if au == "bce" and au_output != "logits":
             raise ValueError(f"au loss 'bce' needs logits; with au_output={au_output!r} use au='asymmetric'")
         if au == "asymmetric" and au_pos_weight is not None:
@@ -111,6 +122,7 @@ class MultiTaskLoss(nn.Module):
         self.terms = (*(VA_PARTS if split_va else ("va",)), "expr", "au")
         self.va, self.weighting, self.label_smoothing = va, weighting, label_smoothing
         self.au, self.au_output, self.expr_reduction = au, au_output, expr_reduction
+        self.va_reduction = va_reduction
         self.task_weights = {t: weights.get(t, 1.0) for t in self.terms}
         self.register_buffer("expr_class_weights", _vector(expr_class_weights, expr_classes, "expr_class_weights"))
         self.register_buffer("au_pos_weight", _vector(au_pos_weight, TASK_SIZES["au"], "au_pos_weight"))
@@ -122,15 +134,18 @@ class MultiTaskLoss(nn.Module):
         )
 
     def va_loss(
-        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, steps: int | None = None
     ) -> tuple[torch.Tensor, int]:
         """pred, target (b, t, k) (k = 2, or 1 for one dimension), mask (b, t) -> (loss, number of
-        frames with all k labelled)."""
+        frames with all k labelled); ``steps``: the batch's steps per window for ``va_reduction="steps"``."""
         valid = mask & (target != VA_INVALID).all(-1) & torch.isfinite(target).all(-1)
         n = int(valid.sum())
         if n == 0:
             return pred.sum() * 0.0, 0
         p, y = pred[valid], target[valid].to(pred.dtype)
+        if self.va == "mse" and self.va_reduction == "steps":
+            every = pred.shape[0] * (pred.shape[1] if steps is None else steps) * pred.shape[2]
+            return ((p - y) ** 2).sum() / every, n
         if self.va == "mse":
             return F.mse_loss(p, y), n
         return 1.0 - ccc(p, y).mean(), n
@@ -182,7 +197,8 @@ class MultiTaskLoss(nn.Module):
         mask = mask.bool()
         total = sum(o.sum() * 0.0 for o in out.values())
         parts: dict[str, torch.Tensor] = {}
-        task_loss = {"va": self.va_loss, "expr": self.expr_loss, "au": self.au_loss}
+        steps = int(targets["steps"].max()) if torch.is_tensor(targets.get("steps")) else None
+        task_loss = {"va": lambda p, y, m: self.va_loss(p, y, m, steps), "expr": self.expr_loss, "au": self.au_loss}
         for term in self.terms:
             task = "va" if term in VA_PARTS else term
             if task not in out or task not in targets:

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-POSITIONS = ("sinusoidal", "learned", "none")  # how a step's position enters: fixed, learned embedding, not at all
+# how a step's position enters: fixed codes, the same with the first step's code zero (a table whose
+# row 0 is padding, as the ABAW4 winner's), a learned embedding, or not at all
+POSITIONS = ("sinusoidal", "sinusoidal_zero_first", "learned", "none")
 NORMS = ("pre", "post")  # LayerNorm before each residual branch (and at the end), or after each residual sum
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -89,7 +91,10 @@ class Block(nn.Module):
 class TransformerEncoder(nn.Module):
     """Input projection, positions, ``layers`` blocks and, when pre-norm, a final LayerNorm.
 
-    ``positions``: ``sinusoidal`` (any length), ``learned`` (up to ``max_len`` steps) or ``none``.
+    ``positions``: ``sinusoidal`` (any length), ``sinusoidal_zero_first`` (the same, the first
+    step without a code), ``learned`` (up to ``max_len`` steps) or ``none``. ``attend_invalid``:
+    every step attends to every key, padding and steps without a face too (their inputs are zeros),
+    as ``nn.TransformerEncoder`` without a key padding mask does; by default they are masked out.
     ``window``: each step attends to keys at most ``window`` steps away; 0 = the whole sequence.
     ``norm``: ``pre`` or ``post`` (torch's ``nn.TransformerEncoderLayer`` default, no final LayerNorm).
     ``ffn_dim``: MLP width; 0 = ``ffn_mult * hidden``. ``head_dim`` > 0 sets heads = width // head_dim
@@ -115,6 +120,7 @@ class TransformerEncoder(nn.Module):
         input_projection: bool = True,
         input_dropout: bool = True,
         head_dim: int = 0,
+        attend_invalid: bool = False,
     ) -> None:
         super().__init__()
         check_choice("positions", positions, POSITIONS)
@@ -126,6 +132,7 @@ class TransformerEncoder(nn.Module):
                 raise ValueError(f"head_dim={head_dim} must lie in 1..{width} (the transformer width)")
             heads = width // head_dim
         self.positions, self.window, self.max_len = positions, window, max_len
+        self.attend_invalid = attend_invalid
         self.inp = nn.Sequential(
             *([nn.Linear(d_in, width)] if input_projection else []),
             *([nn.Dropout(dropout)] if input_dropout else []),
@@ -143,13 +150,16 @@ class TransformerEncoder(nn.Module):
         mask = mask.bool()
         # Invalid steps may hold anything, even NaN, which would leak through 0-weighted values.
         h = self.inp(torch.where(mask[..., None], x, 0.0))
-        if self.positions == "sinusoidal":
-            h = h + sinusoidal_positions(t, h.shape[-1], h.device)
+        if self.positions in ("sinusoidal", "sinusoidal_zero_first"):
+            codes = sinusoidal_positions(t, h.shape[-1], h.device)
+            if self.positions == "sinusoidal_zero_first":
+                codes[0] = 0.0
+            h = h + codes
         elif self.pos is not None:
             if t > self.max_len:
                 raise ValueError(f"sequence of {t} steps exceeds learned positions max_len={self.max_len}")
             h = h + self.pos.weight[:t]
-        allowed = attention_mask(mask, self.window)
+        allowed = attention_mask(torch.ones_like(mask) if self.attend_invalid else mask, self.window)
         for block in self.blocks:
             h = block(h, allowed)
         return self.norm(h)

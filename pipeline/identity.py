@@ -32,6 +32,10 @@ ADDED_KEYS = {
     "va_smoothing_edges": "pad",
     "standardise": True,
     "loss.expr_reduction": "weighted_mean",
+    "loss.va_reduction": "labelled",
+    "warmup_offset": 1,
+    "decay_offset": 0,
+    "encoder.attend_invalid": False,
 }
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from models import STRUCTURES, TASKS, MultiTaskLoss, MultiTaskModel
 from models.cross_task import au_cooccurrence
 from models.heads import ACTIVATIONS, VA_OUTPUTS
-from models.losses import AU_LOSSES, EXPR_REDUCTIONS, VA_LOSSES, WEIGHTINGS
+from models.losses import AU_LOSSES, EXPR_REDUCTIONS, VA_LOSSES, VA_REDUCTIONS, WEIGHTINGS
 from models.transformer import NORMS, POSITIONS
 from pipeline import metrics
 from pipeline.config import DEVICE, Config, InputError
@@ -57,6 +57,7 @@ CHOICES = {
     "loss.au_weight": AU_WEIGHTS,
     "loss.au": AU_LOSSES,
     "loss.expr_reduction": EXPR_REDUCTIONS,
+    "loss.va_reduction": VA_REDUCTIONS,
     "model.va_output": VA_OUTPUTS,
     "model.head_activation": tuple(ACTIVATIONS),
     "model.feedback_sources": BRANCHES,
@@ -97,15 +98,26 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str, hold: int = 0) -> float:
-    """Linear warm-up over ``warmup`` steps, ``hold`` steps at the full rate, then cosine or linear
-    decay to zero at ``total`` (or no decay: ``constant``). A step is an optimiser step or an epoch."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str, hold: int = 0, warmup_offset: int = 1,
+              decay_offset: int = 0) -> float:
+    """Linear warm-up over ``warmup`` steps, at (step + ``warmup_offset``) / warmup (0: the first step
+    at rate 0, as transformers' linear schedule), ``hold`` steps at the full rate, then cosine or
+    linear decay to zero at ``total`` (or no decay: ``constant``). A step is an optimiser step or an
+    epoch. The linear decay over the ``span`` decaying steps k = 0, 1, ... is (span - k) / span, as
+    transformers' ``get_linear_schedule_with_warmup`` computes it; ``decay_offset`` 1 makes it
+    1 - (k + 1) / (span + 1), as the pix2pix ``linear`` policy does: the first decaying step already
+    below the full rate, the last at 1 / (span + 1). Each is that code's arithmetic, to the last bit."""
     if step < warmup:
-        return (step + 1) / warmup
+        return (step + warmup_offset) / warmup
     if step < warmup + hold or schedule == "constant":
         return 1.0
-    progress = (step - warmup - hold) / max(1, total - warmup - hold)
-    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+    span = max(1, total - warmup - hold)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup - hold) / span))
+    k = step - warmup - hold
+    if decay_offset:
+        return max(0.0, 1.0 - (k + decay_offset) / (span + decay_offset))
+    return max(0.0, (span - k) / span)
 
 
 def lr_lambda(cfg: Config, steps_per_epoch: int):
@@ -113,18 +125,25 @@ def lr_lambda(cfg: Config, steps_per_epoch: int):
     ``schedule_unit: epoch``) after every epoch."""
     total = cfg.epochs * (steps_per_epoch if cfg.schedule_unit == "step" else 1)
     warmup, hold = int(round(cfg.warmup * total)), int(round(cfg.hold * total))
-    return lambda step: lr_factor(step, total, warmup, cfg.schedule, hold)
+    return lambda step: lr_factor(step, total, warmup, cfg.schedule, hold, cfg.warmup_offset, cfg.decay_offset)
 
 
 def normal_init(model: torch.nn.Module, std: float = 0.02) -> None:
-    """Every linear layer's weights from N(0, std) and its bias 0, as the ABAW4 winner initialised
-    its networks (recurrent cells, norms and attention projections other than linear layers keep
-    their own initialisation)."""
+    """Every linear layer's weights from N(0, std) and its bias 0, as the ABAW4 winner's
+    ``init_weights`` drew its networks; the attention's joint query, key and value projection, a
+    bare parameter of ``nn.MultiheadAttention`` there, keeps that module's own draw (Xavier-uniform
+    over the whole matrix, bias 0). Recurrent cells and norms keep their initialisation."""
+    from models.transformer import Block
+
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
+    for module in model.modules():
+        if isinstance(module, Block):
+            torch.nn.init.xavier_uniform_(module.qkv.weight)
+            torch.nn.init.zeros_(module.qkv.bias)
 
 
 def clip_groups(model: torch.nn.Module, how: str) -> list[list[torch.nn.Parameter]]:
@@ -209,6 +228,7 @@ def build_loss(cfg: Config, model: MultiTaskModel, train_labels: dict, train_vid
         au_output=model.au_output,
         expr_classes=n_classes,
         expr_reduction=cfg.loss.expr_reduction,
+        va_reduction=cfg.loss.va_reduction,
     )
 
 
