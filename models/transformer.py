@@ -34,6 +34,18 @@ def sinusoidal_positions(t: int, dim: int, device: torch.device | None = None) -
     return codes
 
 
+def zero_first_positions(t: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """The ABAW4 winner's position codes, (t, dim): angle pos / 10000 ** (2 (j // 2) / dim) in
+    float64, its sine at even and cosine at odd dimensions, rounded to float32, and row 0 zero (their
+    table's ``padding_idx=0``, although position 0 is the first step of every window)."""
+    pos = torch.arange(t, dtype=torch.float64)[:, None]
+    j = torch.arange(dim, dtype=torch.float64)
+    angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
+    codes = torch.where(torch.arange(dim) % 2 == 0, angle.sin(), angle.cos())
+    codes[0] = 0.0
+    return codes.float().to(device)
+
+
 def attention_mask(mask: torch.Tensor, window: int = 0) -> torch.Tensor:
     """Which keys each query may attend to, (b, 1, t, t) bool, True = allowed.
 
@@ -150,11 +162,10 @@ class TransformerEncoder(nn.Module):
         mask = mask.bool()
         # Invalid steps may hold anything, even NaN, which would leak through 0-weighted values.
         h = self.inp(torch.where(mask[..., None], x, 0.0))
-        if self.positions in ("sinusoidal", "sinusoidal_zero_first"):
-            codes = sinusoidal_positions(t, h.shape[-1], h.device)
-            if self.positions == "sinusoidal_zero_first":
-                codes[0] = 0.0
-            h = h + codes
+        if self.positions == "sinusoidal":
+            h = h + sinusoidal_positions(t, h.shape[-1], h.device)
+        elif self.positions == "sinusoidal_zero_first":
+            h = h + zero_first_positions(t, h.shape[-1], h.device)
         elif self.pos is not None:
             if t > self.max_len:
                 raise ValueError(f"sequence of {t} steps exceeds learned positions max_len={self.max_len}")

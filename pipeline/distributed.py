@@ -79,13 +79,18 @@ class GlobalBatches(Sampler[list[tuple[int, bool]]]):
         windows may change from stage to stage)."""
         return self.last_batch == "drop" and len(self.data) > self.batch_size
 
-    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+    def batches(self) -> Iterator[list[int]]:
+        """The global batches of an epoch, as window indices."""
         # randperm with the shared generator, as RandomSampler draws it, so one process is unchanged
         order = torch.randperm(len(self.data), generator=self.generator).tolist()
         for i in range(0, len(order), self.batch_size):
             batch = order[i : i + self.batch_size]
             if len(batch) < self.batch_size and self.drop_last:
                 return
+            yield batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
+        for batch in self.batches():
             share = -(-len(batch) // self.world.size)
             mine = [(j, True) for j in batch[self.world.rank * share : (self.world.rank + 1) * share]]
             yield mine + [(batch[0], False)] * (share - len(mine))
@@ -93,6 +98,61 @@ class GlobalBatches(Sampler[list[tuple[int, bool]]]):
     def __len__(self) -> int:
         n = len(self.data)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def proportioned(size: int, weights: dict[str, float]) -> dict[str, int]:
+    """``size`` rows split over the data sets in proportion to ``weights``, each at least one, by
+    largest remainder (ties to the earlier data set)."""
+    if size < len(weights):
+        raise ValueError(f"a batch of {size} cannot hold a window of each of {len(weights)} data sets")
+    total = sum(weights.values())
+    exact = {k: size * w / total for k, w in weights.items()}
+    counts = {k: max(1, int(v)) for k, v in exact.items()}
+    order = sorted(weights, key=lambda k: -(exact[k] - int(exact[k])))
+    i = 0
+    while sum(counts.values()) < size:
+        counts[order[i % len(order)]] += 1
+        i += 1
+    while sum(counts.values()) > size:  # the minimum of one overshot: take from the largest
+        counts[max(counts, key=lambda k: counts[k])] -= 1
+    return counts
+
+
+class BalancedBatches(GlobalBatches):
+    """Batches that each draw from every data set in a set proportion (1802.06664's setting of
+    data sets that each label some tasks): window i of ``data`` (a :class:`SequenceDataset`) is of
+    data set ``data_of[video of window i]``, and ``weights`` give each data set's share of a batch.
+    Each data set's windows are served in a seeded permutation, drawn again when used up, so the
+    smaller sets repeat within an epoch; an epoch is as many batches as the single shuffle over all
+    windows gives. Split into shares per rank as :class:`GlobalBatches` does."""
+
+    def __init__(self, data: SequenceDataset, data_of: list[str], weights: dict[str, float], batch_size: int,
+                 last_batch: str, generator: torch.Generator, world: World) -> None:
+        super().__init__(data, batch_size, last_batch, generator, world)
+        self.data_of, self.counts = data_of, proportioned(batch_size, weights)
+
+    def groups(self) -> dict[str, list[int]]:
+        """Each data set's window indices this epoch (the windows change from epoch to epoch)."""
+        groups: dict[str, list[int]] = {k: [] for k in self.counts}
+        for index, (i, _) in enumerate(self.data.items):
+            groups[self.data_of[i]].append(index)
+        empty = [k for k, v in groups.items() if not v]
+        if empty:
+            raise ValueError(f"balanced batches: no training window of data set {', '.join(empty)}")
+        return groups
+
+    def batches(self) -> Iterator[list[int]]:
+        groups = self.groups()
+        order: dict[str, list[int]] = {k: [] for k in groups}
+        for _ in range(len(self)):
+            batch = []
+            for k, n in self.counts.items():
+                while len(order[k]) < n:
+                    drawn = torch.randperm(len(groups[k]), generator=self.generator).tolist()
+                    order[k] += [groups[k][j] for j in drawn]
+                batch += order[k][:n]
+                order[k] = order[k][n:]
+            yield batch
 
 
 class Shares(Dataset):

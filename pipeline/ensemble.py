@@ -44,7 +44,7 @@ from pipeline.data import Normaliser
 from pipeline.identity import run_identity
 from pipeline.runs import STOPS, claimed, stop
 from pipeline.splits import expressions, load_splits, open_features
-from pipeline.validation import validate
+from pipeline.validation import score_by_data, validate
 from pipeline.writers import write_task_files
 
 log = logging.getLogger("pipeline")
@@ -187,6 +187,9 @@ def ensemble(members: list[Member], device: str = "cpu") -> tuple[dict, Outputs,
         scores["f1_au_tuned"] = metrics.score_videos(preds, labels, au_thresholds=mean, prior=prior,
                                                      expressions=classes)["f1_au"]
         scores["au_thresholds"] = mean.tolist()
+    if first.cfg.data.get("members"):  # each pooled data set's own scores beside the pooled ones
+        scores["data"] = score_by_data(preds, labels, [d.name for d in first.cfg.data.members], prior=prior,
+                                       expressions=classes)
     return scores, preds, rescored
 
 
@@ -198,6 +201,8 @@ def table(members: list[dict], scores: dict) -> str:
     """Each member's P_MTL and its terms (from its own ``scores.json``) above the ensemble's."""
     rows = [[Path(m["run"]).name, *(metrics.score_cell(m["scores"].get(k)) for _, k in COLUMNS)] for m in members]
     rows.append([f"ensemble of {len(members)}", *(metrics.score_cell(scores.get(k)) for _, k in COLUMNS)])
+    for name, own in (scores.get("data") or {}).items():  # each pooled data set's own row
+        rows.append([f"ensemble · {name}", *(metrics.score_cell(own.get(k)) for _, k in COLUMNS)])
     return metrics.markdown_table(["run", *(h for h, _ in COLUMNS)], rows)
 
 

@@ -36,6 +36,8 @@ ADDED_KEYS = {
     "warmup_offset": 1,
     "decay_offset": 0,
     "encoder.attend_invalid": False,
+    "data_proportions": {},
+    "selection_data": "",
 }
 
 

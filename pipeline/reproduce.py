@@ -80,6 +80,8 @@ def table(results: list[dict], ensembled: dict | None, published: dict) -> str:
         rows.append([f"mean ± std of {len(done)}", *cells])
     if ensembled is not None:
         rows.append([f"ensemble of {len(done)}", *(score_cell(ensembled.get(k)) for _, k in SCORES)])
+        for name, own in (ensembled.get("data") or {}).items():  # each pooled data set's own row
+            rows.append([f"ensemble · {name}", *(score_cell(own.get(k)) for _, k in SCORES)])
     for label, figures in (("published (the paper's, not ours)", published.get("scores") or {}),
                            ("published baseline (the paper's)", published.get("baseline") or {})):
         if figures:

@@ -69,10 +69,22 @@ class Sweep:
         return f"{'+'.join(sorted(data))}/sweeps/{Config({'path': self.path, 'runs': self.overrides}).hash()[:8]}"
 
 
-def summary_rows(results: list[dict]) -> list[dict]:
-    """Per setting, in order of first appearance: the seeds and, per score, mean, std and values."""
-    rows: dict[str, dict] = {}
+def with_data_sets(results: list[dict]) -> list[dict]:
+    """The results, each followed by one per data set it pooled (its own scores, setting
+    ``<setting> · <data set>``), so that every table has a row per data set."""
+    out = []
     for r in results:
+        out.append(r)
+        for name, own in ((r["scores"] or {}).get("data") or {}).items():
+            out.append({**r, "setting": f"{r['setting']} · {name}", "scores": own})
+    return out
+
+
+def summary_rows(results: list[dict]) -> list[dict]:
+    """Per setting (and per data set of a run that pools several), in order of first appearance:
+    the seeds and, per score, mean, std and values."""
+    rows: dict[str, dict] = {}
+    for r in with_data_sets(results):
         row = rows.setdefault(r["setting"], {"setting": r["setting"], "seeds": [], "failed": 0})
         if r["scores"] is None:
             row["failed"] += 1

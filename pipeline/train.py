@@ -52,7 +52,7 @@ from pipeline.loop import LoopState, train_epoch
 from pipeline.runs import STOPS, claimed, stop
 from pipeline.splits import expressions, open_features, stage_configs
 from pipeline.training import CHOICES, Training, build_training, check_stages
-from pipeline.validation import finish, report_finished, validate
+from pipeline.validation import check_selection_data, finish, report_finished, selected_scores, validate
 
 log = logging.getLogger("pipeline")
 
@@ -62,6 +62,7 @@ def main(cfg: Config) -> int:
     unwritable or holds a run with other settings."""
     check_choices(cfg, CHOICES)
     check_stages(cfg)
+    check_selection_data(cfg)
     world, device = init_world(cfg.device)
     if not world.main:  # one rank speaks for all
         logging.getLogger().setLevel(logging.WARNING)
@@ -188,7 +189,7 @@ def train(cfg: Config, world: World, device: torch.device, out: Path, cache: Fea
             continue
         val_scores, _ = validate(model, cache, training.val_labels, training.val_videos, training.normaliser, cfg,
                                  prior=training.prior)
-        improved, better, score = state.judge(epoch, val_scores, tasks_now, model, cfg)
+        improved, better, score = state.judge(epoch, selected_scores(val_scores, cfg), tasks_now, model, cfg)
         if world.size > 1:
             dist.broadcast_object_list([state.best, state.stale], src=0)
         record = {"epoch": epoch, "stage": k, "train_loss": float(np.mean(losses)),

@@ -21,11 +21,11 @@ from models.transformer import NORMS, POSITIONS
 from pipeline import metrics
 from pipeline.config import DEVICE, Config, InputError
 from pipeline.data import FRAMES, Normaliser, SequenceDataset, VideoChunkBatches
-from pipeline.distributed import LAST_BATCHES, GlobalBatches, Shares, World
+from pipeline.distributed import LAST_BATCHES, BalancedBatches, GlobalBatches, Shares, World
 from pipeline.feature_cache import FeatureCache
 from pipeline.inference import SMOOTHING_EDGES
 from pipeline.labels import EXPRESSION_SETS, FORMATS, expression_set
-from pipeline.splits import expressions, load_splits
+from pipeline.splits import data_sets, expressions, load_splits
 
 log = logging.getLogger("pipeline")
 
@@ -37,7 +37,8 @@ AU_WEIGHTS = ("none", "inverse_positive")  # per-AU weights of the asymmetric AU
 AU_GRAPHS = (None, "learned", "cooccurrence")  # cross_attention's AU relation graph
 WINDOWS = ("overlapping", "consecutive")  # how videos are cut into windows
 INITS = ("default", "normal")  # PyTorch's initialisation, or every linear layer from N(0, 0.02)
-BATCHES = ("windows", "videos")  # any windows together, or one chunk of each of batch_size videos per step
+# any windows together, one chunk of each of batch_size videos per step, or every data set's share in each batch
+BATCHES = ("windows", "videos", "balanced")
 SELECTIONS = ("p_mtl", "per_task")  # one best epoch, or each task's own
 CLIP_GROUPS = ("whole", "task")  # one gradient norm, or one per task's branch and head
 SELECTION_VA = ("joint", "apart")  # per-task selection: VA's best epoch on P_VA, or valence's and arousal's apart
@@ -132,18 +133,21 @@ def normal_init(model: torch.nn.Module, std: float = 0.02) -> None:
     """Every linear layer's weights from N(0, std) and its bias 0, as the ABAW4 winner's
     ``init_weights`` drew its networks; the attention's joint query, key and value projection, a
     bare parameter of ``nn.MultiheadAttention`` there, keeps that module's own draw (Xavier-uniform
-    over the whole matrix, bias 0). Recurrent cells and norms keep their initialisation."""
-    from models.transformer import Block
+    over the whole matrix, bias 0), one draw for all layers of an encoder, which are deep copies of
+    one layer there. Recurrent cells and norms keep their initialisation."""
+    from models.transformer import TransformerEncoder
 
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.normal_(module.weight, 0.0, std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
-    for module in model.modules():
-        if isinstance(module, Block):
-            torch.nn.init.xavier_uniform_(module.qkv.weight)
-            torch.nn.init.zeros_(module.qkv.bias)
+    with torch.no_grad():
+        for encoder in (m for m in model.modules() if isinstance(m, TransformerEncoder) and len(m.blocks)):
+            shared = torch.nn.init.xavier_uniform_(torch.empty_like(encoder.blocks[0].qkv.weight))
+            for block in encoder.blocks:
+                block.qkv.weight.copy_(shared)
+                torch.nn.init.zeros_(block.qkv.bias)
 
 
 def clip_groups(model: torch.nn.Module, how: str) -> list[list[torch.nn.Parameter]]:
@@ -250,6 +254,25 @@ def check_stages(cfg: Config) -> list[list[str]]:
     return stages
 
 
+def data_shares(cfg: Config) -> dict[str, float]:
+    """Each pooled data set's share of a balanced batch (``data_proportions``; equal when empty);
+    refused with one data set, a share of an unknown one, or a batch too small for all."""
+    names = [d.name for d in data_sets(cfg)]
+    if len(names) < 2:
+        raise InputError("batches: balanced needs several data sets (data=[a,b]); this run reads one")
+    given = dict(cfg.data_proportions or {})
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise InputError(f"config key 'data_proportions' names {', '.join(unknown)}, not a data set of this run "
+                         f"({', '.join(names)})")
+    shares = {n: float(given.get(n, 1.0 if not given else 0.0)) for n in names}
+    if any(not math.isfinite(w) or w <= 0 for w in shares.values()):
+        raise InputError(f"config key 'data_proportions' = {given}: a positive share for each of {', '.join(names)}")
+    if cfg.batch_size < len(names):
+        raise InputError(f"batch_size={cfg.batch_size} cannot hold a window of each of {len(names)} data sets")
+    return shares
+
+
 def fit_normaliser(cfg: Config, cache: FeatureCache, train_videos: list[str]) -> Normaliser | None:
     """The standardisation of the features fitted on the training split, or None where they are
     fed as cached (``standardise: false``) or replaced by noise."""
@@ -302,6 +325,11 @@ def build_training(cfg: Config, world: World, device: torch.device, cache: Featu
             raise InputError("batches: videos needs train_windows: consecutive, in one process")
         loader = DataLoader(train_set, batch_sampler=VideoChunkBatches(train_set, cfg.batch_size, shuffle),
                             num_workers=cfg.num_workers)
+    elif cfg.batches == "balanced":
+        batches = BalancedBatches(train_set, [v.partition("/")[0] for v in train_videos],
+                                  data_shares(cfg), cfg.batch_size, cfg.last_batch, shuffle, world)
+        loader = DataLoader(Shares(train_set), batch_sampler=batches, num_workers=cfg.num_workers,
+                            generator=shuffle)
     else:
         batches = GlobalBatches(train_set, cfg.batch_size, cfg.last_batch, shuffle, world)
         loader = DataLoader(Shares(train_set), batch_sampler=batches, num_workers=cfg.num_workers,

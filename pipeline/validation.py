@@ -15,11 +15,11 @@ import torch
 from models import MultiTaskModel
 from pipeline import checkpoint, metrics
 from pipeline.atomic import write_json
-from pipeline.config import Config
+from pipeline.config import Config, InputError
 from pipeline.data import Normaliser, labelled_rows
 from pipeline.feature_cache import FeatureCache, PooledCache
 from pipeline.inference import predict_features, smooth
-from pipeline.splits import expressions
+from pipeline.splits import data_sets, expressions
 from pipeline.training import Training
 from pipeline.writers import write_task_files
 
@@ -56,13 +56,19 @@ def validate(
     scores = metrics.score_videos(preds, labels, au_thresholds=au_thresholds, prior=prior,
                                   expressions=expressions(cfg))
     if isinstance(cache, PooledCache):  # each data set's own scores beside the pooled ones
-        scores["data"] = {}
-        for name in cache.caches:
-            own = {v: lab for v, lab in labels.items() if v.startswith(f"{name}/")}
-            scores["data"][name] = metrics.score_videos({v: p for v, p in preds.items() if v in own}, own,
-                                                        au_thresholds=au_thresholds, prior=prior,
-                                                        expressions=expressions(cfg))
+        scores["data"] = score_by_data(preds, labels, list(cache.caches), au_thresholds=au_thresholds, prior=prior,
+                                       expressions=expressions(cfg))
     return scores, preds
+
+
+def score_by_data(preds: dict, labels: dict, names: list[str], **how) -> dict[str, dict]:
+    """Each pooled data set's own scores (its videos are ``<name>/<video>``), scored as
+    :func:`pipeline.metrics.score_videos` scores with ``how``."""
+    out = {}
+    for name in names:
+        own = {v: lab for v, lab in labels.items() if v.startswith(f"{name}/")}
+        out[name] = metrics.score_videos({v: p for v, p in preds.items() if v in own}, own, **how)
+    return out
 
 
 
@@ -96,6 +102,31 @@ def selection_keys(tasks: list[str], va: str = "joint") -> list[str]:
 def selection_term(key: str) -> str:
     """The validation score that picks ``key``'s best epoch (a task or a VA dimension)."""
     return TERMS.get(key) or VA_TERMS[key]
+
+
+TASK_SCORES = {"va": ("p_va", "ccc_v", "ccc_a"), "expr": ("f1_expr",), "au": ("f1_au",)}
+
+
+def selected_scores(scores: dict, cfg: Config) -> dict:
+    """The validation scores the best epoch is chosen on: the pooled ones, or with
+    ``selection_data`` that data set's own (a run over several data sets) for each task it labels,
+    the pooled ones for the tasks it does not."""
+    if not cfg.selection_data:
+        return scores
+    own = scores["data"][cfg.selection_data]
+    chosen = dict(scores)
+    for task, keys in TASK_SCORES.items():
+        if own.get(f"n_{task}"):
+            chosen.update({k: own[k] for k in keys if k in own})
+    return chosen
+
+
+def check_selection_data(cfg: Config) -> None:
+    """Refuse a ``selection_data`` that is not one of the run's data sets, before any work."""
+    names = [d.name for d in data_sets(cfg)] if cfg.data.get("members") else []
+    if cfg.selection_data and cfg.selection_data not in names:
+        raise InputError(f"config key 'selection_data' = {cfg.selection_data!r}: not a data set this run pools "
+                         f"({', '.join(names) or 'it reads one; selection_data is for data=[a,b]'})")
 
 
 def selection_score(scores: dict, tasks: list[str]) -> float:

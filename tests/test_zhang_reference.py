@@ -551,3 +551,22 @@ def test_normal_init_draws_what_their_init_weights_draws() -> None:
     assert (layer.self_attn.in_proj_bias == 0).all() and (block.qkv.bias == 0).all()
     for a, b in ((layer.norm1, block.norm1), (layer.norm2, block.norm2)):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    # their layers are deep copies of one (_get_clones): one input-projection draw for all of them
+    theirs = TransformerEncoder(256, 3, 4, dim_feedforward=512, affine=False, affine_dim=256, dropout=0.3)
+    init_weights(theirs)
+    branch = model.net.branches["valence"]
+    for first, rest in ((theirs.encoder.layers[0].self_attn.in_proj_weight,
+                          [m.self_attn.in_proj_weight for m in theirs.encoder.layers[1:]]),
+                         (branch.blocks[0].qkv.weight, [b.qkv.weight for b in branch.blocks[1:]])):
+        assert len(rest) == 2 and all(torch.equal(first, w) for w in rest)
+    assert not torch.equal(branch.blocks[0].mlp[0].weight, branch.blocks[1].mlp[0].weight)  # the Linears drawn apart
+
+
+def test_the_position_codes_are_their_table_to_the_bit() -> None:
+    """Their table (padding_idx=0) indexed by arange(seq_len) in every chunk, as the encoder adds it."""
+    from models.transformer import zero_first_positions
+
+    cfg, model, _ = built("zhang2022_transformer", *SMALL)
+    assert model.net.bottom.positions == "sinusoidal_zero_first"
+    expected = get_sinusoid_encoding_table(512, 128, padding_idx=0)[:300]
+    assert torch.equal(zero_first_positions(300, 128), expected)
