@@ -47,15 +47,17 @@ LONG = {
     "python -m pipeline.sweep experiment=mtl_gru,va_only seed=0,1,2 epochs=20": "six trainings",
     "tensorboard --logdir runs/sample/train": "a server that runs until stopped",
     "make train EXPERIMENT=zhang2022_transformer DATA=affwild2_mtl": "needs s-Aff-Wild2 and MAE/IResNet weights",
-    'make experiments EXPERIMENTS="zhang2022_transformer zhang2022_lstm zhang2022_gru" SEEDS=1,2,3 DATA=affwild2_mtl':
+    "make reproduce RECIPE=zhang2022_transformer DATA=affwild2_mtl":
         "needs s-Aff-Wild2 and MAE/IResNet weights; hours on a GPU",
+    'make train EXPERIMENT=zhang2022_transformer ARGS="epochs=2 extractors=[onet] cache_in_memory=true"':
+        "the full-size transformer: minutes on this CPU, run by hand",
     "make bench DATA=affwild2 EXTRACTOR=mae_vit_base": "needs Aff-Wild2 and MAE weights",
 }
 # The user's config folder the commands run with: a smaller sample, and fewer epochs for the runs
 # that do not set their own (a recipe's epochs come from its file or the command, as typed).
 SMALLER = {"sample.yaml": {"n_videos": 4, "n_frames": 90, "val_videos": 1}, "train.yaml": {"epochs": 3}}
 # What a command must print besides exiting 0, where its output says it did its work.
-PRINTS = {"make demo": "P_MTL", "make train": "Validation scores", "python -m pipeline.sweep": "Sweep over 3 runs",
+PRINTS = {"make demo": "P_MTL", "make train": "Validation scores", "make reproduce": "published (the paper's", "python -m pipeline.sweep": "Sweep over 3 runs",
           "make predict": "written to",
           "python -m pipeline.features": "features: 4 done"}
 
