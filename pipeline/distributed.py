@@ -152,7 +152,8 @@ class BalancedBatches(GlobalBatches):
                     order[k] += [groups[k][j] for j in drawn]
                 batch += order[k][:n]
                 order[k] = order[k][n:]
-            yield batch
+            # rows mixed, so that each rank's share holds every data set too
+            yield [batch[j] for j in torch.randperm(len(batch), generator=self.generator).tolist()]
 
 
 class Shares(Dataset):
