@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline import initialise
 from pipeline.config import Config
 from pipeline.feature_cache import FeatureCache
 from pipeline.splits import open_features
@@ -22,8 +23,13 @@ NOT_DEFINING = ("name", "runs_dir", "out_dir", "device", "num_workers", "cache_i
 
 def run_identity(cfg: Config, cache: FeatureCache) -> str:
     """The hash that names a run: every defining key of ``cfg`` and what the features are made of
-    (extractor settings and weights, the face files behind each video, the videos cached)."""
-    defining = {k: v for k, v in cfg.items() if k not in NOT_DEFINING}
+    (extractor settings and weights, the face files behind each video, the videos cached). Parts
+    taken from other runs count by their sources' identities, not paths; a run that takes none is
+    named as before those keys existed."""
+    defining = {k: v for k, v in cfg.items() if k not in NOT_DEFINING and k not in initialise.KEYS}
+    taken = initialise.identity(cfg)
+    if taken is not None:
+        defining["init_from"] = taken
     return Config({"config": defining, "features": cache.identity()}).hash()
 
 
