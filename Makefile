@@ -40,6 +40,7 @@ TRAIN_LINE     = $(TRAIN_SOURCE) data=$(DATA) $(TRAIN_CHOICES) name=$(RUN) runs_
 SWEEP_LINE     = data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(SWEEP) $(call args_for,sweep)
 EXPERIMENTS_LINE = data=$(DATA) runs_dir=$(RUNS) experiment=$(subst $(space),$(comma),$(strip $(EXPERIMENTS))) \
                  seed=$(SEEDS) $(call args_for,experiments)
+COMPARE_LINE   = data=$(DATA) runs_dir=$(RUNS) seeds=[$(SEEDS)] $(call args_for,compare-init)
 BENCH_LINE     = data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(ARGS)
 define newline
 
@@ -54,7 +55,7 @@ features_for = $(foreach x,$(shell $(PY) -m pipeline.cli $(1) --show extractors 
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
-.PHONY: help setup weights test lint demo sample faces features train sweep experiments ensemble evaluate predict bench bench-faces bench-features bench-pipeline bench-memory test-faults clean
+.PHONY: help setup weights test lint demo sample faces features train sweep experiments compare-init ensemble evaluate predict bench bench-faces bench-features bench-pipeline bench-memory test-faults clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -108,6 +109,10 @@ sweep: faces ## a grid of training overrides times seeds, mean +- std per settin
 experiments: faces ## a sweep over configs/experiments/ named in EXPERIMENTS, seeds SEEDS
 	$(call features_for,sweep,$(EXPERIMENTS_LINE))
 	$(PY) -m pipeline.sweep $(EXPERIMENTS_LINE)
+
+compare-init: faces ## uni- vs multi-task, and multi-task started from the uni-task runs, over SEEDS: one table
+	$(call features_for,compare_init,$(COMPARE_LINE))
+	$(PY) -m pipeline.compare_init $(COMPARE_LINE)
 
 ensemble: setup ## average the outputs of finished runs and score them as one: make ensemble RUNS="dir dir dir"
 	@test -n "$(filter command environment,$(origin RUNS))" || { echo 'error: set RUNS="run_dir run_dir ..."' >&2; exit 1; }
