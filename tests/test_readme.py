@@ -50,6 +50,9 @@ LONG = {
     'make experiments EXPERIMENTS="zhang2022_transformer zhang2022_lstm zhang2022_gru" SEEDS=1,2,3 DATA=affwild2_mtl':
         "needs s-Aff-Wild2 and MAE/IResNet weights; hours on a GPU",
     "make bench DATA=affwild2 EXTRACTOR=mae_vit_base": "needs Aff-Wild2 and MAE weights",
+    'make compare-init DATA=sample SEEDS=0,1,2 ARGS="epochs=5"': "fifteen trainings and three ensembles",
+    "python -m pipeline.train experiment=mtl_gru init_from=runs/sample/latest/expr_only init_frozen=[encoder]":
+        "needs a finished expr_only run",
 }
 # The user's config folder the commands run with: a smaller sample, and fewer epochs for the runs
 # that do not set their own (a recipe's epochs come from its file or the command, as typed).
