@@ -176,7 +176,8 @@ def source_values(take: Take, path: Path, ckpt: Checkpoint, model: MultiTaskMode
     if not target:
         raise InputError(f"{where}: part {part!r}: this model's {structure} structure has no weights in that part")
     try:
-        source_model = MultiTaskModel.from_args(ckpt.model.args)
+        with torch.random.fork_rng(devices=[]):  # built for its names alone: the run's draws stay as they were
+            source_model = MultiTaskModel.from_args(ckpt.model.args)
     except (TypeError, ValueError) as e:
         raise InputError(f"{where}: part {part!r}: the source's model cannot be rebuilt ({e})") from None
     if part in TASK_PARTS and _task_of(part) not in source_model.tasks:
