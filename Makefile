@@ -42,6 +42,7 @@ SWEEP_LINE     = data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(SWEEP
 EXPERIMENTS_LINE = data=$(DATA) runs_dir=$(RUNS) experiment=$(subst $(space),$(comma),$(strip $(EXPERIMENTS))) \
                  seed=$(SEEDS) $(call args_for,experiments)
 REPRODUCE_LINE = data=$(DATA) runs_dir=$(RUNS) $(call args_for,reproduce)
+COMPARE_LINE   = data=$(DATA) runs_dir=$(RUNS) seeds=[$(SEEDS)] $(call args_for,compare-init)
 BENCH_LINE     = data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(ARGS)
 define newline
 
@@ -56,7 +57,7 @@ features_for = $(foreach x,$(shell $(PY) -m pipeline.cli $(1) --show extractors 
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
-.PHONY: help setup weights test lint demo sample faces features train sweep experiments reproduce ensemble evaluate predict bench bench-faces bench-features bench-pipeline bench-memory test-faults clean
+.PHONY: help setup weights test lint demo sample faces features train sweep experiments reproduce compare-init ensemble evaluate predict bench bench-faces bench-features bench-pipeline bench-memory test-faults clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -114,6 +115,10 @@ experiments: faces ## a sweep over configs/experiments/ named in EXPERIMENTS, se
 reproduce: faces ## a seed system over its authors' seeds, ensembled, beside its paper's figures: RECIPE=zhang2022_transformer
 	$(call features_for,train,experiment=$(RECIPE) $(REPRODUCE_LINE))
 	$(PY) -m pipeline.reproduce recipe=$(RECIPE) $(REPRODUCE_LINE)
+
+compare-init: faces ## uni- vs multi-task, and multi-task started from the uni-task runs, over SEEDS: one table
+	$(call features_for,compare_init,$(COMPARE_LINE))
+	$(PY) -m pipeline.compare_init $(COMPARE_LINE)
 
 ensemble: setup ## average the outputs of finished runs and score them as one: make ensemble RUNS="dir dir dir"
 	@test -n "$(filter command environment,$(origin RUNS))" || { echo 'error: set RUNS="run_dir run_dir ..."' >&2; exit 1; }

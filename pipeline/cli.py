@@ -11,8 +11,8 @@ argument is a run folder, and so is each ``runs=...``). ``--config-dir DIR`` loo
 prints the usage and exits 0 before anything else happens.
 
 ``python -m pipeline.cli <stage> --show KEY [config.yaml] [key=value ...]`` prints the same from
-the config alone, without loading the command (``sweep``: over every run of its grid); Make asks it
-which extractors a training target reads.
+the config alone, without loading the command (``sweep``: over every run of its grid;
+``compare_init``: over its runs); Make asks it which extractors a training target reads.
 
 A config or input error, found while reading the command line or inside ``main``, is one
 ``error: ...`` line and exit status 1; ``main``'s own status is the process's otherwise. Process-wide
@@ -280,7 +280,14 @@ def _show_only(argv: list[str]) -> NoReturn:
         raise SystemExit(0)
     stage, rest = argv[0], argv[1:]
     grid = (lambda c: _Grid([load_config("train", c.config, run) for run in expand(c.overrides)]))
-    Program(stage, _only_shows, configure=grid if stage == "sweep" else None).run(rest)
+    configure = {"sweep": grid, "compare_init": _comparison}.get(stage)
+    Program(stage, _only_shows, configure=configure).run(rest)
+
+
+def _comparison(command: Command) -> Any:
+    from pipeline.compare_init import Comparison  # its runs' configs, for Make's features
+
+    return Comparison(command.config, command.overrides)
 
 
 if __name__ == "__main__":

@@ -395,8 +395,9 @@ def _check_type(key: str, old: Any, new: Any) -> Any:
     )
 
 
-# Sections that map names the user chooses to values (extractor name -> weights file).
-OPEN_SECTIONS = ("extractor_weights",)
+# Sections that map names the user chooses to values (extractor name -> weights file, a model part
+# -> the run it starts from).
+OPEN_SECTIONS = ("extractor_weights", "init_sources")
 
 
 def _unknown(key: str, where: Mapping, prefix: str) -> ConfigError:

@@ -213,10 +213,13 @@ def report(out: Path, members: list[dict], scores: dict) -> None:
     print(f"written to {out / 'scores.json'}")
 
 
-def folder(members: list[Member]) -> tuple[str, Path]:
-    """The identity of an ensemble of ``members`` (sorted by identity) and the folder it names."""
+def resolve(runs: list) -> tuple[list[Member], str, Path]:
+    """The members of the run folders ``runs``, sorted by identity (the folder and the sums do not
+    depend on the order the runs are given in), the ensemble's identity and its folder."""
+    members = sorted((load_member(Path(r)) for r in runs), key=lambda m: m.identity)
+    check_members(members)
     identity = Config({"members": [m.identity for m in members]}).hash()
-    return identity, Path(members[0].cfg.runs_dir) / members[0].cfg.data.name / "ensembles" / identity[:8]
+    return members, identity, Path(members[0].cfg.runs_dir) / members[0].cfg.data.name / "ensembles" / identity[:8]
 
 
 def main(cfg: Config) -> int:
@@ -225,10 +228,7 @@ def main(cfg: Config) -> int:
     check_choices(cfg, CHOICES)
     if not cfg.runs:
         raise ConfigError("give the run folders to average: python -m pipeline.ensemble RUN_DIR RUN_DIR ...")
-    # sorted by identity: the folder and the sums do not depend on the order the runs are given in
-    members = sorted((load_member(Path(r)) for r in cfg.runs), key=lambda m: m.identity)
-    check_members(members)
-    identity, out = folder(members)
+    members, identity, out = resolve(cfg.runs)
     try:
         with claimed(out, identity) as run:
             if run.done:

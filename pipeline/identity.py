@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline import initialise
 from pipeline.config import Config
 from pipeline.feature_cache import FeatureCache
 from pipeline.splits import open_features
@@ -57,8 +58,14 @@ def defining_settings(cfg: Config) -> dict:
 
 def run_identity(cfg: Config, cache: FeatureCache) -> str:
     """The hash that names a run: every defining key of ``cfg`` and what the features are made of
-    (extractor settings and weights, the face files behind each video, the videos cached)."""
-    return Config({"config": defining_settings(cfg), "features": cache.identity()}).hash()
+    (extractor settings and weights, the face files behind each video, the videos cached). Parts
+    taken from other runs count by their sources' identities, not paths; a run that takes none is
+    named as before those keys existed."""
+    defining = {k: v for k, v in defining_settings(cfg).items() if k not in initialise.KEYS}
+    taken = initialise.identity(cfg)
+    if taken is not None:
+        defining["init_from"] = taken
+    return Config({"config": defining, "features": cache.identity()}).hash()
 
 
 def run_name(cfg: Config) -> str:

@@ -94,10 +94,8 @@ def main(job: Reproduction) -> int:
     folders = [r["folder"] for r in results if r["scores"] is not None]
     ensembled = None
     if len(folders) > 1:
-        members = sorted((ensemble.load_member(Path(f)) for f in folders), key=lambda m: m.identity)
-        ensemble.check_members(members)
         if ensemble.main(Config({"runs": folders, "device": job.cfg.device})) == 0:
-            ensembled = json.loads((ensemble.folder(members)[1] / "scores.json").read_text())
+            ensembled = json.loads((ensemble.resolve(folders)[2] / "scores.json").read_text())
     text = table(results, ensembled, job.published)
     first = job.sweep.configs[0]
     where = Path(first.runs_dir) / first.data.name / "reproduce" / f"{job.recipe}-{job.sweep.name().rsplit('/', 1)[-1]}"

@@ -100,12 +100,13 @@ def summary_rows(results: list[dict]) -> list[dict]:
     return list(rows.values())
 
 
-def format_summary(rows: list[dict]) -> str:
+def format_summary(rows: list[dict], label: str = "setting") -> str:
+    """The table of :func:`summary_rows`: one row per setting (headed ``label``), mean ± std per score."""
     def cell(s: dict) -> str:
         return "n/a" if s["mean"] is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
 
     return markdown_table(
-        ["setting", "seeds", *(h for h, _ in SCORES)],
+        [label, "seeds", *(h for h, _ in SCORES)],
         [[r["setting"], f"{len(r['seeds'])}" + (f" ({r['failed']} failed)" if r["failed"] else ""),
           *(cell(r[k]) for _, k in SCORES)] for r in rows])
 
@@ -125,22 +126,29 @@ def folder_of(cfg: Config) -> tuple[Path | None, bool]:
     return out, done
 
 
+def train_or_reuse(path: str | None, run: list[str], cfg: Config) -> tuple[int, Path | None, dict | None]:
+    """Train the run of ``cfg`` (``run``: its overrides of ``path``) in a process of its own, or
+    reuse it where it finished before: its exit status, folder and scores (None when it failed)."""
+    out, done = folder_of(cfg)
+    if done:  # as the run itself would say, without starting a process for it
+        report_finished(out)
+        status = 0
+    else:
+        status = train_process(path, run)  # a run that fails, fails alone; the caller goes on
+        out = (out or run_folder(cfg)) if status == 0 else None
+    scores = json.loads((out / "scores.json").read_text()) if out is not None else None
+    if status:
+        log.error("run %s failed with exit status %d", " ".join(run), status)
+    return status, out, scores
+
+
 def run_all(sweep: Sweep) -> list[dict[str, Any]]:
     """Train (or find finished) every run of ``sweep``, one process each; per run its overrides,
     setting, seed, exit status, folder and scores (None for a run that failed)."""
     results: list[dict[str, Any]] = []
     for i, (run, cfg) in enumerate(sweep.runs, start=1):
         log.info("sweep run %d/%d: %s", i, len(sweep.runs), " ".join(run))
-        out, done = folder_of(cfg)
-        if done:  # as the run itself would say, without starting a process for it
-            report_finished(out)
-            status = 0
-        else:
-            status = train_process(sweep.path, run)  # a run that fails, fails alone; the sweep goes on
-            out = (out or run_folder(cfg)) if status == 0 else None
-        scores = json.loads((out / "scores.json").read_text()) if out is not None else None
-        if status:
-            log.error("sweep run %s failed with exit status %d", " ".join(run), status)
+        status, out, scores = train_or_reuse(sweep.path, run, cfg)
         results.append({"overrides": run, "setting": sweep.setting(run), "seed": cfg.seed, "status": status,
                         "folder": str(out) if out else None, "scores": scores})
     return results

@@ -18,7 +18,7 @@ from models.cross_task import au_cooccurrence
 from models.heads import ACTIVATIONS, VA_OUTPUTS
 from models.losses import AU_LOSSES, EXPR_REDUCTIONS, VA_LOSSES, VA_REDUCTIONS, WEIGHTINGS
 from models.transformer import NORMS, POSITIONS
-from pipeline import metrics
+from pipeline import initialise, metrics
 from pipeline.config import DEVICE, Config, InputError
 from pipeline.data import FRAMES, Normaliser, SequenceDataset, VideoChunkBatches
 from pipeline.distributed import LAST_BATCHES, BalancedBatches, GlobalBatches, Shares, World
@@ -83,6 +83,8 @@ CHOICES = {
     "selection_ties": SELECTION_TIES,
     "frozen_mode": FROZEN_MODES,
     "va_smoothing_edges": SMOOTHING_EDGES,
+    "init_parts": initialise.PARTS,
+    "init_frozen": initialise.PARTS,
     "data.expressions": tuple(EXPRESSION_SETS),
     "device": DEVICE,
 }
@@ -338,7 +340,9 @@ def build_training(cfg: Config, world: World, device: torch.device, cache: Featu
         log.warning("batch_size=%d does not split evenly over %d processes: shares are padded",
                     cfg.batch_size, world.size)
 
-    model = build_model(cfg, cache.dim, train_labels, train_videos).to(device)
+    model = build_model(cfg, cache.dim, train_labels, train_videos)
+    initialise.take_parts(cfg, model)
+    model = model.to(device)
     # class weights from the labels training reads (with frames: labelled, only those of frames with a face)
     loss_fn = build_loss(cfg, model, train_set.labels_read(), train_videos).to(device)
     return Training(stages, train_labels, val_labels, train_videos, val_videos, prior, normaliser, train_set,
@@ -349,11 +353,11 @@ def enter_stage(
     cfg: Config, model: MultiTaskModel, loss_fn: MultiTaskLoss, stages: list[list[str]], k: int, steps_per_epoch: int
 ) -> tuple[list[torch.nn.Module], list[list[torch.nn.Parameter]], torch.optim.Optimizer,
            torch.optim.lr_scheduler.LambdaLR]:
-    """Freeze what earlier stages trained (and stage ``k`` does not): the modules returned, to be
-    kept in eval mode so their batch-norm statistics stay too. Its clip groups, a fresh optimiser
-    and schedule."""
+    """Freeze what earlier stages trained (and stage ``k`` does not) and the parts taken from other
+    runs that ``init_frozen`` names: the modules returned, to be kept in eval mode so their
+    batch-norm statistics stay too. Its clip groups, a fresh optimiser and schedule."""
     earlier = {t for s in stages[:k] for t in s} - set(stages[k])
-    frozen_modules = task_modules(model, sorted(earlier))
+    frozen_modules = task_modules(model, sorted(earlier)) + initialise.frozen_modules(cfg, model)
     frozen = {id(p) for m in frozen_modules for p in m.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)

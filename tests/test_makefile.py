@@ -93,3 +93,11 @@ def test_sweeps_experiments_and_the_bench_compute_the_features_they_read() -> No
         features = stage_lines(dry_run(target, *args), "features")
         assert [next(w.split("=", 1)[1] for w in line.split() if w.startswith("extractor=")) for line in features] \
             == extractors, (target, args)
+
+
+def test_compare_init_passes_the_seeds_and_args_and_computes_the_runs_features_first() -> None:
+    text = dry_run("compare-init", "SEEDS=1,2,3", "ARGS=epochs=2")
+    (compare,) = stage_lines(text, "compare_init")
+    assert "seeds=[1,2,3]" in compare and "epochs=2" in compare and "data=sample" in compare
+    (features,) = stage_lines(text, "features")  # train.yaml's extractors, which every variant reads
+    assert "extractor=onet" in features

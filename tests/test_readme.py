@@ -52,13 +52,16 @@ LONG = {
     'make train EXPERIMENT=zhang2022_transformer ARGS="epochs=2 extractors=[onet] cache_in_memory=true"':
         "the full-size transformer: minutes on this CPU, run by hand",
     "make bench DATA=affwild2 EXTRACTOR=mae_vit_base": "needs Aff-Wild2 and MAE weights",
+    'make compare-init DATA=sample SEEDS=0,1,2 ARGS="epochs=5"': "fifteen trainings and three ensembles",
+    "python -m pipeline.train experiment=mtl_gru init_from=runs/sample/latest/expr_only init_frozen=[encoder]":
+        "needs a finished expr_only run",
 }
 # The user's config folder the commands run with: a smaller sample, and fewer epochs for the runs
 # that do not set their own (a recipe's epochs come from its file or the command, as typed).
 SMALLER = {"sample.yaml": {"n_videos": 4, "n_frames": 90, "val_videos": 1}, "train.yaml": {"epochs": 3}}
 # What a command must print besides exiting 0, where its output says it did its work.
-PRINTS = {"make demo": "P_MTL", "make train": "Validation scores", "make reproduce": "published (the paper's", "python -m pipeline.sweep": "Sweep over 3 runs",
-          "make predict": "written to",
+PRINTS = {"make demo": "P_MTL", "make train": "Validation scores", "python -m pipeline.sweep": "Sweep over 3 runs",
+          "make reproduce": "published (the paper's", "make predict": "written to",
           "python -m pipeline.features": "features: 4 done"}
 
 

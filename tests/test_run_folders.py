@@ -186,6 +186,13 @@ def test_keys_added_later_keep_the_identity_of_runs_made_before_them_at_their_ne
     assert run_identity(Config(now), features) == run_identity(Config(old), features)
     # any other value is another run
     for key, neutral in ADDED_KEYS.items():
-        other = {"all": "labelled", "drop": "keep", "joint": "apart", "first": "last", "eval": "train",
-                 "pad": "truncate", True: False}.get(neutral, "something else")
+        if isinstance(neutral, bool):
+            other = not neutral
+        elif isinstance(neutral, int):
+            other = neutral + 1
+        elif isinstance(neutral, dict):
+            other = {"syn": 1.0}
+        else:
+            other = {"all": "labelled", "drop": "keep", "joint": "apart", "first": "last", "eval": "train",
+                     "pad": "truncate", "weighted_mean": "mean", "labelled": "steps"}.get(neutral, "syn")
         assert run_identity(Config(_with(now, key, other)), features) != run_identity(Config(old), features), key
