@@ -73,3 +73,21 @@ def learnable_set(root: Path, name: str = "syn", videos: int = 6, frames: int = 
     write_annotations(root / "annotations", "train", {k: labels[k] for k in names[:4]})
     write_annotations(root / "annotations", "val", {k: labels[k] for k in names[4:]})
     return {"runs": runs, "annotations": root / "annotations", "cache": cache}
+
+
+def two_data_sets(root: Path, b_frames: int = 96) -> tuple[Path, list[Path]]:
+    """Two learnable data sets under one runs folder: ``syn_a`` labels every task, ``syn_b`` (videos
+    of ``b_frames`` frames) action units only. Returns the runs folder and the two data configs."""
+    import shutil
+
+    a = learnable_set(root / "a", name="syn_a")
+    b = learnable_set(root / "b", name="syn_b", seed=1, frames=b_frames)
+    shutil.rmtree(b["annotations"] / "VA_Estimation_Challenge")
+    shutil.rmtree(b["annotations"] / "EXPR_Recognition_Challenge")
+    shutil.copytree(b["runs"] / "syn_b", a["runs"] / "syn_b")
+    configs = []
+    for name, paths in (("syn_a", a), ("syn_b", b)):
+        configs.append(root / f"{name}.yaml")
+        configs[-1].write_text(f"name: {name}\nvideos: none\nannotations: {paths['annotations']}\n"
+                               "format: abaw_tasks\ntrain_split: train\nval_split: val\nexpressions: abaw8\n")
+    return a["runs"], configs

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.image
-import numpy as np
 import pytest
 
 from pipeline import loop as epoch_loop
@@ -245,12 +246,22 @@ def test_encoder_that_cannot_be_built_is_refused_before_any_timing(tmp_path):
 
 
 def test_cpu_peak_meter_sees_a_freed_allocation():
-    peak, method = bench.cpu_peak_meter()
-    before = peak()
-    block = np.ones(64 * 2**20 // 8)  # 64 MB, every page written
-    block.sum()
-    del block
-    assert 48 < peak() - before < 160, method  # the high-water mark keeps it after the free
+    """In a process of its own, as the benchmarks measure theirs: a test worker's heap may already
+    hold freed pages that a new allocation reuses without raising the resident size."""
+    script = """
+import numpy as np
+from pipeline import bench
+peak, method = bench.cpu_peak_meter()
+before = peak()
+block = np.ones(64 * 2**20 // 8)  # 64 MB, every page written
+block.sum()
+del block
+print(peak() - before, method)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    grown, method = done.stdout.split(" ", 1)
+    assert 48 < float(grown) < 160, method  # the high-water mark keeps it after the free
 
 
 def test_paired_differences_skip_failed_seeds():

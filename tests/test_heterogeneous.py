@@ -4,7 +4,6 @@ hold every data set's share, the best epoch chosen on one data set, and each dat
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from pipeline.config import Config, InputError, load_config
 from pipeline.distributed import BalancedBatches, World, proportioned
 from pipeline.loop import LoopState
 from pipeline.validation import selected_scores
-from tests.synthetic import learnable_set
+from tests.synthetic import learnable_set, two_data_sets
 from tests.test_seed_training import FAST, scores_of
 
 
@@ -85,16 +84,8 @@ def test_the_best_epoch_on_a_named_data_set() -> None:
 @pytest.fixture
 def two_sets(tmp_path: Path) -> tuple[Path, list[str]]:
     """Data set a labels every task, b only action units; b is a third of a's size."""
-    a = learnable_set(tmp_path / "a", name="syn_a")
-    b = learnable_set(tmp_path / "b", name="syn_b", seed=1, frames=32)
-    shutil.rmtree(b["annotations"] / "VA_Estimation_Challenge")
-    shutil.rmtree(b["annotations"] / "EXPR_Recognition_Challenge")
-    shutil.copytree(b["runs"] / "syn_b", a["runs"] / "syn_b")
-    for name, paths in (("syn_a", a), ("syn_b", b)):
-        (tmp_path / f"{name}.yaml").write_text(
-            f"name: {name}\nvideos: none\nannotations: {paths['annotations']}\nformat: abaw_tasks\n"
-            f"train_split: train\nval_split: val\nexpressions: abaw8\n")
-    return a["runs"], [*FAST, f"runs_dir={a['runs']}", f"data=[{tmp_path / 'syn_a.yaml'},{tmp_path / 'syn_b.yaml'}]"]
+    runs, (a, b) = two_data_sets(tmp_path, b_frames=32)
+    return runs, [*FAST, f"runs_dir={runs}", f"data=[{a},{b}]"]
 
 
 def test_two_data_sets_with_balanced_batches_train_and_report_each(two_sets, tmp_path: Path,

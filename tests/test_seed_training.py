@@ -6,7 +6,6 @@ batches with a carried encoder state."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import h5py
@@ -19,7 +18,7 @@ from pipeline.config import Config, InputError, load_config
 from pipeline.data import Normaliser
 from pipeline.inference import predict_features
 from pipeline.labels import Labels, load_annotations
-from tests.synthetic import learnable_set, write_annotations
+from tests.synthetic import learnable_set, two_data_sets, write_annotations
 
 FAST = ["encoder.hidden=32", "encoder.layers=1", "window=24", "stride=8", "eval_stride=12", "batch_size=4",
         "lr=0.005", "patience=0", "extractors=[syn]"]
@@ -88,20 +87,10 @@ def test_splits_that_share_a_video_are_refused(tmp_path: Path) -> None:
 
 
 def test_two_data_sets_train_together_each_on_the_tasks_it_labels(tmp_path: Path) -> None:
-    a = learnable_set(tmp_path / "a", name="syn_a")
-    b = learnable_set(tmp_path / "b", name="syn_b", seed=1)
-    # data set b labels action units only
-    shutil.rmtree(b["annotations"] / "VA_Estimation_Challenge")
-    shutil.rmtree(b["annotations"] / "EXPR_Recognition_Challenge")
-    shutil.copytree(b["runs"] / "syn_b", a["runs"] / "syn_b")
-    for name, paths in (("syn_a", a), ("syn_b", b)):
-        (tmp_path / f"{name}.yaml").write_text(
-            f"name: {name}\nvideos: none\nannotations: {paths['annotations']}\nformat: abaw_tasks\n"
-            f"train_split: train\nval_split: val\nexpressions: abaw8\n")
+    runs, (a_yaml, b_yaml) = two_data_sets(tmp_path)  # b labels action units only
     out = tmp_path / "run"
     cfg = load_config("train", overrides=[
-        *FAST, f"runs_dir={a['runs']}", f"out_dir={out}", "epochs=20",
-        f"data=[{tmp_path / 'syn_a.yaml'},{tmp_path / 'syn_b.yaml'}]"])
+        *FAST, f"runs_dir={runs}", f"out_dir={out}", "epochs=20", f"data=[{a_yaml},{b_yaml}]"])
     assert cfg.data.name == "syn_a+syn_b" and [m.name for m in cfg.data.members] == ["syn_a", "syn_b"]
     assert train.main(cfg) == 0
     scores = scores_of(out)
@@ -111,7 +100,7 @@ def test_two_data_sets_train_together_each_on_the_tasks_it_labels(tmp_path: Path
     assert per_data["syn_a"]["n_va"] > 0 and scores["n_au"] == per_data["syn_a"]["n_au"] + per_data["syn_b"]["n_au"]
     assert per_data["syn_b"]["f1_au"] > 0.8 and per_data["syn_a"]["p_mtl"] > 1.5, per_data
     with pytest.raises(Exception, match="several data sets train together"):
-        load_config("features", overrides=[f"data=[{tmp_path / 'syn_a.yaml'},{tmp_path / 'syn_b.yaml'}]"])
+        load_config("features", overrides=[f"data=[{a_yaml},{b_yaml}]"])
 
 
 def test_seven_basic_emotions(syn: dict[str, Path], tmp_path: Path) -> None:
