@@ -17,7 +17,7 @@ from models import STRUCTURES, TASKS, MultiTaskLoss, MultiTaskModel
 from models.cross_task import au_cooccurrence
 from models.heads import ACTIVATIONS, VA_OUTPUTS
 from models.losses import AU_LOSSES, EXPR_REDUCTIONS, VA_LOSSES, VA_REDUCTIONS, WEIGHTINGS
-from models.transformer import NORMS, POSITIONS
+from models.transformer import NORMS, POSITIONS, TransformerEncoder
 from pipeline import initialise, metrics
 from pipeline.config import DEVICE, Config, InputError
 from pipeline.data import FRAMES, Normaliser, SequenceDataset, VideoChunkBatches
@@ -137,8 +137,6 @@ def normal_init(model: torch.nn.Module, std: float = 0.02) -> None:
     bare parameter of ``nn.MultiheadAttention`` there, keeps that module's own draw (Xavier-uniform
     over the whole matrix, bias 0), one draw for all layers of an encoder, which are deep copies of
     one layer there. Recurrent cells and norms keep their initialisation."""
-    from models.transformer import TransformerEncoder
-
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.normal_(module.weight, 0.0, std)

@@ -104,7 +104,8 @@ def selection_term(key: str) -> str:
     return TERMS.get(key) or VA_TERMS[key]
 
 
-TASK_SCORES = {"va": ("p_va", "ccc_v", "ccc_a"), "expr": ("f1_expr",), "au": ("f1_au",)}
+# each task's validation scores: its term of P_MTL and, for VA, its dimensions
+TASK_SCORES = {t: (term, *(VA_TERMS.values() if t == "va" else ())) for t, term in TERMS.items()}
 
 
 def selected_scores(scores: dict, cfg: Config) -> dict:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn import init
 from torch.optim import lr_scheduler
 
+from models.transformer import zero_first_positions
 from pipeline import training
 from pipeline.config import load_config
 from pipeline.labels import Labels
@@ -564,8 +565,6 @@ def test_normal_init_draws_what_their_init_weights_draws() -> None:
 
 def test_the_position_codes_are_their_table_to_the_bit() -> None:
     """Their table (padding_idx=0) indexed by arange(seq_len) in every chunk, as the encoder adds it."""
-    from models.transformer import zero_first_positions
-
     cfg, model, _ = built("zhang2022_transformer", *SMALL)
     assert model.net.bottom.positions == "sinusoidal_zero_first"
     expected = get_sinusoid_encoding_table(512, 128, padding_idx=0)[:300]
