@@ -3,7 +3,9 @@
 # the work it finished before with the same settings (face files and feature parts by their config
 # hashes, a training run by the identity that names its folder), so `make train` runs faces and
 # features first and a second identical call only checks. ARGS="key=value ..." goes to the stage
-# named on the command line (make faces ARGS="device=cuda" passes it to the faces stage only).
+# named on the command line (make faces ARGS="detect_size=480" passes it to the faces stage only);
+# DEVICE=cuda (cpu, cuda:1, ...) goes to every stage a target runs, so that `make train DEVICE=cuda`
+# also detects faces and computes features on the GPU. Empty: each stage's config says (cpu).
 # Training targets compute the features of every extractor their resolved config reads (from
 # EXTRACTOR, an experiment, a config file or ARGS; `python -m pipeline.cli <command> --show extractors`),
 # each with its configs/features/<name>.yaml.
@@ -15,6 +17,7 @@ EXPERIMENT ?=
 CONFIG     ?=
 RUN        ?= $(or $(EXPERIMENT),$(if $(CONFIG),$(basename $(notdir $(CONFIG))),$(ENCODER)))
 ARGS       ?=
+DEVICE     ?=
 RUNS       ?= runs
 SEEDS      ?= 0,1,2
 SWEEP      ?= encoder=gru,lstm seed=$(SEEDS)
@@ -30,6 +33,7 @@ comma := ,
 empty :=
 space := $(empty) $(empty)
 args_for       = $(if $(filter $(1),$(MAKECMDGOALS)),$(ARGS))
+ON_DEVICE      = $(if $(DEVICE),device=$(DEVICE))
 # The generated data sets: sample (configs/sample.yaml) and sample_temporal (configs/sample_temporal.yaml).
 GENERATED     := sample sample_temporal
 SAMPLE_STEP   := $(if $(filter $(GENERATED),$(DATA)),sample)
@@ -37,13 +41,13 @@ SAMPLE_CONFIG := $(if $(filter sample_temporal,$(DATA)),configs/sample_temporal.
 # An experiment or config file names its own encoder and extractors; the variables apply to train.yaml.
 TRAIN_SOURCE   = $(if $(EXPERIMENT),experiment=$(EXPERIMENT),$(CONFIG))
 TRAIN_CHOICES  = $(if $(TRAIN_SOURCE),,extractors=[$(EXTRACTOR)] encoder=$(ENCODER))
-TRAIN_LINE     = $(TRAIN_SOURCE) data=$(DATA) $(TRAIN_CHOICES) name=$(RUN) runs_dir=$(RUNS) $(call args_for,train)
-SWEEP_LINE     = data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(SWEEP) $(call args_for,sweep)
+TRAIN_LINE     = $(TRAIN_SOURCE) data=$(DATA) $(TRAIN_CHOICES) name=$(RUN) runs_dir=$(RUNS) $(ON_DEVICE) $(call args_for,train)
+SWEEP_LINE     = data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(SWEEP) $(ON_DEVICE) $(call args_for,sweep)
 EXPERIMENTS_LINE = data=$(DATA) runs_dir=$(RUNS) experiment=$(subst $(space),$(comma),$(strip $(EXPERIMENTS))) \
-                 seed=$(SEEDS) $(call args_for,experiments)
-REPRODUCE_LINE = data=$(DATA) runs_dir=$(RUNS) $(call args_for,reproduce)
-COMPARE_LINE   = data=$(DATA) runs_dir=$(RUNS) seeds=[$(SEEDS)] $(call args_for,compare-init)
-BENCH_LINE     = data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(ARGS)
+                 seed=$(SEEDS) $(ON_DEVICE) $(call args_for,experiments)
+REPRODUCE_LINE = data=$(DATA) runs_dir=$(RUNS) $(ON_DEVICE) $(call args_for,reproduce)
+COMPARE_LINE   = data=$(DATA) runs_dir=$(RUNS) seeds=[$(SEEDS)] $(ON_DEVICE) $(call args_for,compare-init)
+BENCH_LINE     = data=$(DATA) extractors=[$(EXTRACTOR)] runs_dir=$(RUNS) $(ON_DEVICE) $(ARGS)
 define newline
 
 
@@ -53,15 +57,15 @@ endef
 # command then says why, in one line).
 features_for = $(foreach x,$(shell $(PY) -m pipeline.cli $(1) --show extractors $(2) 2>/dev/null),$(PY) -m pipeline.features \
 	data=$(DATA) extractor=$(x) faces_dir=$(RUNS)/$(DATA)/faces out_dir=$(RUNS)/$(DATA)/features \
-	$(call args_for,features)$(newline))
+	$(ON_DEVICE) $(call args_for,features)$(newline))
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
-.PHONY: help setup weights test lint demo sample faces features train sweep experiments reproduce compare-init ensemble evaluate predict bench bench-faces bench-features bench-pipeline bench-memory test-faults clean
+.PHONY: help setup weights test lint demo sample faces features train sweep experiments reproduce compare-init ensemble evaluate predict bench bench-faces bench-features bench-pipeline bench-memory bench-gpu test-faults clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "variables: DATA=$(DATA) EXTRACTOR=$(EXTRACTOR) ENCODER=$(ENCODER) EXPERIMENT=$(EXPERIMENT) CONFIG=$(CONFIG) RUN=$(RUN) ARGS=\"$(ARGS)\""
+	@echo "variables: DATA=$(DATA) EXTRACTOR=$(EXTRACTOR) ENCODER=$(ENCODER) EXPERIMENT=$(EXPERIMENT) CONFIG=$(CONFIG) RUN=$(RUN) DEVICE=$(DEVICE) ARGS=\"$(ARGS)\""
 
 setup: $(VENV)/.installed $(WEIGHTS) ## create or refresh the virtual environment, fetch the weights
 
@@ -94,11 +98,11 @@ sample: setup ## write the built-in labelled sample to data/sample (DATA=sample_
 	$(PY) -m pipeline.sample $(SAMPLE_CONFIG) $(call args_for,sample)
 
 faces: setup $(SAMPLE_STEP) ## stage 1: detect, track and align faces (runs/$(DATA)/faces/)
-	$(PY) -m pipeline.faces data=$(DATA) out_dir=$(RUNS)/$(DATA)/faces $(call args_for,faces)
+	$(PY) -m pipeline.faces data=$(DATA) out_dir=$(RUNS)/$(DATA)/faces $(ON_DEVICE) $(call args_for,faces)
 
 features: faces ## stage 2: per-frame features (runs/$(DATA)/features/$(EXTRACTOR).h5)
 	$(PY) -m pipeline.features data=$(DATA) extractor=$(EXTRACTOR) faces_dir=$(RUNS)/$(DATA)/faces \
-		out_dir=$(RUNS)/$(DATA)/features $(call args_for,features)
+		out_dir=$(RUNS)/$(DATA)/features $(ON_DEVICE) $(call args_for,features)
 
 train: faces ## stage 3: features of its extractors, then train and score (runs/$(DATA)/train/$(RUN)-<hash>/; EXPERIMENT=<name>)
 	$(call features_for,train,$(TRAIN_LINE))
@@ -122,7 +126,7 @@ compare-init: faces ## uni- vs multi-task, and multi-task started from the uni-t
 
 ensemble: setup ## average the outputs of finished runs and score them as one: make ensemble RUNS="dir dir dir"
 	@test -n "$(filter command environment,$(origin RUNS))" || { echo 'error: set RUNS="run_dir run_dir ..."' >&2; exit 1; }
-	$(PY) -m pipeline.ensemble $(RUNS) $(ARGS)
+	$(PY) -m pipeline.ensemble $(RUNS) $(ON_DEVICE) $(ARGS)
 
 evaluate: setup ## score a predictions folder: make evaluate PRED=folder [DATA=...]
 	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(or $(PRED),$(RUNS)/$(DATA)/latest/$(RUN)/predictions) $(ARGS)
@@ -132,23 +136,26 @@ PREDICT_CHECKPOINT = $(or $(CHECKPOINT),$(if $(filter command environment,$(fore
 
 predict: setup ## one new video through all stages: make predict VIDEO=clip.mp4 [CHECKPOINT=runs/.../best.pt]
 	@test -n "$(VIDEO)" || { echo "error: set VIDEO=path/to/video.mp4" >&2; exit 1; }
-	$(PY) -m pipeline.predict video=$(VIDEO) checkpoint=$(PREDICT_CHECKPOINT) runs_dir=$(RUNS) $(ARGS)
+	$(PY) -m pipeline.predict video=$(VIDEO) checkpoint=$(PREDICT_CHECKPOINT) runs_dir=$(RUNS) $(ON_DEVICE) $(ARGS)
 
 bench: faces ## encoders side by side: parameters, throughput, memory, validation P_MTL
 	$(call features_for,bench,$(BENCH_LINE))
 	$(PY) -m pipeline.bench.encoders $(BENCH_LINE)
 
 bench-faces: setup ## faces stage against the plain facenet-pytorch loop, and peak memory on a long video
-	$(PY) -m pipeline.bench.faces $(ARGS)
+	$(PY) -m pipeline.bench.faces $(ON_DEVICE) $(ARGS)
 
 bench-features: setup ## features stage against the bare model forward, and cache window reads
-	$(PY) -m pipeline.bench.features $(ARGS)
+	$(PY) -m pipeline.bench.features $(ON_DEVICE) $(ARGS)
 
 bench-pipeline: setup ## where the time goes in the whole pipeline, and the projected Aff-Wild2 time
-	$(PY) -m pipeline.bench.pipeline $(ARGS)
+	$(PY) -m pipeline.bench.pipeline $(ON_DEVICE) $(ARGS)
+
+bench-gpu: setup ## the prepared GPU check: every stage's frames/s, bf16 against fp32 training, in under 8 minutes (smoke=true: a minute on the CPU)
+	$(PY) -m pipeline.bench.gpu $(ON_DEVICE) $(ARGS)
 
 bench-memory: setup ## peak memory of faces and features on a 1- and a 30-minute 720p video, against 1.5 GB
-	$(PY) -m pipeline.bench.memory $(ARGS)
+	$(PY) -m pipeline.bench.memory $(ON_DEVICE) $(ARGS)
 
 clean: ## remove runs/ and the generated samples (keeps the virtual environment)
 	rm -rf $(RUNS) data/sample data/sample_temporal

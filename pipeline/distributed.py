@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, Sampler
 
 from models.abaw import INVALID, TASKS
 from pipeline.data import SequenceDataset
+from pipeline.runs import local_device
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class World:
 def init_world(device: str) -> tuple[World, torch.device]:
     """Join torchrun's process group when WORLD_SIZE > 1: NCCL with one GPU per local rank for
     a CUDA ``device``, else gloo."""
+    device = local_device(device)  # a device this torch cannot use is refused, never replaced
     size = int(os.environ.get("WORLD_SIZE", 1))
     if size == 1:
         return World(), torch.device(device)

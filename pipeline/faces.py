@@ -23,7 +23,7 @@ from pipeline.atomic import atomic_output, sweep_partials
 from pipeline.cli import run_stage
 from pipeline.config import DEVICE, Config, InputError, check_choices
 from pipeline.hdf5 import h5_is_done, h5_writer
-from pipeline.runs import STOPS, list_inputs, run_each, shard_of, stage_lock, stop
+from pipeline.runs import STOPS, list_inputs, local_device, run_each, shard_of, stage_lock, stop
 from pipeline.vision.templates import TEMPLATES
 from pipeline.vision.track import SUBJECTS, Detections, Subject, follow, link, subject_tracks
 from pipeline.vision.video import VideoInfo, chunk_frames, iter_chunks, open_video, shrunk
@@ -229,6 +229,7 @@ def resolve(cfg: Config) -> Config:
     cfg.out_dir = cfg.out_dir or f"runs/{name}/faces"
     if not cfg.videos:
         cfg.videos = cfg.data.get("videos", "") if isinstance(cfg.get("data"), dict) else ""
+    cfg.device = local_device(cfg.device)  # a process of several takes its own GPU
     return cfg
 
 

@@ -29,7 +29,7 @@ from pipeline.atomic import atomic_output, sweep_partials
 from pipeline.cli import run_stage
 from pipeline.config import DEVICE, Config, ConfigError, InputError, check_choices
 from pipeline.hdf5 import h5_is_done
-from pipeline.runs import STOPS, list_inputs, run_each, shard_of, stage_lock, stop
+from pipeline.runs import STOPS, list_inputs, local_device, run_each, shard_of, stage_lock, stop
 
 log = logging.getLogger("pipeline")
 
@@ -279,7 +279,7 @@ def main(cfg: Config) -> int:
         log.warning("!" * 78)
         log.warning("!! %s has RANDOM weights: its features are meaningless (smoke tests only)", name)
         log.warning("!" * 78)
-    device = torch.device(cfg.device)
+    device = torch.device(local_device(cfg.device))  # a process of several takes its own GPU
     extractor.to(device, memory_format=torch.channels_last)
     attrs = cache_attrs(cfg, extractor)
     try:

@@ -94,7 +94,7 @@ def main(job: Reproduction) -> int:
     folders = [r["folder"] for r in results if r["scores"] is not None]
     ensembled = None
     if len(folders) > 1:
-        if ensemble.main(Config({"runs": folders, "device": job.cfg.device})) == 0:
+        if ensemble.main(Config({"runs": folders, "device": job.configs[0].device})) == 0:
             ensembled = json.loads((ensemble.resolve(folders)[2] / "scores.json").read_text())
     text = table(results, ensembled, job.published)
     first = job.sweep.configs[0]

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_output, write_json
+from pipeline.config import InputError
 
 log = logging.getLogger("pipeline")
 
@@ -48,22 +49,74 @@ def list_inputs(source: str | Path, suffixes: Sequence[str] = VIDEO_SUFFIXES) ->
     return sorted(set(found))
 
 
-def shard_index(shard: str | None = None) -> tuple[int, int]:
-    """``(i, n)`` from ``shard="i/n"``, else from torchrun's RANK/WORLD_SIZE, else ``(0, 1)``."""
+# How a scheduler tells a process which of its worker processes it is, outermost first: a Slurm
+# job array (each array task a set of videos), then the processes of one launch (torchrun's, or
+# srun's tasks when torchrun did not start them). Each names (index, count) and, for the
+# processes of one launch on a node, the local index that picks the GPU.
+ARRAY = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")
+LAUNCHES = (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+
+
+def _launch(environ: Mapping[str, str]) -> tuple[int, int, int]:
+    """``(index, count, local index)`` of this process among the processes of its launch."""
+    for rank, size, local in LAUNCHES:
+        if int(environ.get(size, 1)) > 1:
+            return int(environ[rank]), int(environ[size]), int(environ.get(local, 0))
+    return 0, 1, 0
+
+
+def _array(environ: Mapping[str, str]) -> tuple[int, int]:
+    """``(index, count)`` of this Slurm array task (from 0, whatever the array's first id)."""
+    task, count = environ.get(ARRAY[0]), environ.get(ARRAY[1])
+    if task is None or count is None:
+        return 0, 1
+    return int(task) - int(environ.get("SLURM_ARRAY_TASK_MIN", 0)), int(count)
+
+
+def shard_index(shard: str | None = None, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(i, n)`` from ``shard="i/n"``, else from the scheduler: a Slurm array task's share split
+    again over the processes of its launch (torchrun's RANK / WORLD_SIZE, or srun's SLURM_PROCID /
+    SLURM_NTASKS), so array task ``a`` of ``A`` with ``W`` processes gives shard ``a * W + rank``
+    of ``A * W``; else ``(0, 1)``."""
     if shard:
         try:
             i, n = (int(x) for x in str(shard).split("/"))
         except ValueError:
             raise ValueError(f"shard={shard!r} must look like i/n, e.g. 0/4") from None
     else:
-        i, n = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        environ = os.environ if environ is None else environ
+        (a, count), (rank, size, _) = _array(environ), _launch(environ)
+        i, n = a * size + rank, count * size
     if not 0 <= i < n:
         raise ValueError(f"shard {i}/{n}: index must be in [0, {n})")
     return i, n
 
 
+def local_device(device: str, environ: Mapping[str, str] | None = None) -> str:
+    """The device of this process, checked: ``cuda`` without an index becomes ``cuda:<local
+    index>`` for a process of a launch of several (torchrun's LOCAL_RANK, srun's SLURM_LOCALID),
+    wrapped round the GPUs it sees (a task that Slurm gives one GPU sees it as ``cuda:0``; 8
+    processes may share one GPU); any other device as given. A device this torch cannot use is
+    refused (:class:`~pipeline.config.InputError`), never replaced by the CPU."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda":
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = torch.device(device).index
+        if not seen or (index is not None and index >= seen):
+            raise InputError(f"device={device}, but this torch ({torch.__version__}) sees "
+                             f"{seen or 'no'} CUDA device{'s' if seen != 1 else ''}")
+        _, size, local = _launch(os.environ if environ is None else environ)
+        if index is None and size > 1:
+            return f"cuda:{local % seen}"
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device={device}, but this torch ({torch.__version__}) sees no MPS device")
+    return device
+
+
 def shard_of(items: Sequence, shard: str | None = None) -> list:
-    """The items of worker ``i`` of ``n``: from ``shard="i/n"``, else torchrun's RANK/WORLD_SIZE."""
+    """The items of worker ``i`` of ``n``: from ``shard="i/n"``, else the scheduler's (:func:`shard_index`)."""
     i, n = shard_index(shard)
     return list(items[i::n])
 
