@@ -1,6 +1,6 @@
-"""What names a training run: the identity hashed from every setting that changes its result and
-from what its features are made of, the folder that identity names, and the link to the newest
-finished run of a name.
+"""What names a training run: the identity hashed from every setting that changes its result (the
+device type and autocast dtype it computes in included) and from what its features are made of,
+the folder that identity names, and the link to the newest finished run of a name.
 
 ``runs/<data>/train/<name>-<first 8 of the identity>/`` holds one run; ``runs/<data>/latest/<name>``
 links to the newest finished one (outside ``train/``, so that TensorBoard over ``train/`` shows
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import initialise
+from pipeline import initialise, precision
 from pipeline.config import Config
 from pipeline.feature_cache import FeatureCache
 from pipeline.splits import open_features
@@ -65,6 +65,9 @@ def run_identity(cfg: Config, cache: FeatureCache) -> str:
     taken = initialise.identity(cfg)
     if taken is not None:
         defining["init_from"] = taken
+    # the kernels and the autocast dtype change the numbers: a GPU run is another run than a CPU
+    # run with the same keys (the CPU in fp32 adds nothing, as runs made before this existed)
+    defining.update(precision.defining(cfg.device, precision.training_dtype(cfg.device, cfg.amp)))
     return Config({"config": defining, "features": cache.identity()}).hash()
 
 
