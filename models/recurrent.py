@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from models.precision import full_precision
+
 
 def valid_lengths(mask: torch.Tensor) -> torch.Tensor:
     """(b, t) bool -> (b,) int64 index of the last valid step + 1, at least 1 (on CPU, for packing)."""
@@ -30,6 +32,8 @@ class RecurrentEncoder(nn.Module):
     With ``carry_state`` (one direction only) each call starts from the state the previous call
     ended in, detached, as when a video is fed chunk after chunk; :meth:`reset_state` starts a new
     batch of videos. The caller keeps the batch's rows the same videos from chunk to chunk.
+
+    It computes in fp32 inside any autocast region, its carried state too (:mod:`models.precision`).
     """
 
     cell: type[nn.RNNBase] = nn.LSTM
@@ -61,8 +65,9 @@ class RecurrentEncoder(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.out_dim = hidden * (2 if bidirectional else 1)
 
+    @full_precision
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (b, t, d_in), mask (b, t) bool True = valid -> (b, t, hidden * directions)."""
+        """x (b, t, d_in), mask (b, t) bool True = valid -> (b, t, hidden * directions), fp32."""
         t = x.shape[1]
         mask = mask.bool()
         h = torch.where(mask[..., None], self.inp(x), 0.0)
