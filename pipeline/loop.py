@@ -19,8 +19,11 @@ from models.recurrent import reset_carried_state
 from pipeline.checkpoint import Checkpoint, Resume
 from pipeline.config import Config
 from pipeline.distributed import World, gather_batch
+from pipeline.precision import training_dtype
 from pipeline.training import Training, enter_stage
 from pipeline.validation import selection_keys, selection_score, selection_term
+
+LOG_EVERY = 50  # optimiser steps between readings of the losses from the device
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -43,20 +46,40 @@ def train_epoch(
 ) -> list[float]:
     """One pass over ``loader``: an optimiser step per batch on the losses of ``tasks``, the schedule
     stepped after each with ``schedule_unit: step``, per-step scalars to ``board`` numbered from
-    ``first_step``. The batch losses."""
+    ``first_step``. The batch losses.
+
+    The host waits for the device only where it logs: the losses stay on the device and are read
+    every ``LOG_EVERY`` steps and at the end, in one copy, for the progress bar and ``board``."""
     carry = bool(cfg.encoder.get("carry_state"))
-    use_amp = cfg.amp and device.type == "cuda"
+    dtype = training_dtype(device, cfg.amp)
     # frames per step, for the progress bar's rate; where stderr is a log file, a line every 30 s
     frames_per_step = cfg.batch_size * cfg.window
     interactive = sys.stderr.isatty()
-    losses = []
+    losses: list[float] = []
+    pending: list[tuple[int, float, torch.Tensor, dict]] = []  # steps not yet read back from the device
+
+    def log_pending() -> None:
+        if not pending:
+            return
+        read = torch.stack([torch.stack([loss, *parts.values()]) for _, _, loss, parts in pending]).tolist()
+        for (step, lr, _, parts), values in zip(pending, read, strict=True):
+            losses.append(values[0])
+            if board is not None:
+                board.add_scalar("train/loss", values[0], step)
+                board.add_scalar("train/lr", lr, step)
+                for task, value in zip(parts, values[1:], strict=True):
+                    board.add_scalar(f"train/loss_{task}", value, step)
+        bar.update(frames_per_step * len(pending))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{pending[-1][1]:.2e}", refresh=False)
+        pending.clear()
+
     bar = tqdm(total=len(loader) * frames_per_step, desc=desc, unit="frame", unit_scale=True, leave=False,
                disable=not world.main, mininterval=0.5 if interactive else 30)
     for step, batch in enumerate(loader, start=first_step):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if carry and int(batch["start"].max()) == 0:  # a new group of videos starts from zeros
+        if carry and int(batch["start"].max()) == 0:  # a new group of videos starts from zeros (read on the host)
             reset_carried_state(net)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             outputs = net(batch["x"], batch["mask"])
         outputs, targets = gather_batch({k: v.float() for k, v in outputs.items() if k in tasks}, batch, world)
         loss, parts = loss_fn(outputs, targets, targets["mask"])
@@ -69,14 +92,11 @@ def train_epoch(
         lr = scheduler.get_last_lr()[0]
         if cfg.schedule_unit == "step":
             scheduler.step()
-        losses.append(loss.item())
-        bar.update(frames_per_step)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", refresh=False)
-        if board is not None:
-            board.add_scalar("train/loss", losses[-1], step)
-            board.add_scalar("train/lr", lr, step)
-            for task, value in parts.items():
-                board.add_scalar(f"train/loss_{task}", float(value), step)
+        pending.append((step, lr, loss.detach(), {t: torch.as_tensor(v, device=loss.device).detach().to(loss.dtype)
+                                                   for t, v in parts.items()}))
+        if len(pending) == LOG_EVERY:
+            log_pending()
+    log_pending()
     bar.close()
     return losses
 

@@ -43,7 +43,7 @@ from pipeline import checkpoint
 from pipeline.atomic import write_text
 from pipeline.checkpoint import Checkpoint, Inference, ModelPart, Recipe
 from pipeline.cli import run_stage
-from pipeline.config import Config, check_choices
+from pipeline.config import Config, InputError, check_choices
 from pipeline.distributed import World, init_world
 from pipeline.feature_cache import FeatureCache
 from pipeline.identity import run_dir, run_identity, run_link, run_name
@@ -51,7 +51,7 @@ from pipeline.labels import expression_set
 from pipeline.loop import LoopState, train_epoch
 from pipeline.runs import STOPS, claimed, stop
 from pipeline.splits import expressions, open_features, stage_configs
-from pipeline.training import CHOICES, Training, build_training, check_stages
+from pipeline.training import CHOICES, Training, build_training, check_stages, nondeterministic
 from pipeline.validation import check_selection_data, finish, report_finished, selected_scores, validate
 
 log = logging.getLogger("pipeline")
@@ -88,7 +88,13 @@ def main(cfg: Config) -> int:
             if world.main:
                 report_finished(out)
             return 0
-        status = train(cfg, world, device, out, cache, identity)
+        try:
+            status = train(cfg, world, device, out, cache, identity)
+        except RuntimeError as e:  # under deterministic: true, an operation without a deterministic kernel
+            said = nondeterministic(e)
+            if said is None:
+                raise
+            raise InputError(said) from None
         if world.main:
             run.finish()
             retire_old_link(cfg, out)
@@ -125,10 +131,12 @@ def train(cfg: Config, world: World, device: torch.device, out: Path, cache: Fea
     last_path, best_path = out / "last.pt", out / "best.pt"
     state = LoopState.start(cfg)
     if cfg.resume and last_path.is_file():
-        last = checkpoint.read(last_path, device)
+        # read on the CPU: loading puts the model's and optimiser's tensors where the parameters are,
+        # and keeps Adam's step counters on the host (on the GPU every step would read them back)
+        last = checkpoint.read(last_path, "cpu")
         if last.recipe.identity != identity:  # claimed() lets no other run's folder through
             raise RuntimeError(f"{last_path}: saved by run {last.recipe.identity}, not {identity}")
-        state = LoopState.restore(last, checkpoint.read(best_path, device) if last.resume.task_epochs else None,
+        state = LoopState.restore(last, checkpoint.read(best_path, "cpu") if last.resume.task_epochs else None,
                                   cfg, training)
         log.info("resuming from %s at epoch %d", last_path, state.epoch)
     world.barrier()  # every rank has read last.pt before rank 0 may replace it
@@ -153,7 +161,7 @@ def train(cfg: Config, world: World, device: torch.device, out: Path, cache: Fea
         k = epoch // cfg.epochs
         if k != state.stage:
             if epoch > 0:  # the next stage starts from the best weights of the last
-                model.load_state_dict(best_weights(checkpoint.read(best_path, device), stages[k - 1],
+                model.load_state_dict(best_weights(checkpoint.read(best_path, "cpu"), stages[k - 1],
                                                    state.task_states))
                 log.info("stage %d: %s, with %s frozen", k, "+".join(stages[k]),
                          "+".join(sorted({t for s in stages[:k] for t in s})) or "nothing")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from models.heads import ACTIVATIONS, VA_OUTPUTS
 from models.losses import AU_LOSSES, EXPR_REDUCTIONS, VA_LOSSES, VA_REDUCTIONS, WEIGHTINGS
 from models.transformer import NORMS, POSITIONS, TransformerEncoder
 from pipeline import initialise, metrics
-from pipeline.config import DEVICE, Config, InputError
+from pipeline.config import DEVICE, Config, ConfigError, InputError
 from pipeline.data import FRAMES, Normaliser, SequenceDataset, VideoChunkBatches
 from pipeline.distributed import LAST_BATCHES, BalancedBatches, GlobalBatches, Shares, World
 from pipeline.feature_cache import FeatureCache
@@ -89,16 +90,27 @@ CHOICES = {
     "device": DEVICE,
 }
 
-# Keys that do not change what a run computes: its name and folder, the device it runs on, how its
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 - seeds the legacy global generator that user code may use
     torch.manual_seed(seed)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # cuBLAS is deterministic only with a fixed workspace, set before its first use; an operation
+        # without a deterministic kernel raises (:func:`nondeterministic`) rather than warn and go on
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def nondeterministic(error: BaseException) -> str | None:
+    """torch's refusal of an operation that has no deterministic kernel (under ``deterministic:
+    true``) as one line naming the operation, or None for any other error."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or "deterministic implementation" not in text:
+        return None
+    return (f"deterministic=true, but {text.strip().splitlines()[0].split(', but you set')[0]}: "
+            "train with deterministic=false, or on a device where it has one")
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, hold: int = 0, warmup_offset: int = 1,
@@ -298,6 +310,22 @@ class Training:
     loss_fn: MultiTaskLoss
 
 
+def loader_workers(value: int | None, device: torch.device) -> int:
+    """Worker processes reading feature windows: unset (None), none on the CPU (its cores train) and
+    up to 4 on CUDA (the GPU waits on reads done in the main process); a number as given."""
+    if value is None:
+        return 0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"num_workers={value!r}: give a number of worker processes, 0 or more (or null)")
+    return value
+
+
+def feeding(cfg: Config, device: torch.device) -> dict:
+    """How the training loader feeds ``device``: its workers, and page-locked batches for CUDA, which
+    the loop copies without waiting."""
+    return {"num_workers": loader_workers(cfg.num_workers, device), "pin_memory": device.type == "cuda"}
+
+
 def build_training(cfg: Config, world: World, device: torch.device, cache: FeatureCache) -> Training:
     """Seed, then build what ``cfg`` trains; settings that cannot go together are an input error."""
     seed_everything(cfg.seed, cfg.deterministic)
@@ -324,16 +352,14 @@ def build_training(cfg: Config, world: World, device: torch.device, cache: Featu
         if cfg.train_windows != "consecutive" or world.size > 1:
             raise InputError("batches: videos needs train_windows: consecutive, in one process")
         loader = DataLoader(train_set, batch_sampler=VideoChunkBatches(train_set, cfg.batch_size, shuffle),
-                            num_workers=cfg.num_workers)
+                            **feeding(cfg, device))
     elif cfg.batches == "balanced":
         batches = BalancedBatches(train_set, [v.partition("/")[0] for v in train_videos],
                                   data_shares(cfg), cfg.batch_size, cfg.last_batch, shuffle, world)
-        loader = DataLoader(Shares(train_set), batch_sampler=batches, num_workers=cfg.num_workers,
-                            generator=shuffle)
+        loader = DataLoader(Shares(train_set), batch_sampler=batches, generator=shuffle, **feeding(cfg, device))
     else:
         batches = GlobalBatches(train_set, cfg.batch_size, cfg.last_batch, shuffle, world)
-        loader = DataLoader(Shares(train_set), batch_sampler=batches, num_workers=cfg.num_workers,
-                            generator=shuffle)
+        loader = DataLoader(Shares(train_set), batch_sampler=batches, generator=shuffle, **feeding(cfg, device))
     if cfg.batch_size % world.size:
         log.warning("batch_size=%d does not split evenly over %d processes: shares are padded",
                     cfg.batch_size, world.size)

@@ -38,6 +38,7 @@ def validate(
     video with features; labelled frames without a prediction (no features, no face in the whole
     video) take ``prior`` and are counted as ``filled_<task>``."""
     preds = {}
+    device = next(model.parameters()).device  # the model's own: a rank's GPU under torchrun
     for video in videos:
         feats, present, frames = cache.read(video)
         if cfg.frames == "labelled":  # the sequence of the video's labelled frames, as it was trained
@@ -50,7 +51,7 @@ def validate(
             norm = None
         else:
             norm = normaliser
-        out = predict_features(model, feats, present, norm, cfg.window, cfg.eval_stride, cfg.device,
+        out = predict_features(model, feats, present, norm, cfg.window, cfg.eval_stride, device,
                                consecutive=cfg.eval_windows == "consecutive")
         preds[video] = {"frame": frames, **out}
     scores = metrics.score_videos(preds, labels, au_thresholds=au_thresholds, prior=prior,
