@@ -27,6 +27,7 @@ import torch
 
 from pipeline.cli import command_line_process
 from pipeline.config import load_config
+from pipeline.runs import local_device
 
 
 def time_call(
@@ -64,11 +65,14 @@ def status_mb(field: str) -> float:
 
 
 def _stage_child(stage: str, overrides: list[str]) -> None:
-    """Entry point of a measuring process: import the stage, note the RSS, reset the peak, run the
-    stage, print ``{"status", "baseline_mb", "peak_rss_mb", "seconds"}`` as the last JSON line."""
+    """Entry point of a measuring process: import the stage, start CUDA if the stage runs there (its
+    context, some hundreds of MB of host memory, is not the stage's work), note the RSS, reset the
+    peaks, run the stage, print ``{"status", "baseline_mb", "peak_rss_mb", "seconds"}`` (and
+    ``gpu_peak_mb``, the most memory the stage's tensors held on the GPU) as the last JSON line."""
     module = importlib.import_module(f"pipeline.{stage}")
     command_line_process(stage)  # as python -m pipeline.<stage> would
     cfg = load_config(stage, None, overrides)
+    gpu = gpu_meter(cfg.get("device") or "cpu")
     baseline = status_mb("VmRSS")
     # the high-water mark may carry the parent's over fork/exec; resetting makes it this process's alone
     Path("/proc/self/clear_refs").write_text("5")
@@ -76,7 +80,26 @@ def _stage_child(stage: str, overrides: list[str]) -> None:
     status = module.main(cfg)
     took = time.perf_counter() - t0
     print(json.dumps({"status": status, "baseline_mb": baseline, "peak_rss_mb": status_mb("VmHWM"),
-                      "seconds": took}))
+                      "seconds": took, **({"gpu_peak_mb": gpu()} if gpu else {})}))
+
+
+def gpu_meter(device: str) -> Callable[[], float] | None:
+    """For a CUDA ``device``: start its context now, reset its peak, and return a function giving
+    the most memory tensors held on it since, MB (``torch.cuda.max_memory_allocated``); else None."""
+    dev = torch.device(local_device(device))
+    if dev.type != "cuda":
+        return None
+    torch.empty(1, device=dev)  # the context and the allocator, before any baseline is read
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    return lambda: torch.cuda.max_memory_allocated(dev) / 2**20
+
+
+def synchronizer(device: str | torch.device) -> Callable[[], None] | None:
+    """What to call before each reading of a clock so that queued work on ``device`` is counted:
+    ``torch.cuda.synchronize`` on CUDA, nothing on the CPU."""
+    dev = torch.device(device)
+    return (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
 
 
 def stage_peak_in_child(stage: str, overrides: list[str], threads: int) -> dict:
@@ -136,7 +159,11 @@ def machine(device: str, threads: int) -> dict:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        dev = torch.device(device)
+        props = torch.cuda.get_device_properties(dev)
+        info |= {"gpu": torch.cuda.get_device_name(dev), "gpu_memory_gb": round(props.total_memory / 2**30, 1),
+                 "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                 "bf16": torch.cuda.is_bf16_supported()}
     return info
 
 

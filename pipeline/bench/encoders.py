@@ -30,7 +30,7 @@ import torch
 
 from models import MultiTaskLoss, MultiTaskModel
 from pipeline.atomic import write_json
-from pipeline.bench import cpu_peak_meter, dotted_overrides, machine, time_call
+from pipeline.bench import cpu_peak_meter, dotted_overrides, machine, synchronizer, time_call
 from pipeline.cli import run_stage, setup_logging
 from pipeline.config import Config, ConfigError, component_names, load_component, load_config
 from pipeline.data import feature_paths
@@ -38,6 +38,8 @@ from pipeline.feature_cache import FeatureCache
 from pipeline.identity import run_folder
 from pipeline.launch import train_process
 from pipeline.metrics import columns, markdown_table, summarise
+from pipeline.precision import precision, training_dtype
+from pipeline.runs import local_device
 
 log = logging.getLogger("pipeline")
 
@@ -77,21 +79,25 @@ def measure(
     device: str = "cpu",
     threads: int = 0,
     seed: int = 0,
+    amp: bool = True,
 ) -> dict:
     """Time one (encoder, length) cell; meant to run alone in a fresh process.
 
     Training = forward of the full multi-task model + ``MultiTaskLoss`` backward + AdamW step, on
-    random inputs (batch_size, length, d_in) with random labels; inference = forward under
-    ``torch.inference_mode()``, of the batch and of one window alone (the latency of a window as
-    prediction meets it). Peak memory is above the baseline taken once the model, optimiser
-    and inputs exist: ``max_memory_allocated`` on CUDA, peak RSS on CPU (:func:`cpu_peak_meter`).
+    random inputs (batch_size, length, d_in) with random labels, in training's precision (bf16
+    autocast on CUDA with ``amp``, :func:`pipeline.precision.training_dtype`); inference = forward
+    under ``torch.inference_mode()`` in fp32, as validation and prediction run it, of the batch and
+    of one window alone (the latency of a window as prediction meets it). The clock is read after
+    the device finished the work (CUDA synchronised) and after ``warmup`` untimed calls. Peak
+    memory is above the baseline taken once the model, optimiser and inputs exist:
+    ``max_memory_allocated`` on CUDA, peak RSS on CPU (:func:`cpu_peak_meter`).
     Inference runs first, so the high-water mark read after it is its own; training's, read after
     it, is the larger one. Both include what the first calls initialise inside torch.
     """
     if threads > 0:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    dev = torch.device(device)
+    dev = torch.device(local_device(device))
     cuda = dev.type == "cuda"
     model = MultiTaskModel(d_in, encoder=encoder, tasks=TASKS).to(dev)
     loss_fn = MultiTaskLoss().to(dev)
@@ -104,8 +110,12 @@ def measure(
         "au": torch.randint(0, 2, (batch_size, length, 12), device=dev),
     }
 
+    dtype = training_dtype(dev, amp)
+
     def train_step() -> None:
-        loss, _ = loss_fn(model(x, mask), targets, mask)
+        with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = model(x, mask)
+        loss, _ = loss_fn({k: v.float() for k, v in out.items()}, targets, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -114,7 +124,7 @@ def measure(
         with torch.inference_mode():
             model(x[:rows], mask[:rows])
 
-    sync = torch.cuda.synchronize if cuda else None
+    sync = synchronizer(dev)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -146,6 +156,7 @@ def measure(
         "infer_times_s": infer_times,
         "infer_window_times_s": window_times,
         "memory": f"{method} after building the model, optimiser and inputs",
+        "precision": {"train": precision(dev, dtype), "infer": precision(dev, None)},
     }
 
 
@@ -233,15 +244,15 @@ def loop_speed(cfg: Config, name: str) -> dict:
     from pipeline.training import build_training, enter_stage
 
     run_cfg = train_config(cfg, name, cfg.seed)
-    world, device = World(), torch.device(cfg.device)
+    world, device = World(), torch.device(local_device(cfg.device))
     built = build_training(run_cfg, world, device, open_features(run_cfg))
     model, loss_fn, loader, tasks = built.model, built.loss_fn, built.loader, built.stages[0]
     _, groups, optimizer, scheduler = enter_stage(run_cfg, model, loss_fn, built.stages, 0, len(loader))
-    use_amp = run_cfg.amp and device.type == "cuda"
+    dtype = training_dtype(device, run_cfg.amp)
     built.shuffle.manual_seed(cfg.seed)  # every pass draws these same batches
     batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in loader]
     frames = sum(int(b["steps"].sum()) for b in batches)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    sync = synchronizer(device)
     model.train()
 
     with tempfile.TemporaryDirectory(prefix="bench_loop_") as board_dir:
@@ -254,7 +265,7 @@ def loop_speed(cfg: Config, name: str) -> dict:
 
         def bare() -> None:
             for b in batches:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                     outputs = model(b["x"], b["mask"])
                 loss, _ = loss_fn({k: outputs[k].float() for k in tasks}, b, b["mask"])
                 optimizer.zero_grad(set_to_none=True)
@@ -514,8 +525,7 @@ def check(cfg: Config) -> list[Path]:
         raise ConfigError(f"loop_repeats={cfg.loop_repeats} must be 0 (no loop timing) or more")
     if cfg.warmup < 0 or not cfg.lengths or any(not isinstance(t, int) or t < 1 for t in cfg.lengths):
         raise ConfigError(f"warmup={cfg.warmup}, lengths={cfg.lengths}: need warmup >= 0 and positive lengths")
-    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={cfg.device}, but this torch ({torch.__version__}) sees no CUDA device")
+    local_device(cfg.device)  # one that this torch cannot use is refused here
     unknown = sorted(set(cfg.encoder_args) - set(component_names("encoder")))
     if unknown:
         raise ConfigError(f"encoder_args for unknown encoder(s) {', '.join(unknown)}; "
@@ -563,7 +573,8 @@ def main(cfg: Config) -> int:
     for name, spec in specs.items():
         result["encoders"][name]["speed"] = [
             measure_in_child(encoder=spec, d_in=d_in, length=t, batch_size=cfg.batch_size, warmup=cfg.warmup,
-                             repeats=cfg.repeats, device=cfg.device, threads=cfg.threads, seed=cfg.seed)
+                             repeats=cfg.repeats, device=cfg.device, threads=cfg.threads, seed=cfg.seed,
+                             amp=cfg.train.get("amp", True))
             for t in cfg.lengths
         ]
     seconds = {"speed": round(time.perf_counter() - start, 1)}

@@ -22,27 +22,29 @@ from pipeline.bench.faces import make_long_video
 from pipeline.cli import run_stage, setup_logging
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.metrics import markdown_table
+from pipeline.runs import local_device
 
 log = logging.getLogger("pipeline")
 
 STAGES = ("faces", "features")
 QUICK_MINUTES = (0.25, 0.5)
 METHOD = ("peak RSS: VmHWM of a fresh `python -c` process running the stage, reset through "
-          "/proc/self/clear_refs after its imports; baseline: its VmRSS at that moment (interpreter, torch "
-          "and the pipeline modules); work: peak minus baseline")
+          "/proc/self/clear_refs after its imports (and, on a GPU, after CUDA's context started); baseline: "
+          "its VmRSS at that moment (interpreter, torch, the pipeline modules, the CUDA context); work: peak "
+          "minus baseline; GPU peak: torch.cuda.max_memory_allocated over the stage")
 
 
 def faces_overrides(cfg: Config, video: Path, out_dir: Path) -> list[str]:
     """The faces stage on ``video`` alone, into ``out_dir``."""
     return [*cfg.faces, f"videos={video}", f"out_dir={out_dir}", f"stride={cfg.stride}",
-            "subject=main"]
+            "subject=main", f"device={cfg.device}"]
 
 
 def features_overrides(cfg: Config, faces_dir: Path, out_dir: Path) -> list[str]:
     """The features stage with ``cfg.extractor`` on the face files in ``faces_dir``, into ``out_dir``."""
     section = {k: v for k, v in cfg.extractor.items() if k != "name"}
     return [f"extractor={cfg.extractor.name}", *dotted_overrides("extractor", section), *cfg.features,
-            f"faces_dir={faces_dir}", f"out_dir={out_dir}"]
+            f"faces_dir={faces_dir}", f"out_dir={out_dir}", f"device={cfg.device}"]
 
 
 def count_frames(stage: str, out_dir: Path, video: str, extractor: str) -> tuple[int, int]:
@@ -96,13 +98,14 @@ def report(rows: list[dict], ratio: dict[str, dict], limit_mb: float) -> str:
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["stage"], f"{r['minutes']:g} min", "-", "-", "-", "-", "-", f"failed: {r['error'][:200]}"])
+            body.append([r["stage"], f"{r['minutes']:g} min", "-", "-", "-", "-", "-", "-",
+                         f"failed: {r['error'][:200]}"])
             continue
         body.append([r["stage"], f"{r['minutes']:g} min", r["frames"], f"{r['seconds']:.1f}",
                      f"{r['baseline_mb']:.0f}", f"{r['work_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
-                     "yes" if r["within_limit"] else "NO"])
+                     f"{r['gpu_peak_mb']:.0f}" if "gpu_peak_mb" in r else "-", "yes" if r["within_limit"] else "NO"])
     text = markdown_table(["stage", "video length", "frames", "seconds", "baseline MB", "work MB", "peak RSS MB",
-                           f"within {limit_mb:g} MB"], body)
+                           "GPU peak MB", f"within {limit_mb:g} MB"], body)
     if ratio:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"
         text += "\n\n" + markdown_table(
@@ -130,7 +133,7 @@ def main(cfg: Config) -> int:
     """Generate the videos, measure every (video, stage); print the tables, write ``cfg.out``."""
     setup_logging()
     minutes = check(cfg)
-    host = machine("cpu", cfg.threads)
+    host = machine(local_device(cfg.device), cfg.threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
         for m in minutes:

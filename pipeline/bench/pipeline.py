@@ -32,7 +32,7 @@ from pipeline.bench.encoders import encoder_spec, measure
 from pipeline.cli import run_stage, setup_logging
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.metrics import markdown_table
-from pipeline.runs import list_inputs
+from pipeline.runs import list_inputs, local_device
 from pipeline.vision.align import align_faces
 from pipeline.vision.detect import FaceDetector
 from pipeline.vision.track import Detections
@@ -295,8 +295,7 @@ def check(cfg: Config) -> None:
     if p.frames < 1 or p.epochs < 0 or p.stride < 0 or not 0 <= p.face_share <= 1:
         raise ConfigError(f"projection: frames={p.frames} >= 1, epochs={p.epochs} >= 0, stride={p.stride} >= 0 and "
                           f"0 <= face_share={p.face_share} <= 1 are needed")
-    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={cfg.device}, but this torch ({torch.__version__}) sees no CUDA device")
+    local_device(cfg.device)  # one that this torch cannot use is refused here
 
 
 def main(cfg: Config) -> int:
