@@ -89,3 +89,19 @@ def test_projection_must_name_a_benchmarked_extractor(tmp_path):
     with pytest.raises(ConfigError, match="projection.extractor=iresnet50"):
         bench_pipeline.main(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_every_benchmark_reads_the_others_through_one_reader(tmp_path):
+    """``make bench`` times lengths 32, 128 and 512; bench-pipeline's window is 64: the nearest
+    measured length stands in, and says which it was."""
+    from pipeline.bench import read_rates
+
+    cells = [{"length": t, "train_frames_s": 1000.0 / t} for t in (32, 128, 512)]
+    (tmp_path / "encoders-sample.json").write_text(json.dumps(
+        {"encoders": {"gru": {"speed": cells}, "tcn": {"speed": [{"length": 64, "error": "out of memory"}]}}}))
+    read = read_rates("encoders", tmp_path / "encoders-sample.json", window=64)
+    assert read["rates"] == {"gru": 1000.0 / 32} and read["lengths"] == {"gru": 32}
+    assert read_rates("encoders", tmp_path / "encoders-sample.json", window=512)["lengths"] == {"gru": 512}
+    assert read_rates("encoders", tmp_path / "missing.json") == {}
+    (tmp_path / "bad.json").write_text("{not json")
+    assert read_rates("faces", tmp_path / "bad.json") == {}

@@ -12,8 +12,10 @@ This module holds what they share: timing, peak memory in a child process, the m
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import os
 import platform
 import resource
@@ -28,6 +30,8 @@ import torch
 from pipeline.cli import command_line_process
 from pipeline.config import load_config
 from pipeline.runs import local_device
+
+log = logging.getLogger("pipeline")
 
 
 def time_call(
@@ -165,6 +169,42 @@ def machine(device: str, threads: int) -> dict:
                  "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
                  "bf16": torch.cuda.is_bf16_supported()}
     return info
+
+
+def read_rates(kind: str, path: str | Path, window: int = 0) -> dict:
+    """The frames/s another benchmark wrote to ``path``, read the one way every benchmark reads them:
+    ``{"path", "rates": {name: frames/s}}`` (plus ``"lengths"`` for encoders), or ``{}`` when the
+    file is missing or holds no rate (a warning says so for a file that exists).
+
+    ``kind``: ``faces`` (``bench-faces``: the whole stage, ``{"stage": ...}``), ``features``
+    (``bench-features``: by extractor) or ``encoders`` (``make bench``: training frames/s by
+    encoder, at the measured length nearest to ``window``).
+    """
+    if not path or not Path(path).is_file():
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("%s: not readable as JSON (%s); left out", path, e)
+        return {}
+    found: dict = {"path": str(path), "rates": {}}
+    with contextlib.suppress(KeyError, TypeError, AttributeError, ValueError):
+        if kind == "faces":
+            found["rates"] = {"stage": float(data["speed"]["stage_fps"])}
+        elif kind == "features":
+            found["rates"] = {r["extractor"]: float(r["stage_fps"]) for r in data["results"] if "stage_fps" in r}
+        elif kind == "encoders":
+            found["lengths"] = {}
+            for name, enc in data["encoders"].items():
+                cells = [c for c in enc.get("speed", []) if "train_frames_s" in c]
+                if cells:
+                    cell = min(cells, key=lambda c: (abs(int(c["length"]) - window), -int(c["length"])))
+                    found["rates"][name] = float(cell["train_frames_s"])
+                    found["lengths"][name] = int(cell["length"])
+    if not found["rates"]:
+        log.warning("%s: no frames/s found in the layout expected of the %s benchmark; left out", path, kind)
+        return {}
+    return found
 
 
 def dotted_overrides(prefix: str, value) -> list[str]:

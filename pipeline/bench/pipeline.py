@@ -13,7 +13,6 @@ Prints one Markdown table and writes ``output`` (JSON).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import statistics
@@ -26,12 +25,13 @@ import torch
 
 from features import EXTRACTORS, build_extractor
 from pipeline.atomic import write_json
-from pipeline.bench import machine, time_call
+from pipeline.bench import machine, read_rates, time_call
 from pipeline.bench.clips import fetch_pyfeat_clips
 from pipeline.bench.encoders import encoder_spec, measure
 from pipeline.cli import run_stage, setup_logging
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.metrics import markdown_table
+from pipeline.precision import autocast_dtype, precision
 from pipeline.runs import list_inputs, local_device
 from pipeline.vision.align import align_faces
 from pipeline.vision.detect import FaceDetector
@@ -132,16 +132,15 @@ def bench_faces_steps(cfg: Config, faces: Config, readers: list[tuple],
 def bench_extractor(name: str, crops: dict[int, np.ndarray], batch_size: int, amp: bool, cfg: Config,
                     sync: Callable[[], None] | None) -> dict:
     """Preprocess + forward of one batch of real aligned crops, as the features stage runs it."""
-    device = torch.device(cfg.device)
+    device = torch.device(local_device(cfg.device))
     torch.manual_seed(cfg.seed)
     extractor = build_extractor(name, random_init=True).to(device, memory_format=torch.channels_last)
     size = int(extractor.input_size)
     stored = size if size in crops else max(crops)  # the stage reads crops_<size>, else the largest
     # cycle the crops to fill one full batch, so the timing is of the stage's batch size
     batch = torch.from_numpy(crops[stored][np.arange(batch_size) % len(crops[stored])])
-    use_amp = amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+    dtype = autocast_dtype(device, amp)  # as the features stage decides it
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def step() -> None:
         with torch.inference_mode():
@@ -151,7 +150,7 @@ def bench_extractor(name: str, crops: dict[int, np.ndarray], batch_size: int, am
 
     times = time_call(step, cfg.warmup, cfg.repeats, sync)
     return rate(batch_size, times, dim=int(extractor.dim), input_size=size, crops_stored=stored,
-                batch_size=batch_size)
+                batch_size=batch_size, precision=precision(device, dtype))
 
 
 def bench_encoder(name: str, d_in: int, cfg: Config) -> dict:
@@ -161,35 +160,6 @@ def bench_encoder(name: str, d_in: int, cfg: Config) -> dict:
     times = cell["train_times_s"]
     return rate(cfg.window * cfg.train_batch, times, d_in=d_in, window=cfg.window, batch_size=cfg.train_batch,
                 infer_fps=cell["infer_frames_s"])
-
-
-def stage_benchmarks(paths: Config, window: int) -> dict:
-    """The stage benchmarks' JSON files that exist: per file its path and frames/s, under ``stage``
-    (faces.json: the whole faces stage), by extractor (features.json) or by encoder (encoders.json,
-    training at ``window``)."""
-    found = {}
-    for key, path in paths.items():
-        if not path or not Path(path).is_file():
-            continue
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            log.warning("%s: not readable as JSON (%s); left out", path, e)
-            continue
-        rates = {}
-        with contextlib.suppress(KeyError, TypeError, AttributeError, ValueError):
-            if key == "faces":
-                rates = {"stage": float(data["speed"]["stage_fps"])}
-            elif key == "features":
-                rates = {r["extractor"]: float(r["stage_fps"]) for r in data["results"]}
-            elif key == "encoders":
-                rates = {name: float(c["train_frames_s"]) for name, enc in data["encoders"].items()
-                         for c in enc["speed"] if c.get("length") == window and "train_frames_s" in c}
-        if not rates:
-            log.warning("%s: no frames/s found in the layout expected of the %s benchmark; left out", path, key)
-            continue
-        found[key] = {"path": str(path), "rates": rates}
-    return found
 
 
 def project(result: dict, p: Config, epochs: int, passes: float) -> dict:
@@ -339,7 +309,8 @@ def main(cfg: Config) -> int:
             log.error("encoder %s failed: %s: %s", name, type(e).__name__, e)
             result["encoders"][name] = {"error": f"{type(e).__name__}: {e}"}
 
-    result["stage_benchmarks"] = stage_benchmarks(cfg.stage_benchmarks, cfg.window)
+    result["stage_benchmarks"] = {key: found for key, path in cfg.stage_benchmarks.items()
+                                  if (found := read_rates(key, path, cfg.window))}
     usable = all("fps" in result[k][getattr(cfg.projection, k[:-1])] for k in ("extractors", "encoders"))
     result["projection"] = project(result, cfg.projection, epochs, passes) if usable else None
     result["seconds"] = round(time.perf_counter() - start, 1)
