@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from pipeline.config import ROOT
 
@@ -17,13 +18,19 @@ def train_command(config: str | None, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "pipeline.train", *([config] if config else []), *overrides]
 
 
-def train_process(config: str | None, overrides: list[str], env: Mapping[str, str] | None = None) -> int:
+def train_process(config: str | None, overrides: list[str], env: Mapping[str, str] | None = None,
+                  log: Path | None = None) -> int:
     """Train one run in a child process and return its exit status (0 done or done before, 1 a
     user error, 2 its folder could not be used). The child's output goes where this process's
-    goes; it finds this package first on its path, and inherits the environment (the user's
-    config folder included) with ``env`` on top."""
+    goes, or to the file ``log``; it finds this package first on its path, and inherits the
+    environment (the user's config folder included) with ``env`` on top."""
     child = {**os.environ, **(env or {})}
     child["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child.get("PYTHONPATH")) if p)
     sys.stdout.flush()
     sys.stderr.flush()
-    return subprocess.run(train_command(config, overrides), env=child).returncode
+    if log is None:
+        return subprocess.run(train_command(config, overrides), env=child).returncode
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        done = subprocess.run(train_command(config, overrides), env=child, stdout=out, stderr=subprocess.STDOUT)
+    return done.returncode
