@@ -29,6 +29,7 @@ from pipeline.atomic import atomic_output, sweep_partials
 from pipeline.cli import run_stage
 from pipeline.config import DEVICE, Config, ConfigError, InputError, check_choices
 from pipeline.hdf5 import h5_is_done
+from pipeline.precision import autocast_dtype, defining, precision
 from pipeline.runs import STOPS, list_inputs, local_device, run_each, shard_of, stage_lock, stop
 
 log = logging.getLogger("pipeline")
@@ -172,9 +173,8 @@ def extract_video(src: FaceBatches, extractor: Extractor, part: Path, attrs: dic
     feats = np.zeros((n, extractor.dim), dtype)
     classes = list(getattr(extractor, "classes", ())) if hasattr(extractor, "forward_with_probabilities") else []
     probs = np.full((n, len(classes)), np.nan, np.float32) if classes else None
-    amp = device.type == "cuda" and cfg.amp
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp else contextlib.nullcontext()
+    amp_dtype = autocast_dtype(device, cfg.amp)  # the precision cache_attrs recorded
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     loader = DataLoader(src, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
     try:
@@ -244,17 +244,21 @@ def resolve(cfg: Config) -> Config:
     return cfg
 
 
-def cache_attrs(cfg: Config, extractor: Extractor) -> dict:
-    """The attributes every part and the cache carry, including the hash that decides staleness."""
+def cache_attrs(cfg: Config, extractor: Extractor, device: torch.device | str = "cpu") -> dict:
+    """The attributes every part and the cache carry, including the hash that decides staleness:
+    the extractor, its weights, preprocessing, storage dtype, and the precision it computes in on
+    ``device`` (device type and autocast dtype; the CPU in fp32 adds nothing, so caches made before
+    keep their hash), so that one cache never holds parts of two precisions."""
     sha = extractor.weights_sha256 or f"random-init-seed-{cfg.seed}"
     preprocessing = extractor.describe()
     section = {k: v for k, v in cfg.extractor.items() if k != "weights"}  # the checksum stands for the file
+    computed = precision(device, autocast_dtype(device, cfg.amp))
     identity = Config({"extractor": section, "weights_sha256": sha, "preprocessing": preprocessing,
-                       "dtype": cfg.dtype})
+                       "dtype": cfg.dtype, **defining(device, autocast_dtype(device, cfg.amp))})
     return {"extractor": cfg.extractor.name, "dim": int(extractor.dim), "weights_sha256": sha,
             "weights_file": extractor.weights_file or "",
             "preprocessing": json.dumps(preprocessing, sort_keys=True), "dtype": cfg.dtype,
-            "config_hash": identity.hash()}
+            "precision": json.dumps(computed, sort_keys=True), "config_hash": identity.hash()}
 
 
 def _face_hash(path: Path) -> str:
@@ -281,7 +285,7 @@ def main(cfg: Config) -> int:
         log.warning("!" * 78)
     device = torch.device(local_device(cfg.device))  # a process of several takes its own GPU
     extractor.to(device, memory_format=torch.channels_last)
-    attrs = cache_attrs(cfg, extractor)
+    attrs = cache_attrs(cfg, extractor, device)
     try:
         sources = find_sources(cfg.faces_dir)
     except OSError as e:  # no input to read is the user's error (exit 1), not a run that cannot go on (2)

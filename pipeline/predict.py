@@ -22,6 +22,7 @@ AUs drawn on every frame.
 
 from __future__ import annotations
 
+import json
 import logging
 from fractions import Fraction
 from pathlib import Path
@@ -33,7 +34,7 @@ import yaml
 
 from features.base import sha256_file
 from models.abaw import AUS, EXPRESSIONS
-from pipeline import checkpoint, faces, features
+from pipeline import checkpoint, faces, features, precision
 from pipeline.atomic import atomic_output
 from pipeline.checkpoint import Checkpoint, Recipe
 from pipeline.cli import run_stage
@@ -55,11 +56,37 @@ CHOICES = {"subject": SUBJECTS, "device": DEVICE, "format": FORMATS}
 _NOT_DEFINING = ("video", "checkpoint", "out_dir", "runs_dir", "device", "extractor_weights")
 
 
-def prediction_identity(cfg: Config, video: Path, checkpoint: Path) -> str:
-    """The hash naming a prediction: the video's and the checkpoint's contents and the settings."""
+def prediction_identity(cfg: Config, video: Path, checkpoint: Path, amp: bool = True) -> str:
+    """The hash naming a prediction: the video's and the checkpoint's contents, the settings and
+    the precision its features are computed in on ``cfg.device`` (features with ``amp``; the model
+    in fp32; the CPU adds nothing, as predictions made before this existed)."""
     defining = {k: v for k, v in cfg.items() if k not in _NOT_DEFINING}
+    defining.update(precision.defining(cfg.device, precision.autocast_dtype(cfg.device, amp)))
     return Config({"video": sha256_file(video), "checkpoint": sha256_file(checkpoint),
                    "config": defining}).hash()
+
+
+def trained_precision(recipe: Recipe | None) -> dict:
+    """The precision the training features of ``recipe`` were computed in (the CPU in fp32 for
+    caches that record none, made before it was recorded)."""
+    records = (recipe.feature_attrs if recipe is not None else None) or [{}]
+    found = {json.dumps(json.loads(r["precision"]), sort_keys=True) for r in records if r.get("precision")}
+    return json.loads(found.pop()) if len(found) == 1 else dict(precision.NEUTRAL)
+
+
+def features_amp(cfg: Config, recipe: Recipe | None) -> bool:
+    """Whether predict's features use autocast: only where the training features did (a model
+    trained on fp32 features is given fp32 features, on any device). A precision this device
+    cannot give (bf16 features of a GPU, predicted on the CPU) is warned about, not refused."""
+    if recipe is None:
+        return bool(load_config("features").amp)  # the expression network alone: the stage's default
+    trained = trained_precision(recipe)
+    amp = trained["autocast"] != "none"
+    now = precision.precision(cfg.device, precision.autocast_dtype(cfg.device, amp))
+    if now["autocast"] != trained["autocast"]:
+        log.warning("the model was trained on features computed in %s on %s; these are computed in %s on %s",
+                    trained["autocast"], trained["device"], now["autocast"], now["device"])
+    return amp
 
 
 def stage_config(stage: str, saved: dict | None, path: Path, overrides: list[str]) -> Config:
@@ -240,14 +267,15 @@ def main(cfg: Config) -> int:
     else:  # no trained model: the expression network's own classes
         model, ckpt, path = None, None, None
         weights = {EXPRESSION_NETWORK: str(expression_weights(cfg))}
-    identity = prediction_identity(cfg, video, path or Path(weights[EXPRESSION_NETWORK]))
+    amp = features_amp(cfg, ckpt.recipe if ckpt is not None else None)
+    identity = prediction_identity(cfg, video, path or Path(weights[EXPRESSION_NETWORK]), amp)
     out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.runs_dir) / "predict" / f"{video.stem}-{identity[:8]}"
     try:
         with claimed(out, identity, None if cfg.out_dir else Path(cfg.runs_dir) / "predict" / video.stem) as run:
             if run.done:
                 print(f"predictions for {video} with these settings were written before to {out}")
                 return 0
-            status = predict(cfg, video, model, ckpt, out, weights)
+            status = predict(cfg, video, model, ckpt, out, weights, amp)
             if status == 0:
                 run.finish()
             return status
@@ -256,10 +284,10 @@ def main(cfg: Config) -> int:
 
 
 def predict(cfg: Config, video: Path, model: torch.nn.Module | None, ckpt: Checkpoint | None, out: Path,
-            weights: dict[str, str] | None = None) -> int:
+            weights: dict[str, str] | None = None, amp: bool = True) -> int:
     """Faces, features and the model of ``ckpt`` (None: the expression network alone) on ``video``,
     into ``out``; 1 if a stage failed. ``weights``: extractor name -> the checked weights file to
-    compute its features from."""
+    compute its features from; ``amp``: whether the features stage autocasts (:func:`features_amp`)."""
     cfg.save(out / "config.yaml")
     recipe = ckpt.recipe if ckpt is not None else Recipe(extractors=[EXPRESSION_NETWORK])
     saved = recipe.stage_configs
@@ -278,7 +306,8 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module | None, ckpt: Check
         feat_cfg = stage_config("features", saved_features, out / f"features_{name}.yaml", [
             *([] if saved_features else [f"extractor={name}"]),
             *([f"extractor.weights={weights[name]}"] if name in weights else []),
-            f"faces_dir={out / 'faces'}", f"out_dir={out / 'features'}", f"device={cfg.device}", "shard="])
+            f"faces_dir={out / 'faces'}", f"out_dir={out / 'features'}", f"device={cfg.device}", "shard=",
+            f"amp={str(amp).lower()}"])
         if features.main(feat_cfg) != 0:
             log.error("%s: the features stage failed for %s", video, name)
             return 1

@@ -5,17 +5,20 @@ deterministic training that refuses what it cannot make deterministic."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 from torch import nn
 
+from features import build_extractor
 from models.gru import GRUEncoder
 from models.lstm import LSTMEncoder
-from pipeline import checkpoint, faces, features, loop, precision, splits, train
+from pipeline import checkpoint, faces, features, loop, precision, predict, splits, train
 from pipeline.config import InputError, load_config
 from pipeline.identity import run_folder, run_identity
 from pipeline.runs import finished, local_device, shard_index
@@ -165,6 +168,56 @@ def test_a_run_finished_on_the_cpu_is_not_taken_as_done_on_a_gpu(
     assert run_folder(gpu_cfg) != done and not finished(done, gpu_identity)
     # nor resumed from the CPU run's last.pt, which names the CPU run
     assert checkpoint.read(done / "last.pt").recipe.identity != gpu_identity
+
+
+# ---- precision in the features' and predictions' identities ------------------------------------------
+
+def onet_attrs(device: str, *overrides: str) -> dict:
+    cfg = features.resolve(load_config("features", overrides=["extractor=onet", *overrides]))
+    return features.cache_attrs(cfg, build_extractor("onet"), device)
+
+
+def test_the_features_hash_holds_the_device_type_and_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = onet_attrs("cpu")["config_hash"]
+    # the hash the onet cache had before precision was recorded: CPU parts made then stay current
+    assert cpu == "c718cdfef3235d40"
+    assert onet_attrs("cpu", "amp=false")["config_hash"] == cpu  # the CPU never autocasts
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    bf16, fp32_gpu = onet_attrs("cuda")["config_hash"], onet_attrs("cuda:1", "amp=false")["config_hash"]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # fp16 inference there
+    fp16 = onet_attrs("cuda:0")["config_hash"]
+    assert len({cpu, bf16, fp32_gpu, fp16}) == 4
+    assert json.loads(onet_attrs("cuda")["precision"]) == {"device": "cuda", "autocast": "float16"}
+
+
+def test_a_cache_never_mixes_precisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    part = tmp_path / "clip.h5"
+    cpu = onet_attrs("cpu")
+    with h5py.File(part, "w") as f:
+        f.attrs.update({**cpu, "complete": True, "source_config_hash": ""})
+    assert features.part_status(part, cpu["config_hash"], "") == "done"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert features.part_status(part, onet_attrs("cuda")["config_hash"], "").startswith("stale")
+
+
+def test_predict_computes_features_in_the_training_features_precision(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    cfg = load_config("predict", overrides=["device=cuda"])
+    on_cpu = checkpoint.Recipe(extractors=["onet"], feature_attrs=[onet_attrs("cpu")])
+    older = checkpoint.Recipe(extractors=["onet"], feature_attrs=[{"weights_sha256": "x"}])  # no precision kept
+    on_gpu = checkpoint.Recipe(extractors=["onet"], feature_attrs=[onet_attrs("cuda")])
+    assert predict.features_amp(cfg, on_cpu) is False and predict.features_amp(cfg, older) is False
+    assert predict.features_amp(cfg, on_gpu) is True
+    with caplog.at_level("WARNING", logger="pipeline"):
+        assert predict.features_amp(load_config("predict", overrides=["device=cpu"]), on_gpu) is True
+    assert "trained on features computed in bfloat16 on cuda" in caplog.text
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"video")
+    ident = lambda device, amp: predict.prediction_identity(
+        load_config("predict", overrides=[f"device={device}"]), video, video, amp)
+    assert ident("cpu", True) == ident("cpu", False)  # what predictions made before stand for
+    assert len({ident("cpu", True), ident("cuda", True), ident("cuda", False)}) == 3
 
 
 # ---- recurrent encoders in fp32 -----------------------------------------------------------------------
