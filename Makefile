@@ -61,7 +61,7 @@ features_for = $(foreach x,$(shell $(PY) -m pipeline.cli $(1) --show extractors 
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
-.PHONY: help setup weights test lint demo sample faces features train sweep experiments reproduce compare-init ensemble evaluate predict bench bench-faces bench-features bench-pipeline bench-memory bench-gpu test-faults clean
+.PHONY: help setup weights test lint demo sample faces features train sweep experiments reproduce compare-init ensemble evaluate predict bench bench-faces bench-features bench-pipeline bench-memory bench-gpu test-gpu test-faults clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -86,6 +86,9 @@ lint: setup ## ruff over the project
 
 test: setup lint ## lint, then the whole test suite on every core (an end-to-end run and the README's commands included)
 	$(VENV)/bin/pytest -q -n auto --dist loadfile
+
+test-gpu: setup ## the tests that need a CUDA device (tests/test_cuda.py), on a machine with one
+	$(VENV)/bin/pytest -q -m gpu
 
 test-faults: setup ## the fault-injection and bad-input suites alone (kills, locks, full disk, bad files)
 	$(VENV)/bin/pytest -q tests/test_faults.py tests/test_bad_inputs.py
