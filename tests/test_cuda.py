@@ -19,7 +19,7 @@ from torch import nn
 from features import build_extractor
 from models.gru import GRUEncoder
 from models.lstm import LSTMEncoder
-from pipeline import features, precision, splits, train
+from pipeline import checkpoint, features, precision, splits, train
 from pipeline.config import load_config
 from pipeline.identity import run_folder, run_identity
 from pipeline.runs import local_device
@@ -71,12 +71,16 @@ def test_adam_step_counters_stay_on_the_host_when_read_as_training_reads_last_pt
 
 
 def test_training_on_cuda_is_its_own_run_and_repeats_bitwise(syn: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
-    runs = []
+    runs, weights = [], []
     for k in range(2):
         cfg = syn_config(syn, "device=cuda", "deterministic=true", f"out_dir={tmp_path / f'run{k}'}")
         assert train.main(cfg) == 0
-        runs.append((tmp_path / f"run{k}" / "metrics.jsonl").read_text())
-    assert runs[0] == runs[1] and runs[0]
+        records = [json.loads(line) for line in (tmp_path / f"run{k}" / "metrics.jsonl").read_text().splitlines()]
+        runs.append([{key: v for key, v in r.items() if not key.endswith("seconds")} for r in records])  # clocks
+        weights.append(checkpoint.read(tmp_path / f"run{k}" / "best.pt").model.state_dict)
+    assert runs[0] == runs[1] and len(runs[0]) == 2
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
     cpu = syn_config(syn)
     gpu = syn_config(syn, "device=cuda")
     cache = splits.open_features(cpu)
