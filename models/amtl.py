@@ -142,7 +142,9 @@ class AMTLModel(nn.Module):
     Their layers are per frame with BatchNorm1d over a batch of frames, so AMTL runs on the valid
     frames only, ``h[mask]`` (n, c): padding and missing faces never enter BatchNorm statistics or
     the graph, and invalid steps come out as zeros. With no valid frame (or only one in training,
-    where BatchNorm cannot take statistics) every output is zeros that still carry a gradient.
+    where BatchNorm cannot take statistics) every output is zeros that still carry a gradient;
+    under DDP such a rank leaves the heads unused (``may_leave_unused``), unless BatchNorm is
+    synchronised across ranks, when it runs them on what frames it has.
 
     AU outputs are cosine scores in [0, 1] used directly as probabilities (their metric thresholds
     them at 0.5), not logits: ``au_output = "cosine"`` tells losses and inference so. AU scores
@@ -156,6 +158,9 @@ class AMTLModel(nn.Module):
     """
 
     au_output = "cosine"
+    # for DDP: a rank with fewer than two valid frames uses no head, and with tasks=[va] the AU and
+    # expression modules feed no loss (the AU scores are computed for the expression attention)
+    may_leave_unused = True
 
     def __init__(
         self,
@@ -194,7 +199,10 @@ class AMTLModel(nn.Module):
         h = self.bottom(x, mask)
         b, t, _ = h.shape
         valid = h[mask]  # (n, c)
-        if valid.shape[0] < (2 if self.training else 1):
+        # with BatchNorm synchronised over ranks, statistics come from every rank's frames: each rank
+        # runs the layers, with few or no frames of its own, so that their collectives match up
+        synced = self.training and any(isinstance(m, nn.SyncBatchNorm) for m in self.modules())
+        if valid.shape[0] < (2 if self.training else 1) and not synced:
             zero = valid.sum() * 0  # keeps the graph, so backward still runs
             return {task: h.new_zeros(b, t, self.sizes[task]) + zero for task in self.tasks}
         out = self.frames(valid)

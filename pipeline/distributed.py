@@ -57,6 +57,60 @@ def init_world(device: str) -> tuple[World, torch.device]:
     return World(rank, size, local_rank, group), torch.device(f"cuda:{local_rank}" if cuda else device)
 
 
+class TaskOutputs(torch.nn.Module):
+    """``model`` with its outputs cut to the tasks trained now (``tasks``, set per stage).
+
+    DDP takes a parameter as used when the outputs its forward returns reach it; an output that
+    no loss reads (a task of a later stage) would leave its head waiting for a gradient forever.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.tasks: tuple[str, ...] = tuple(model.tasks)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.model(x, mask).items() if k in self.tasks}
+
+
+def may_leave_unused(model: torch.nn.Module, stages: list[list[str]], frozen: bool) -> bool:
+    """Whether a step may leave some parameter of ``model`` without a gradient on some rank:
+    training in stages (a stage's loss reads some tasks; earlier ones are frozen), modules kept
+    frozen, or a structure that says so (``may_leave_unused``: AMTL computes every task's modules
+    for ``tasks=[va]`` and uses no head on a rank without two valid frames)."""
+    net = getattr(model, "net", model)
+    return len(stages) > 1 or frozen or bool(getattr(net, "may_leave_unused", False))
+
+
+def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> bool:
+    """Replace ``model``'s BatchNorm layers by SyncBatchNorm ones, in place (parameters, buffers and
+    state-dict keys stay), where ``device`` is CUDA: the only kind SyncBatchNorm computes on.
+    Whether any was replaced."""
+    found = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if device.type != "cuda" or not found:
+        return False
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the root is no BatchNorm: changed below it
+    return True
+
+
+def parallel(model: torch.nn.Module, device: torch.device, world: World, unused: bool
+             ) -> tuple[torch.nn.Module, TaskOutputs | None]:
+    """``model`` for training on this rank: itself alone; over several ranks, its BatchNorm layers
+    synchronised across them on CUDA (their statistics then come from the global batch, as in one
+    process; gloo has no SyncBatchNorm, so on the CPU each rank's statistics are its own share's),
+    cut to the trained tasks and wrapped in DDP, told that parameters may go unused where
+    ``unused``. Returns the module to call and the :class:`TaskOutputs` whose ``tasks`` to set."""
+    if world.size == 1:
+        return model, None
+    from torch.nn.parallel import DistributedDataParallel
+
+    sync_batchnorm(model, device)
+    cut = TaskOutputs(model)
+    net = DistributedDataParallel(cut, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=unused)
+    return net, cut
+
+
 LAST_BATCHES = ("drop", "keep")  # a short last batch of an epoch: left out (unless the only one), or trained on
 
 

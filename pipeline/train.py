@@ -37,14 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import checkpoint
 from pipeline.atomic import write_text
 from pipeline.checkpoint import Checkpoint, Inference, ModelPart, Recipe
 from pipeline.cli import run_stage
 from pipeline.config import Config, InputError, check_choices
-from pipeline.distributed import World, init_world
+from pipeline.distributed import World, init_world, may_leave_unused, parallel
 from pipeline.feature_cache import FeatureCache
 from pipeline.identity import run_dir, run_identity, run_link, run_name
 from pipeline.labels import expression_set
@@ -140,9 +139,7 @@ def train(cfg: Config, world: World, device: torch.device, out: Path, cache: Fea
                                   cfg, training)
         log.info("resuming from %s at epoch %d", last_path, state.epoch)
     world.barrier()  # every rank has read last.pt before rank 0 may replace it
-    net = model
-    if world.size > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net, cut = parallel(model, device, world, may_leave_unused(model, stages, bool(cfg.get("init_frozen"))))
 
     recipe = Recipe(config=cfg.to_dict(), identity=identity, extractors=list(cfg.extractors),
                     feature_attrs=cache.attrs, stage_configs=stage_configs(cfg),
@@ -173,6 +170,8 @@ def train(cfg: Config, world: World, device: torch.device, out: Path, cache: Fea
                 break
             continue  # on to the next stage
         tasks_now = stages[k]
+        if cut is not None:  # over several ranks the model returns only what this stage's loss reads
+            cut.tasks = tuple(tasks_now)
         tick = time.perf_counter()
         # Every random draw of an epoch follows from (seed, epoch), so a resumed run repeats it.
         torch.manual_seed(cfg.seed * 100_003 + epoch)
