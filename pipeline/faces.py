@@ -23,10 +23,10 @@ from pipeline.atomic import atomic_output, sweep_partials
 from pipeline.cli import run_stage
 from pipeline.config import DEVICE, Config, InputError, check_choices
 from pipeline.hdf5 import h5_is_done, h5_writer
-from pipeline.runs import STOPS, list_inputs, local_device, run_each, shard_of, stage_lock, stop
+from pipeline.runs import STOPS, list_inputs, local_device, run_each, shard_of, share_threads, stage_lock, stop
 from pipeline.vision.templates import TEMPLATES
 from pipeline.vision.track import SUBJECTS, Detections, Subject, follow, link, subject_tracks
-from pipeline.vision.video import VideoInfo, chunk_frames, iter_chunks, open_video, shrunk
+from pipeline.vision.video import VideoInfo, chunk_frames, decode_threads, iter_chunks, open_video, prefetched, shrunk
 
 if TYPE_CHECKING:
     from pipeline.vision.detect import FaceDetector
@@ -122,7 +122,9 @@ def process_video(video: Path, outputs: list[Output], cfg: Config, detector: Fac
     # pass 1: detections on every kept frame, decoded straight to the detector's size; frames are
     # not kept, so memory stays bounded
     index, stamps, errors, dets = [], [], [], []
-    for ch in iter_chunks(None, info, chunk_frames(cfg.chunk, cfg.chunk_mb, small), cfg.stride, size=small):
+    threads = decode_threads(cfg.decode_threads)
+    for ch in prefetched(iter_chunks(None, info, chunk_frames(cfg.chunk, cfg.chunk_mb, small), cfg.stride,
+                                     size=small, threads=threads)):
         found = detector(ch.frames, full=full)
         dets += [Detections.empty() if e else d for d, e in zip(found, ch.error, strict=True)]
         index.append(ch.index)
@@ -147,7 +149,8 @@ def process_video(video: Path, outputs: list[Output], cfg: Config, detector: Fac
         for f, sub in zip(files, subjects, strict=True):
             _write_meta(f, index, stamps, errors, sub)
         pos = {int(fr): k for k, fr in enumerate(index)}
-        for ch in iter_chunks(None, info, chunk_frames(cfg.chunk, cfg.chunk_mb, full), frames=index[wanted]):
+        for ch in prefetched(iter_chunks(None, info, chunk_frames(cfg.chunk, cfg.chunk_mb, full), frames=index[wanted],
+                                         threads=threads)):
             rows = np.array([pos[int(fr)] for fr in ch.index])
             for f, sub in zip(files, subjects, strict=True):
                 ok = sub.present[rows] & ~ch.error
@@ -237,6 +240,7 @@ def main(cfg: Config) -> int:
     """Run the face stage over every video of this shard; exit status 1 if any failed, 2 if the
     output folder is locked by another run or cannot be written."""
     cfg = resolve(cfg)
+    share_threads()  # one of several processes on this machine takes its share of the cores
     out_dir = Path(cfg.out_dir)
     with contextlib.ExitStack() as stack:
         try:

@@ -30,7 +30,7 @@ from pipeline.cli import run_stage
 from pipeline.config import DEVICE, Config, ConfigError, InputError, check_choices
 from pipeline.hdf5 import h5_is_done
 from pipeline.precision import autocast_dtype, defining, precision
-from pipeline.runs import STOPS, list_inputs, local_device, run_each, shard_of, stage_lock, stop
+from pipeline.runs import STOPS, list_inputs, local_device, run_each, shard_of, share_threads, stage_lock, stop
 
 log = logging.getLogger("pipeline")
 
@@ -273,6 +273,7 @@ def main(cfg: Config) -> int:
     """Extract features for every face source of this shard; exit status 1 if any video failed,
     2 if the run could not go on (output folder locked by another run, unwritable or full)."""
     cfg = resolve(cfg)
+    share_threads()  # one of several processes on this machine takes its share of the cores
     name = cfg.extractor.name
     torch.manual_seed(cfg.seed)  # random-init smoke runs stay reproducible, hence resumable
     try:

@@ -65,6 +65,27 @@ def _launch(environ: Mapping[str, str]) -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def cores_share(environ: Mapping[str, str] | None = None) -> int:
+    """This process's share of the cores it may run on: the cores over the processes its launch
+    starts on this machine (torchrun's LOCAL_WORLD_SIZE, srun's SLURM_NTASKS_PER_NODE), at least 1."""
+    env = os.environ if environ is None else environ
+    given = env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]  # Slurm: "8(x2)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(given or 1)))
+
+
+def share_threads(environ: Mapping[str, str] | None = None) -> None:
+    """Torch's CPU threads set to :func:`cores_share` in a process of a launch of several on one
+    machine, unless OMP_NUM_THREADS says otherwise (torchrun sets it to 1): 8 processes that each
+    take every core slow each other down several times over."""
+    env = os.environ if environ is None else environ
+    if "OMP_NUM_THREADS" in env or cores_share(env) == cores_share({}):
+        return
+    import torch
+
+    torch.set_num_threads(cores_share(env))
+
+
 def _array(environ: Mapping[str, str]) -> tuple[int, int]:
     """``(index, count)`` of this Slurm array task (from 0, whatever the array's first id)."""
     task, count = environ.get(ARRAY[0]), environ.get(ARRAY[1])

@@ -18,7 +18,7 @@ from torch import nn
 from features import build_extractor
 from models.gru import GRUEncoder
 from models.lstm import LSTMEncoder
-from pipeline import checkpoint, faces, features, loop, precision, predict, splits, train
+from pipeline import checkpoint, faces, features, loop, precision, predict, runs, splits, train
 from pipeline.config import InputError, load_config
 from pipeline.identity import run_folder, run_identity
 from pipeline.runs import finished, local_device, shard_index
@@ -107,6 +107,20 @@ def test_every_array_task_and_rank_together_cover_the_videos_once() -> None:
                                       "SLURM_PROCID": str(rank), "SLURM_NTASKS": "4"})
             taken += videos[i::n]
     assert sorted(taken) == videos
+
+
+def test_processes_sharing_a_machine_take_their_share_of_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert runs.cores_share({}) == 16
+    assert runs.cores_share({"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"}) == 4  # 4 of 8 ranks on this machine
+    assert runs.cores_share({"SLURM_NTASKS_PER_NODE": "8(x2)"}) == 2
+    assert runs.cores_share({"LOCAL_WORLD_SIZE": "32"}) == 1
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    runs.share_threads({"SLURM_NTASKS_PER_NODE": "4"})
+    runs.share_threads({"LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "1"})  # torchrun's choice stands
+    runs.share_threads({})  # alone on the machine: torch's default
+    assert set_to == [4]
 
 
 def test_each_process_takes_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

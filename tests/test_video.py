@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
+import time
 
 import av
 import decord
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.vision.video import VideoError, chunk_frames, iter_chunks, open_video, shrunk
+from pipeline.vision.video import VideoError, chunk_frames, decode_threads, iter_chunks, open_video, prefetched, shrunk
 
 pytestmark = pytest.mark.real_video
 
@@ -172,3 +175,55 @@ def test_unreadable_files_name_themselves(pyfeat_clips, tmp_path):
     cut = truncate(pyfeat_clips / "single_face.mp4", tmp_path / "cut.mp4")
     reader, info = open_video(cut)
     assert reader is None and 0 < info.held < info.n_frames
+
+
+def test_decoding_threads_change_no_pixel(pyfeat_clips):
+    _, info = open_video(pyfeat_clips / "WolfgangLanger_Pexels.mp4")
+    size = shrunk((info.height, info.width), 320)
+    for s in (size, None):
+        one, many = (np.concatenate([c.frames for c in iter_chunks(None, info, 16, size=s, threads=t)])
+                     for t in (1, 4))
+        assert one.shape[0] == info.n_frames and np.array_equal(one, many)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_decoding_ahead_keeps_order_and_memory_bound(depth: int) -> None:
+    produced = []
+
+    def chunks():
+        for k in range(12):
+            produced.append(k)
+            yield k
+
+    got = []
+    for k in prefetched(chunks(), depth):
+        time.sleep(0.01)  # the thread decodes ahead while this chunk is worked on, no further
+        assert len(produced) <= len(got) + 1 + depth
+        got.append(k)
+    assert got == list(range(12))
+
+
+def test_decoding_ahead_raises_where_the_failing_chunk_would_come_and_stops_early() -> None:
+    def failing():
+        yield 0
+        yield 1
+        raise VideoError("clip.mp4: broken")
+
+    got = []
+    with pytest.raises(VideoError, match="clip.mp4: broken"):
+        for k in prefetched(failing()):
+            got.append(k)
+    assert got == [0, 1]
+    for k in prefetched(iter(range(100))):
+        if k == 3:
+            break
+    time.sleep(0.3)
+    assert not [t for t in threading.enumerate() if t.name == "decode-ahead"]  # no thread left behind
+
+
+def test_decoding_threads_are_the_process_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert decode_threads(3, {}) == 3
+    assert decode_threads(0, {}) == 8  # at most 8: more gives a decoder little
+    assert decode_threads(0, {"LOCAL_WORLD_SIZE": "4"}) == 4  # torchrun, 4 processes on this machine
+    assert decode_threads(0, {"LOCAL_WORLD_SIZE": "32"}) == 1

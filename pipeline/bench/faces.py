@@ -23,6 +23,7 @@ from pipeline.bench import machine, stage_peak_in_child
 from pipeline.cli import run_stage, setup_logging
 from pipeline.config import Config, load_config
 from pipeline.metrics import markdown_table
+from pipeline.runs import local_device
 from pipeline.vision.detect import FaceDetector
 from pipeline.vision.track import iou
 
@@ -75,9 +76,9 @@ def bench_speed(cfg: Config, clip: Path, work: Path) -> dict:
     from facenet_pytorch import MTCNN
     from PIL import Image
 
-    stage_cfg = load_config("faces", None, list(cfg.stage))
+    stage_cfg = faces.resolve(load_config("faces", None, [*cfg.stage, f"device={cfg.device}"]))
     detector = FaceDetector.from_config(stage_cfg)
-    mtcnn = MTCNN()
+    mtcnn = MTCNN(device=stage_cfg.device)  # both sides on the same device
     vr = decord.VideoReader(str(clip), ctx=decord.cpu(0), num_threads=1)
     # the plain loop gets its frames decoded beforehand: decoding is not in its time
     frames = [Image.fromarray(vr[i].asnumpy()) for i in range(0, len(vr), stage_cfg.stride)]
@@ -130,7 +131,8 @@ def make_long_video(path: Path, seconds: float, width: int, height: int, fps: in
 def bench_memory(cfg: Config, video: Path, out_dir: Path) -> dict:
     """Peak resident memory of ``python -m pipeline.faces``-equivalent work on ``video``, measured in
     a fresh interpreter started with ``subprocess`` (VmHWM after resetting it via clear_refs)."""
-    overrides = [*cfg.stage, f"data.videos={video}", f"out_dir={out_dir}", f"stride={cfg.memory_stride}"]
+    overrides = [*cfg.stage, f"data.videos={video}", f"out_dir={out_dir}", f"stride={cfg.memory_stride}",
+                 f"device={cfg.device}"]
     res = stage_peak_in_child("faces", overrides, cfg.threads)
     if "error" in res:
         raise RuntimeError(f"memory run on {video}: {res['error']}")
@@ -154,7 +156,7 @@ def main(cfg: Config) -> int:
     setup_logging()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    host = machine("cpu", cfg.threads)
+    host = machine(local_device(cfg.device), cfg.threads)
     if cfg.clip:
         clip = Path(cfg.clip)
     else:

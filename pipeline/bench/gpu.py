@@ -7,7 +7,8 @@ Five parts, each reported even when another fails:
 
 - **faces**: the faces stage on a generated 720p video (scikit-image's astronaut), one process
   alone and ``faces.shards`` processes at once sharing the device, each on its own copy of the
-  video (``shard=i/n``): frames/s of the whole stage, the slowest process's time for the shards;
+  video (``shard=i/n``), each with its share of the cores: frames/s of the whole stage, the
+  slowest process's time for the shards;
 - **features**: preprocess + forward of a batch of random crops for each extractor and batch size,
   in the features stage's precision (bf16 autocast on CUDA), clock read after synchronising;
 - **encoders**: a training step (forward, multi-task loss, backward, AdamW) in training's precision
@@ -45,11 +46,11 @@ from pipeline.bench.encoders import encoder_spec, measure
 from pipeline.bench.faces import make_long_video
 from pipeline.bench.memory import count_frames
 from pipeline.cli import run_stage
-from pipeline.config import Config, load_config
+from pipeline.config import Config, ConfigError, load_config
 from pipeline.launch import train_process
 from pipeline.metrics import markdown_table
 from pipeline.precision import autocast_dtype, precision, training_dtype
-from pipeline.runs import local_device
+from pipeline.runs import cores_share, local_device
 
 log = logging.getLogger("pipeline")
 
@@ -89,10 +90,14 @@ def bench_faces(cfg: Config, work: Path) -> dict:
         for c in copies:
             os.link(video, c) if video.stat().st_dev == folder.stat().st_dev else shutil.copy(video, c)
         base = ["subject=main", f"videos={folder}", f"out_dir={out}", f"device={cfg.device}"]
+        # processes started together each take their share of the cores, as a launch's would
+        threads = cfg.threads or (max(1, cores_share() // n) if n > 1 else 0)
+        if n > 1:
+            base.append(f"decode_threads={min(8, threads)}")
         shards = [[*base, f"shard={k}/{n}"] for k in range(n)] if n > 1 else [base]
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=n) as pool:  # each thread waits on its stage process
-            done = list(pool.map(lambda o: stage_peak_in_child("faces", o, cfg.threads), shards))
+            done = list(pool.map(lambda o, t=threads: stage_peak_in_child("faces", o, t), shards))
         wall = time.perf_counter() - start
         errors = [d["error"] for d in done if "error" in d]
         if errors:
@@ -103,7 +108,8 @@ def bench_faces(cfg: Config, work: Path) -> dict:
         slowest = max(d["seconds"] for d in done)
         rows[label] = {"processes": n, "frames": kept, "frames_with_face": with_face,
                        "stage_seconds": round(slowest, 2), "wall_seconds": round(wall, 2),
-                       "fps": kept / slowest, "gpu_peak_mb": max(d.get("gpu_peak_mb", 0.0) for d in done),
+                       "fps": kept / slowest, "threads": threads,
+                       "gpu_peak_mb": max(d.get("gpu_peak_mb", 0.0) for d in done),
                        "peak_rss_mb": max(d["peak_rss_mb"] for d in done)}
         log.info("faces, %s: %.1f frames/s (%d frames, slowest process %.1f s)", label, kept / slowest, kept, slowest)
     return {"video": str(video), "width": f.width, "height": f.height, "minutes": f.minutes, "runs": rows}
@@ -238,6 +244,8 @@ def table(result: dict) -> str:
     rows = []
     dtype = lambda p: "fp32" if p["autocast"] == "none" else p["autocast"]
     err = lambda r: f"failed: {r['error'][:80]}"
+    for part in ("faces", "features", "encoders", "training", "dtype"):
+        result.setdefault(part, {})
     for label, r in result["faces"].get("runs", {}).items():
         rows.append(["faces", label, err(r) if "error" in r else f"{r['fps']:.1f} frames/s",
                      "" if "error" in r else f"{r['frames']} frames, slowest process {r['stage_seconds']} s"])
@@ -276,6 +284,10 @@ def main(cfg: Config) -> int:
     parts = (("faces", lambda: bench_faces(cfg, work)), ("features", lambda: bench_features(cfg)),
              ("encoders", lambda: bench_encoders(cfg)), ("training", lambda: bench_training(cfg, work)),
              ("dtype", lambda: bench_dtype(cfg)))
+    unknown = sorted(set(cfg.parts) - {p for p, _ in parts})
+    if unknown:
+        raise ConfigError(f"parts: {', '.join(unknown)} unknown; choose from {', '.join(p for p, _ in parts)}")
+    parts = tuple((p, run) for p, run in parts if p in cfg.parts)
     for part, run in parts:
         t0 = time.perf_counter()
         try:

@@ -4,8 +4,10 @@ short): memory bounded by the chunk size, damaged stretches and lost tails flagg
 from __future__ import annotations
 
 import logging
+import queue
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -69,12 +71,64 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
     return (RuntimeError, decord.DECORDError)
 
 
-def _reader(path: str | Path, size: tuple[int, int] | None = None):
+def _reader(path: str | Path, size: tuple[int, int] | None = None, threads: int = 1):
     import decord
 
-    # decord scales while decoding: far cheaper than decoding whole frames and shrinking them after
+    # decord scales while decoding: far cheaper than decoding whole frames and shrinking them after;
+    # its frames are the same whatever the number of decoding threads
     h, w = size or (-1, -1)
-    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, width=w, height=h)
+    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads, width=w, height=h)
+
+
+def decode_threads(threads: int, environ: Mapping[str, str] | None = None) -> int:
+    """Decoding threads per reader: ``threads``, or for 0 this process's share of the machine's
+    cores (:func:`pipeline.runs.cores_share`), at most 8: more gives one decoder little."""
+    from pipeline.runs import cores_share
+
+    return threads if threads > 0 else min(8, cores_share(environ))
+
+
+def prefetched(chunks: Iterator[Chunk], depth: int = 1) -> Iterator[Chunk]:
+    """``chunks`` decoded ``depth`` ahead in a thread of their own, so that decoding the next chunk
+    overlaps the work on this one (decord and PyAV decode outside the GIL). At most ``depth``
+    chunks are decoded or waiting beside the one being worked on; an error in decoding is raised
+    here, where its chunk would have come; a consumer that stops early stops the thread."""
+    ready: queue.Queue = queue.Queue()
+    slots = threading.Semaphore(depth)  # a chunk is decoded only into a free slot
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            while True:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                ch = next(chunks, done)
+                ready.put(ch)
+                if ch is done:
+                    return
+                del ch
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            ready.put(e)
+
+    worker = threading.Thread(target=produce, name="decode-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            del item
+            slots.release()  # the consumer is done with this chunk: the next may be decoded
+    finally:
+        stop.set()
+        worker.join()
 
 
 def _decoded(ctx, packet) -> list:
@@ -292,13 +346,14 @@ def chunk_frames(chunk: int, chunk_mb: float, size: tuple[int, int]) -> int:
 
 def iter_chunks(
     vr, info: VideoInfo, chunk: int = 64, stride: int = 1, frames: Sequence[int] | None = None,
-    size: tuple[int, int] | None = None,
+    size: tuple[int, int] | None = None, threads: int = 1,
 ) -> Iterator[Chunk]:
     """Yield the video in chunks of at most ``chunk`` kept frames.
 
     Kept frames are ``0, stride, 2*stride, ...`` or, if given, exactly ``frames``. With ``vr=None``
     each chunk is read by a reader of its own, opened from ``info.path`` and freed straight after;
-    such readers can decode straight to ``size`` (h, w) instead of the video's own size. A file
+    such readers can decode straight to ``size`` (h, w) instead of the video's own size, with
+    ``threads`` decoding threads. A file
     that decord cannot open (``info.av_index`` set) is read the same way with PyAV.
     """
     if frames is None:
@@ -313,7 +368,7 @@ def iter_chunks(
         else:
             # a decord 0.6 reader left idle keeps decoding ahead into memory, without bound on a long
             # video, so no reader outlives the chunk it reads
-            reader = _reader(info.path, size) if vr is None else vr
+            reader = _reader(info.path, size, threads) if vr is None else vr
             data, err = _read(reader, part, size if vr is None and size else (info.height, info.width))
             stamps = _timestamps(reader, part, info.fps)
             del reader
