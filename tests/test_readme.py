@@ -35,12 +35,19 @@ BLOCK = re.compile(r"^```(bash long|bash|python)\n(.*?)^```", re.M | re.S)
 LONG = {
     "make test": "it is this test suite",
     "AFFECT_CONFIG_DIR=~/my_configs make train DATA=my_videos": "needs your own labelled videos",
-    "make faces    DATA=affwild2": "needs Aff-Wild2 (licensed, not here)",
-    'make features DATA=affwild2 EXTRACTOR=iresnet50 ARGS="extractor.weights=/ckpt/backbone.pth device=cuda"':
+    "make faces    DATA=affwild2 DEVICE=cuda": "needs Aff-Wild2 (licensed, not here) and a GPU",
+    'make features DATA=affwild2 DEVICE=cuda EXTRACTOR=iresnet50 ARGS="extractor.weights=/ckpt/backbone.pth"':
         "needs Aff-Wild2, ArcFace weights and a GPU",
-    'make train    DATA=affwild2 EXTRACTOR=iresnet50 ENCODER=transformer ARGS="device=cuda"': "needs Aff-Wild2",
-    "make predict  VIDEO=new_clip.mp4 CHECKPOINT=runs/affwild2/latest/transformer/best.pt":
-        "needs a model trained on Aff-Wild2",
+    "make train    DATA=affwild2 DEVICE=cuda EXTRACTOR=iresnet50 ENCODER=transformer": "needs Aff-Wild2 and a GPU",
+    "make predict  VIDEO=new_clip.mp4 DEVICE=cuda CHECKPOINT=runs/affwild2/latest/transformer/best.pt":
+        "needs a model trained on Aff-Wild2, and a GPU",
+    "torchrun --standalone --nproc_per_node=4 -m pipeline.faces    data=affwild2 device=cuda": "needs 4 GPUs",
+    "torchrun --standalone --nproc_per_node=4 -m pipeline.features data=affwild2 device=cuda extractor=iresnet50":
+        "needs 4 GPUs and Aff-Wild2's faces",
+    "torchrun --standalone --nproc_per_node=4 -m pipeline.train    data=affwild2 device=cuda extractors=[iresnet50]":
+        "needs 4 GPUs and Aff-Wild2's features",
+    'sbatch --array=0-7 --ntasks=2 --gpus-per-task=1 --wrap "srun python -m pipeline.faces data=affwild2 device=cuda"':
+        "needs a Slurm cluster",
     "make sweep": "six trainings, about 7 minutes on the sample",
     'make sweep SWEEP="model.structure=shared,feedback lr=1e-3,3e-4 seed=0,1,2"': "twelve trainings",
     "make experiments": "eighteen trainings",
