@@ -40,6 +40,25 @@ def pytest_make_collect_report(collector: pytest.Collector) -> pytest.CollectRep
     return report
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are left out (deselected, not skipped) where torch sees no CUDA device:
+    they run on a machine with one (``make test-gpu``)."""
+    import torch
+
+    needs = [item for item in items if item.get_closest_marker("gpu")]
+    if needs and not torch.cuda.is_available():
+        config.hook.pytest_deselected(items=needs)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device: the tests marked gpu are left out (make test-gpu on a machine with one)"
+    return None
+
+
 @pytest.fixture(scope="session")
 def pyfeat_clips() -> Path:
     """Folder holding real clips: a face throughout, no face, face then none, none then face."""

@@ -303,6 +303,70 @@ def _read_av(info: VideoInfo, index: np.ndarray, shape: tuple[int, int]) -> tupl
     return out, err
 
 
+class _Sequence:
+    """One PyAV decoder reading a file front to back for one pass: frames asked for in increasing
+    order are decoded once, in ``threads`` threads, continuing where the last chunk stopped; it
+    seeks only past a gap that spans a key frame. Its pixels are decord's (the same filters:
+    bilinear scale, then RGB), its frames are numbered by ``index`` (a :class:`StreamIndex` of
+    the whole file), and it holds nothing decoded between chunks."""
+
+    def __init__(self, path: str, index: StreamIndex, shape: tuple[int, int], threads: int) -> None:
+        import av
+
+        self.index, self.shape = index, shape
+        self.container = av.open(path)
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_type = "AUTO"  # frame and slice threads: the same frames, sooner
+        self.stream.thread_count = threads
+        self.rgb = av.filter.Graph()
+        self.rgb.link_nodes(self.rgb.add_buffer(template=self.stream),
+                            self.rgb.add("scale", f"{shape[1]}:{shape[0]}:flags=bilinear"),
+                            self.rgb.add("format", "rgb24"), self.rgb.add("buffersink")).configure()
+        self.frames: Iterator | None = None
+        self.last = -1  # the frame number decoded last
+
+    def read(self, wanted: np.ndarray) -> np.ndarray | None:
+        """Frames ``wanted`` (increasing) -> (t, h, w, 3) uint8, or None at the first sign of
+        damage (a frame that does not decode, or decodes concealed): the caller reads on with
+        decord, which salvages what it can of a damaged stretch."""
+        s = self.index
+        out = np.zeros((len(wanted), *self.shape, 3), np.uint8)
+        for k, i in enumerate(int(i) for i in wanted):
+            if i >= len(s.pts):
+                return None
+            if self.frames is None or i <= self.last or (i > self.last + 1 and s.seek[i] != s.seek[self.last]):
+                # the first frame, one asked for again, or one past a key frame the decoder need not
+                # reach frame by frame
+                self.container.seek(int(s.seek[i]), stream=self.stream)
+                self.frames = _av_frames(self.container, self.stream)
+            target = int(s.pts[i])
+            for frame in self.frames:
+                if frame.pts is None or frame.pts < target:
+                    continue
+                if frame.pts != target or frame.is_corrupt:
+                    return None
+                self.rgb.push(frame)
+                out[k] = self.rgb.pull().to_ndarray()
+                break
+            else:
+                return None  # the decoder stopped at a damaged or cut packet
+            self.last = i
+        return out
+
+    def close(self) -> None:
+        self.frames = None
+        self.container.close()
+
+
+def _sequence(info: VideoInfo, shape: tuple[int, int], threads: int) -> _Sequence | None:
+    """A sequential decoder of ``info``'s file, or None where PyAV numbers its frames otherwise
+    than decord (then decord reads it, a reader per chunk)."""
+    found = _index_with_av(Path(info.path))
+    if found is None or len(found[3].pts) != info.n_frames:
+        return None
+    return _Sequence(info.path, found[3], shape, threads)
+
+
 def _numpy(batch) -> np.ndarray:
     """A decord NDArray as a NumPy array sharing its memory: ``asnumpy`` would copy a whole chunk."""
     from torch.utils.dlpack import from_dlpack
@@ -350,31 +414,54 @@ def iter_chunks(
 ) -> Iterator[Chunk]:
     """Yield the video in chunks of at most ``chunk`` kept frames.
 
-    Kept frames are ``0, stride, 2*stride, ...`` or, if given, exactly ``frames``. With ``vr=None``
-    each chunk is read by a reader of its own, opened from ``info.path`` and freed straight after;
-    such readers can decode straight to ``size`` (h, w) instead of the video's own size, with
-    ``threads`` decoding threads. A file
-    that decord cannot open (``info.av_index`` set) is read the same way with PyAV.
+    Kept frames are ``0, stride, 2*stride, ...`` or, if given, exactly ``frames`` (increasing).
+    With ``vr=None`` the pass is read by one PyAV decoder front to back (:class:`_Sequence`, with
+    ``threads`` threads), scaled while decoding to ``size`` (h, w) if given, with decord's
+    pixels and timestamps; a file PyAV numbers otherwise is read by a decord reader per chunk,
+    freed straight after. A file that decord cannot open (``info.av_index`` set) is read with PyAV
+    a chunk at a time.
     """
     if frames is None:
         index = np.arange(0, info.n_frames, max(1, stride), dtype=np.int64)
     else:
         index = np.asarray(frames, np.int64)
-    for start in range(0, len(index), chunk):
-        part = index[start : start + chunk]
-        if info.av_index is not None:
-            data, err = _read_av(info, part, size or (info.height, info.width))
-            stamps = _av_timestamps(info, part)
-        else:
-            # a decord 0.6 reader left idle keeps decoding ahead into memory, without bound on a long
-            # video, so no reader outlives the chunk it reads
-            reader = _reader(info.path, size, threads) if vr is None else vr
-            data, err = _read(reader, part, size if vr is None and size else (info.height, info.width))
-            stamps = _timestamps(reader, part, info.fps)
-            del reader
-        bad = err & (part < info.held)  # the frames lost past a cut were reported on opening
-        if bad.any():
-            log.warning("%s: %d of %d frames from frame %d could not be decoded",
-                        info.path, bad.sum(), len(part), part[0])
-        yield Chunk(data, part, stamps, err)
-        del data  # the next chunk decodes without this one's frames still held here
+    seq = _sequence(info, size or (info.height, info.width), threads) \
+        if vr is None and info.av_index is None and len(index) else None
+    if seq is not None:
+        stamps = _timestamps(_reader(info.path), index, info.fps)  # decord's, from its index: nothing decoded
+    try:
+        for start in range(0, len(index), chunk):
+            part = index[start : start + chunk]
+            data = seq.read(part) if seq is not None else None
+            if data is None and seq is not None:  # damage: decord reads this chunk and the rest
+                log.info("%s: a damaged stretch from frame %d; read with decord from there", info.path, part[0])
+                seq.close()
+                seq = None
+            if data is not None:
+                yield Chunk(data, part, stamps[start : start + chunk], np.zeros(len(part), bool))
+                del data
+                continue
+            yield _chunk_apart(vr, info, part, size, threads)
+    finally:
+        if seq is not None:
+            seq.close()
+
+
+def _chunk_apart(vr, info: VideoInfo, part: np.ndarray, size: tuple[int, int] | None, threads: int) -> Chunk:
+    """Frames ``part`` read on their own: with PyAV for a file decord cannot open, else by ``vr``
+    or a decord reader of the chunk's own."""
+    if info.av_index is not None:
+        data, err = _read_av(info, part, size or (info.height, info.width))
+        stamps = _av_timestamps(info, part)
+    else:
+        # a decord 0.6 reader left idle keeps decoding ahead into memory, without bound on a long
+        # video, so no reader outlives the chunk it reads
+        reader = _reader(info.path, size, threads) if vr is None else vr
+        data, err = _read(reader, part, size if vr is None and size else (info.height, info.width))
+        stamps = _timestamps(reader, part, info.fps)
+        del reader
+    bad = err & (part < info.held)  # the frames lost past a cut were reported on opening
+    if bad.any():
+        log.warning("%s: %d of %d frames from frame %d could not be decoded",
+                    info.path, bad.sum(), len(part), part[0])
+    return Chunk(data, part, stamps, err)
