@@ -252,13 +252,13 @@ def cache_attrs(cfg: Config, extractor: Extractor, device: torch.device | str = 
     sha = extractor.weights_sha256 or f"random-init-seed-{cfg.seed}"
     preprocessing = extractor.describe()
     section = {k: v for k, v in cfg.extractor.items() if k != "weights"}  # the checksum stands for the file
-    computed = precision(device, autocast_dtype(device, cfg.amp))
+    dtype = autocast_dtype(device, cfg.amp)
     identity = Config({"extractor": section, "weights_sha256": sha, "preprocessing": preprocessing,
-                       "dtype": cfg.dtype, **defining(device, autocast_dtype(device, cfg.amp))})
+                       "dtype": cfg.dtype, **defining(device, dtype)})
     return {"extractor": cfg.extractor.name, "dim": int(extractor.dim), "weights_sha256": sha,
             "weights_file": extractor.weights_file or "",
             "preprocessing": json.dumps(preprocessing, sort_keys=True), "dtype": cfg.dtype,
-            "precision": json.dumps(computed, sort_keys=True), "config_hash": identity.hash()}
+            "precision": json.dumps(precision(device, dtype), sort_keys=True), "config_hash": identity.hash()}
 
 
 def _face_hash(path: Path) -> str:

