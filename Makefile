@@ -61,7 +61,7 @@ features_for = $(foreach x,$(shell $(PY) -m pipeline.cli $(1) --show extractors 
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
-.PHONY: help setup weights test lint demo sample faces features train sweep experiments reproduce compare-init ensemble evaluate predict bench bench-faces bench-features bench-pipeline bench-memory bench-gpu test-gpu test-faults clean
+.PHONY: help setup weights test lint demo sample faces features train sweep experiments reproduce compare-init ensemble evaluate submit predict bench bench-faces bench-features bench-pipeline bench-memory bench-gpu test-gpu test-faults clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -133,6 +133,9 @@ ensemble: setup ## average the outputs of finished runs and score them as one: m
 
 evaluate: setup ## score a predictions folder: make evaluate PRED=folder [DATA=...]
 	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(or $(PRED),$(RUNS)/$(DATA)/latest/$(RUN)/predictions) $(ARGS)
+
+submit: setup ## an ABAW submission from predictions: make submit PRED=folder LIST=sample.txt OUT=va.txt [LAYOUT=abaw_mtl]
+	$(PY) -m pipeline.submit data=$(DATA) predictions=$(PRED) list=$(LIST) out=$(OUT) layout=$(or $(LAYOUT),abaw5_tasks) $(ARGS)
 
 # Without CHECKPOINT (or RUN, EXPERIMENT, ENCODER, CONFIG naming a run), predict runs the expression network alone (no trained model needed).
 PREDICT_CHECKPOINT = $(or $(CHECKPOINT),$(if $(filter command environment,$(foreach v,RUN EXPERIMENT ENCODER CONFIG,$(origin $(v)))),$(RUNS)/$(DATA)/latest/$(RUN)/best.pt))

@@ -16,6 +16,9 @@ Layouts:
   uni-task submission; the same layout as the annotations). The expression header lists the class
   set's names, one class index per row. Frames without a prediction are written as -5 / -1 with a
   warning, since row i must be frame i.
+- ``task_files`` (read only; :mod:`pipeline.submit` writes them): the ABAW5-ABAW10 uni-task
+  submission, one file per challenge, header ``image_location,valence,arousal`` (or the 8
+  expression names, or the 12 AUs), rows ``video/00001.jpg,<values>``; a folder may hold one per task.
 - ``csv``: the per-frame table of :mod:`pipeline.tables`: ``video,frame`` (from 1), the face's
   detection, ``valence,arousal,expression``, each class's probability, ``AU1,...,AU26`` decisions and
   their probabilities. Read back, only the prediction columns count.
@@ -274,16 +277,70 @@ def read_csv_predictions(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+TASK_FILE_HEADERS = {"va": "image_location,valence,arousal", "expr": "image_location," + ",".join(EXPRESSIONS),
+                     "au": "image_location," + ",".join(AUS)}  # ABAW5-ABAW10: one file per challenge
+
+
+def _first_line(path: Path) -> str:
+    with open(path, errors="replace") as f:
+        return f.readline().strip()
+
+
+def read_task_submissions(paths: list[Path]) -> dict[str, dict[str, np.ndarray]]:
+    """ABAW5-style files, one per challenge (header ``image_location,...``, rows
+    ``video/00001.jpg,<values>``) -> dense predictions per video; a folder may hold one per task."""
+    rows: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for path in paths:
+        header = _first_line(path)
+        task = next((t for t, h in TASK_FILE_HEADERS.items() if h == header), None)
+        if task is None:
+            raise AnnotationError(f"{path}:1: header {header!r} is none of " + " | ".join(TASK_FILE_HEADERS.values()))
+        width = {"va": 2, "expr": 1, "au": len(AUS)}[task]
+        for number, line in enumerate(path.read_text().splitlines()[1:], start=2):
+            if not line.strip():
+                continue
+            image, *cells = line.strip().split(",")
+            video, _, name = image.rpartition("/")
+            if not video or not name.endswith(".jpg") or not name[:-4].isdigit() or int(name[:-4]) < 1:
+                raise AnnotationError(f"{path}:{number}: {image!r} is not an image name such as video/00001.jpg")
+            try:
+                values = [float(c) for c in cells]
+            except ValueError:
+                values = []
+            if len(values) != width:
+                raise AnnotationError(f"{path}:{number}: {len(cells)} values, {width} expected for {task}")
+            rows.setdefault(video, {}).setdefault(task, {})[int(name[:-4]) - 1] = values
+    out = {}
+    for video, tasks in rows.items():
+        pred = _empty(max(max(f) for f in tasks.values()) + 1)
+        for task, by_frame in tasks.items():
+            frames = np.fromiter(by_frame, np.int64)
+            values = np.asarray(list(by_frame.values()), np.float64)
+            if task == "va":
+                dense = _from_sentinels(values, np.zeros(0), np.zeros((0, len(AUS))))["va"]
+                pred["va"][frames] = dense
+            elif task == "expr":
+                pred["expr"][frames] = values[:, 0].astype(np.int64)
+            else:
+                pred["au"][frames] = _from_sentinels(np.zeros((0, 2)), np.zeros(0), values)["au"]
+        out[video] = pred
+    return out
+
+
 def detect_layout(path: str | Path) -> tuple[str, Path]:
     """The layout of a prediction file or folder, and the file (or folder) to read."""
     path = Path(path)
     if path.is_file():
-        return ("csv" if path.suffix.lower() == ".csv" else "mtl"), path
+        if path.suffix.lower() == ".csv":
+            return "csv", path
+        return ("task_files" if _first_line(path).startswith("image_location,") else "mtl"), path
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such prediction file or folder")
     if any((path / d).is_dir() for dirs in TASK_DIRS.values() for d in dirs):
         return "tasks", path
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".txt", ".csv") and p.is_file())
+    if files and all(p.suffix.lower() == ".txt" and _first_line(p).startswith("image_location,") for p in files):
+        return "task_files", path  # one submission file per challenge
     if len(files) == 1:
         return detect_layout(files[0])
     raise AnnotationError(
@@ -295,4 +352,6 @@ def detect_layout(path: str | Path) -> tuple[str, Path]:
 def read_predictions(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """Predictions in any layout (see the module docstring) -> dense arrays per video."""
     layout, path = detect_layout(path)
+    if layout == "task_files":
+        return read_task_submissions(sorted(path.glob("*.txt")) if path.is_dir() else [path])
     return {"mtl": read_mtl, "tasks": read_tasks, "csv": read_csv_predictions}[layout](path)
