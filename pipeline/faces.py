@@ -53,12 +53,16 @@ class Output:
 
 
 def outputs_for(video: Path, cfg: Config, annotated: set[str]) -> list[Output]:
-    """The face files a video yields: one per annotated person (``_left`` / ``_right``), else one."""
+    """The face files a video yields: one per annotated person (``_left`` / ``_right``), else one;
+    ``subject=left`` / ``right`` names its file ``<video>_left`` / ``_right``, as the annotations
+    and the submissions name that person."""
     out_dir, stem = Path(cfg.out_dir), video.stem
     mk = lambda name, subject: Output(name, out_dir / f"{name}.h5", subject)
+    m = SIDE.match(stem)
+    if cfg.subject in ("left", "right") and not m:  # one of two persons: named as ABAW names them
+        return [mk(f"{stem}_{cfg.subject}", cfg.subject)]
     if cfg.subject != "auto":
         return [mk(stem, cfg.subject)]
-    m = SIDE.match(stem)
     if m:  # the file itself is named after one person
         return [mk(stem, m["side"])]
     sides = [s for s in ("left", "right") if f"{stem}_{s}" in annotated]

@@ -223,8 +223,11 @@ def test_outputs_follow_annotation_names(tmp_path):
     assert [(o.name, o.subject) for o in outputs_for(Path("v/b.mp4"), cfg, annotated)] == [("b", "main")]
     named = outputs_for(Path("v/c_right.mp4"), cfg, set())
     assert [(o.name, o.subject) for o in named] == [("c_right", "right")]
-    cfg.subject = "left"
-    assert [(o.name, o.subject) for o in outputs_for(Path("v/a.mp4"), cfg, annotated)] == [("a", "left")]
+    cfg.subject = "left"  # one of two persons, chosen by hand: named as the annotations name that person
+    assert [(o.name, o.subject) for o in outputs_for(Path("v/a.mp4"), cfg, annotated)] == [("a_left", "left")]
+    assert [(o.name, o.subject) for o in outputs_for(Path("v/c_left.mp4"), cfg, set())] == [("c_left", "left")]
+    cfg.subject = "main"
+    assert [(o.name, o.subject) for o in outputs_for(Path("v/a.mp4"), cfg, annotated)] == [("a", "main")]
 
 
 def _face(x: float, size: float = 100.0, score: float = 0.99) -> Detections:
