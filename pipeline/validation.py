@@ -62,6 +62,30 @@ def validate(
     return scores, preds
 
 
+def as_scored(preds: dict, labels: dict, prior: dict | None) -> dict[str, dict[str, np.ndarray]]:
+    """``preds`` as :func:`pipeline.metrics.score_videos` scored them with ``prior``: a labelled
+    video without a prediction, or frames of one without any (no face in the whole video), take
+    the prior of each task some video predicts, so that the written predictions give the run's
+    scores again and hold no sentinel; videos with nothing to fill are left as they are."""
+    if prior is None:
+        return preds
+    predicted = [t for t in ("va", "expr", "au") if prior.get(t) is not None
+                 and any(p.get(t) is not None for p in preds.values())]
+    out = dict(preds)
+    for video in dict.fromkeys([*preds, *labels]):
+        pred = preds.get(video, {})
+        n = max(len(labels[video]) if video in labels else 0,
+                int(np.max(pred["frame"])) + 1 if pred.get("frame") is not None and len(pred["frame"]) else 0)
+        dense = metrics.dense_predictions(pred, n)
+        absent = {"va": np.isnan(dense["va"]).any(1), "expr": dense["expr"] < 0, "au": np.isnan(dense["au"]).any(1)}
+        if not any(absent[t].any() for t in predicted):
+            continue
+        for task in predicted:
+            dense[task][absent[task]] = prior[task]
+        out[video] = {"frame": np.arange(n), **{t: dense[t] for t in predicted}}
+    return out
+
+
 def score_by_data(preds: dict, labels: dict, names: list[str], **how) -> dict[str, dict]:
     """Each pooled data set's own scores (its videos are ``<name>/<video>``), scored as
     :func:`pipeline.metrics.score_videos` scores with ``how``."""
@@ -201,7 +225,8 @@ def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, tra
     if chosen:
         ckpt.inference = dataclasses.replace(ckpt.inference, **chosen)
         checkpoint.save(best_path, ckpt)
-    write_task_files(out / "predictions", preds, tasks=tuple(cfg.model.tasks))
+    write_task_files(out / "predictions", as_scored(preds, val_labels, prior), tasks=tuple(cfg.model.tasks),
+                     expressions=expressions(cfg))
     epoch = ckpt.resume.task_epochs if cfg.selection == "per_task" else ckpt.resume.epoch
     scores.update({"encoder": cfg.encoder.name, "extractors": list(cfg.extractors), "epoch": epoch,
                    "expressions": expressions(cfg), "noise_features": cfg.noise_features,

@@ -3,6 +3,7 @@ from the nearest predicted frame or the training prior, never a sentinel; and th
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from pipeline import submit
 from pipeline.config import InputError, load_config
 from pipeline.labels import AUS, EXPRESSIONS, Labels
 from pipeline.writers import read_predictions
-from tests.synthetic import TASK_FILES, write_annotations
+from tests.synthetic import TASK_FILES, learnable_set, write_annotations
 
 ROOT = Path(__file__).resolve().parents[1]
 VA_HEADER = "image_location,valence,arousal"
@@ -169,3 +170,29 @@ def test_the_validator_refuses_sentinels_and_classes_outside_the_set(data: dict[
     ok = data["root"] / "expr_ok.txt"
     ok.write_text("\n".join([EXPR_HEADER, f"{IMAGES[0]},7", f"{IMAGES[1]},0"]) + "\n")
     assert submit.check(ok, listing) is None
+
+
+def test_a_runs_validation_predictions_give_its_scores_again_with_a_video_without_any_face(tmp_path: Path) -> None:
+    import h5py
+
+    from pipeline import evaluate, train
+    from tests.test_gpu_path import FAST
+
+    syn = learnable_set(tmp_path / "syn", frames=48, dim=8)
+    with h5py.File(syn["cache"], "r+") as f:
+        f["v5"]["present"][:] = False  # a validation video where no face was found: scored with the prior
+    run = tmp_path / "run"
+    assert train.main(load_config("train", overrides=[
+        *FAST, f"runs_dir={syn['runs']}", "data.name=syn", f"data.annotations={syn['annotations']}",
+        "data.format=abaw_tasks", f"out_dir={run}"])) == 0
+    printed = json.loads((run / "scores.json").read_text())
+    assert printed["filled_va"] > 0  # the prior was used for v5
+    for task, (folder, _) in TASK_FILES.items():
+        rows = (run / "predictions" / folder / "v5.txt").read_text().splitlines()[1:]
+        assert rows and not any(cell in ("-5", "-1") for row in rows for cell in row.split(",")), task
+    assert evaluate.main(load_config("evaluate", overrides=[
+        f"predictions={run / 'predictions'}", f"annotations={syn['annotations']}", "format=abaw_tasks",
+        f"output={tmp_path / 'scores.json'}"])) == 0
+    again = json.loads((tmp_path / "scores.json").read_text())["scores"]
+    for key in ("ccc_v", "ccc_a", "f1_expr", "f1_au", "p_mtl"):
+        assert again[key] == pytest.approx(printed[key], abs=1e-5), key
