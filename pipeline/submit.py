@@ -172,6 +172,10 @@ def rows(listing: Listing, preds: dict[str, dict[str, np.ndarray]], prior: dict 
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise InputError(f"{listing.path}: lists video {unknown[0]}{more}, which the predictions do not hold; "
                          "nothing written")
+    for task in listing.tasks:  # a task the predictions never give would be the prior alone: refused
+        if not any(_valid(task, p[task]).any() for p in preds.values()):
+            raise InputError(f"{listing.path}: the list asks for {task}, which the predictions hold for no frame; "
+                             "nothing written")
     videos = np.asarray(listing.videos)
     values: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(listing.tasks, 0)

@@ -113,6 +113,12 @@ def test_a_list_naming_a_video_the_predictions_lack_is_refused_and_nothing_is_wr
     with pytest.raises(InputError, match="ghost") as refused:
         run_submit(data, listing, "abaw5_tasks", out)
     assert "\n" not in str(refused.value) and not out.exists()
+    for folder in ("VA_Estimation_Challenge",):  # predictions without VA: a VA file would be the prior alone
+        for f in (data["preds"] / folder).iterdir():
+            f.rename(data["root"] / f"{folder}_{f.name}")
+    with pytest.raises(InputError, match="asks for va, which the predictions hold for no frame"):
+        run_submit(data, write_list(data["root"] / "sample_va2.txt", VA_HEADER, IMAGES, ","), "abaw5_tasks", out)
+    assert not out.exists()
     bad = write_list(data["root"] / "bad.txt", VA_HEADER, ["clip/frame1.jpg"])
     with pytest.raises(InputError, match=r"bad.txt:2: .*not an image name"):
         run_submit(data, bad, "abaw5_tasks", out)
