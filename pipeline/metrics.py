@@ -231,6 +231,12 @@ def dense_predictions(pred: Mapping[str, np.ndarray], n: int) -> dict[str, np.nd
     return out
 
 
+def without_prediction(dense: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per task of dense predictions (:func:`dense_predictions`), the frames that have none: NaN
+    in any VA or AU column, expression class -1."""
+    return {"va": np.isnan(dense["va"]).any(1), "expr": dense["expr"] < 0, "au": np.isnan(dense["au"]).any(1)}
+
+
 def prior_from_labels(labels: Mapping[str, Labels]) -> dict[str, np.ndarray | int]:
     """The prediction that knows nothing about a frame, from (training) labels: ``va`` (2,) mean
     valence and arousal over the valid frames, ``expr`` the most frequent valid class (the lowest
@@ -273,8 +279,7 @@ def score_videos(
     if per_video:
         pooled = {t: np.concatenate([p[t] for p in per_video]) for t in TASKS}
     truth = concat(Labels(lab.va.copy(), lab.expr.copy(), lab.au.copy()) for lab in labels.values())
-    absent = {"va": np.isnan(pooled["va"]).any(1), "expr": pooled["expr"] < 0,
-              "au": np.isnan(pooled["au"]).any(1)}
+    absent = without_prediction(pooled)
     labelled = {"va": truth.valid("va"), "expr": truth.valid("expr"),
                 "au": (truth.au != INVALID["au"]).any(1)}
     missing = {}

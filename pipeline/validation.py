@@ -77,7 +77,7 @@ def as_scored(preds: dict, labels: dict, prior: dict | None) -> dict[str, dict[s
         n = max(len(labels[video]) if video in labels else 0,
                 int(np.max(pred["frame"])) + 1 if pred.get("frame") is not None and len(pred["frame"]) else 0)
         dense = metrics.dense_predictions(pred, n)
-        absent = {"va": np.isnan(dense["va"]).any(1), "expr": dense["expr"] < 0, "au": np.isnan(dense["au"]).any(1)}
+        absent = metrics.without_prediction(dense)
         if not any(absent[t].any() for t in predicted):
             continue
         for task in predicted:

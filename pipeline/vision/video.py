@@ -268,6 +268,18 @@ def _av_frames(container, stream) -> Iterator:
     yield from _decoded(ctx, None)
 
 
+def _rgb_graph(stream, shape: tuple[int, int]):
+    """A PyAV filter graph turning ``stream``'s frames into RGB of ``shape`` (h, w) with decord's
+    filters (scale, then RGB) and the bilinear scaler its FFmpeg defaults to: the same pixels as
+    decord's, so that every reader gives the detector the same frames."""
+    import av
+
+    rgb = av.filter.Graph()
+    rgb.link_nodes(rgb.add_buffer(template=stream), rgb.add("scale", f"{shape[1]}:{shape[0]}:flags=bilinear"),
+                   rgb.add("format", "rgb24"), rgb.add("buffersink")).configure()
+    return rgb
+
+
 def _read_av(info: VideoInfo, index: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Frames at ``index`` of a file PyAV reads -> ((t, h, w, 3) uint8 RGB scaled to ``shape``,
     (t,) bool error); frames past what the file holds or that do not decode are errors."""
@@ -283,11 +295,7 @@ def _read_av(info: VideoInfo, index: np.ndarray, shape: tuple[int, int]) -> tupl
     runs = np.split(inside, np.flatnonzero(np.diff(s.seek[index[inside]])) + 1)
     with av.open(info.path) as c:
         stream = c.streams.video[0]
-        # decord's filters (scale, then RGB) with the bilinear scaler its FFmpeg defaults to: the same
-        # pixels as decord's, so that both readers give the detector the same frames
-        rgb = av.filter.Graph()
-        rgb.link_nodes(rgb.add_buffer(template=stream), rgb.add("scale", f"{shape[1]}:{shape[0]}:flags=bilinear"),
-                       rgb.add("format", "rgb24"), rgb.add("buffersink")).configure()
+        rgb = _rgb_graph(stream, shape)
         for run in runs:
             want = {int(s.pts[index[k]]): k for k in run}
             last = max(want)
@@ -318,10 +326,7 @@ class _Sequence:
         self.stream = self.container.streams.video[0]
         self.stream.thread_type = "AUTO"  # frame and slice threads: the same frames, sooner
         self.stream.thread_count = threads
-        self.rgb = av.filter.Graph()
-        self.rgb.link_nodes(self.rgb.add_buffer(template=self.stream),
-                            self.rgb.add("scale", f"{shape[1]}:{shape[0]}:flags=bilinear"),
-                            self.rgb.add("format", "rgb24"), self.rgb.add("buffersink")).configure()
+        self.rgb = _rgb_graph(self.stream, shape)
         self.frames: Iterator | None = None
         self.last = -1  # the frame number decoded last
 
