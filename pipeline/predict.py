@@ -70,7 +70,7 @@ def trained_precision(recipe: Recipe | None) -> dict:
     """The precision the training features of ``recipe`` were computed in (the CPU in fp32 for
     caches that record none, made before it was recorded)."""
     records = (recipe.feature_attrs if recipe is not None else None) or [{}]
-    found = {json.dumps(json.loads(r["precision"]), sort_keys=True) for r in records if r.get("precision")}
+    found = {r["precision"] for r in records if r.get("precision")}  # JSON with sorted keys, as cache_attrs writes
     return json.loads(found.pop()) if len(found) == 1 else dict(precision.NEUTRAL)
 
 
