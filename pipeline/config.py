@@ -351,10 +351,14 @@ def check_plugins(cfg: Mapping) -> None:
                 raise ConfigError(f"{group} plug-in {name!r} needs {', '.join(f'{group}.{n}=...' for n in unset)}")
 
 
+POOLING_STAGES = ("train", "evaluate")  # a run over several data sets, and the scoring of its predictions
+
+
 def pooled_data(stage: str, names: list) -> dict:
-    """``data: [a, b]``: several data sets in one training run, each labelling the tasks it has.
-    The section is named ``a+b`` and holds each data set's own section under ``members``."""
-    if stage != "train":
+    """``data: [a, b]``: several data sets in one training run, each labelling the tasks it has
+    (and in the evaluate stage, which scores such a run's predictions). The section is named
+    ``a+b`` and holds each data set's own section under ``members``."""
+    if stage not in POOLING_STAGES:
         raise ConfigError(f"data={names}: several data sets train together; the {stage} stage reads one at a time")
     if not all(isinstance(n, str) for n in names) or len(set(names)) < len(names):
         raise ConfigError(f"data={names}: name each data set once")

@@ -44,7 +44,7 @@ from pipeline.data import Normaliser
 from pipeline.identity import run_identity
 from pipeline.runs import STOPS, claimed, stop
 from pipeline.splits import expressions, load_splits, open_features
-from pipeline.validation import score_by_data, validate
+from pipeline.validation import validate
 from pipeline.writers import write_task_files
 
 log = logging.getLogger("pipeline")
@@ -188,7 +188,7 @@ def ensemble(members: list[Member], device: str = "cpu") -> tuple[dict, Outputs,
                                                      expressions=classes)["f1_au"]
         scores["au_thresholds"] = mean.tolist()
     if first.cfg.data.get("members"):  # each pooled data set's own scores beside the pooled ones
-        scores["data"] = score_by_data(preds, labels, [d.name for d in first.cfg.data.members], prior=prior,
+        scores["data"] = metrics.score_by_data(preds, labels, [d.name for d in first.cfg.data.members], prior=prior,
                                        expressions=classes)
     return scores, preds, rescored
 

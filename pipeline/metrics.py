@@ -360,3 +360,24 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def score_by_data(preds: dict, labels: dict, names: list[str], **how) -> dict[str, dict]:
+    """Each pooled data set's own scores (its videos are ``<name>/<video>``), scored as
+    :func:`score_videos` scores with ``how``."""
+    out = {}
+    for name in names:
+        own = {v: lab for v, lab in labels.items() if v.startswith(f"{name}/")}
+        out[name] = score_videos({v: p for v, p in preds.items() if v in own}, own, **how)
+    return out
+
+
+def print_scores(scores: dict) -> None:
+    """The scores table, and each data set's own line when the run pooled several."""
+    print(format_table(scores))
+    if scores.get("data"):
+        shown = columns("ccc_v", "ccc_a", "f1_expr", "f1_au", "p_mtl")
+        print("\n" + markdown_table(
+            ["data set", *(h for h, _ in shown), "frames (va/expr/au)"],
+            [[name, *(score_cell(own[k]) for _, k in shown), f"{own['n_va']}/{own['n_expr']}/{own['n_au']}"]
+             for name, own in scores["data"].items()]))

@@ -38,28 +38,38 @@ def validate(
     video with features; labelled frames without a prediction (no features, no face in the whole
     video) take ``prior`` and are counted as ``filled_<task>``."""
     preds = {}
-    device = next(model.parameters()).device  # the model's own: a rank's GPU under torchrun
     for video in videos:
-        feats, present, frames = cache.read(video)
-        if cfg.frames == "labelled":  # the sequence of the video's labelled frames, as it was trained
-            rows = labelled_rows(labels.get(video), frames, cfg.model.tasks)
-            if not len(rows):
-                continue
-            feats, present, frames = feats[rows], present[rows], frames[rows]
-        if cfg.noise_features:
-            feats = np.random.default_rng((cfg.seed, len(video))).standard_normal(feats.shape).astype(np.float32)
-            norm = None
-        else:
-            norm = normaliser
-        out = predict_features(model, feats, present, norm, cfg.window, cfg.eval_stride, device,
-                               consecutive=cfg.eval_windows == "consecutive")
-        preds[video] = {"frame": frames, **out}
+        out = video_outputs(model, cache, video, normaliser, cfg, labels.get(video))
+        if out is not None:
+            preds[video] = out
     scores = metrics.score_videos(preds, labels, au_thresholds=au_thresholds, prior=prior,
                                   expressions=expressions(cfg))
     if isinstance(cache, PooledCache):  # each data set's own scores beside the pooled ones
-        scores["data"] = score_by_data(preds, labels, list(cache.caches), au_thresholds=au_thresholds, prior=prior,
-                                       expressions=expressions(cfg))
+        scores["data"] = metrics.score_by_data(preds, labels, list(cache.caches), au_thresholds=au_thresholds,
+                                               prior=prior, expressions=expressions(cfg))
     return scores, preds
+
+
+def video_outputs(model: MultiTaskModel, cache: FeatureCache, video: str, normaliser: Normaliser | None,
+                  cfg: Config, labels=None, scored: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+    """One video's per-frame outputs (``frame`` (m,) and ``model.probabilities`` per task) as the
+    run of ``cfg`` computes them. A run trained on its labelled frames (``frames=labelled``) sees
+    the sequence of the frames it scores: those ``labels`` label for its tasks, or the frames in
+    ``scored`` (a test list's); None when there is none."""
+    feats, present, frames = cache.read(video)
+    if cfg.frames == "labelled":  # the sequence of the video's labelled frames, as it was trained
+        rows = (labelled_rows(labels, frames, cfg.model.tasks) if scored is None
+                else np.flatnonzero(np.isin(frames, scored)))
+        if not len(rows):
+            return None
+        feats, present, frames = feats[rows], present[rows], frames[rows]
+    if cfg.noise_features:
+        feats = np.random.default_rng((cfg.seed, len(video))).standard_normal(feats.shape).astype(np.float32)
+        normaliser = None
+    device = next(model.parameters()).device  # the model's own: a rank's GPU under torchrun
+    out = predict_features(model, feats, present, normaliser, cfg.window, cfg.eval_stride, device,
+                           consecutive=cfg.eval_windows == "consecutive")
+    return {"frame": frames, **out}
 
 
 def as_scored(preds: dict, labels: dict, prior: dict | None) -> dict[str, dict[str, np.ndarray]]:
@@ -84,17 +94,6 @@ def as_scored(preds: dict, labels: dict, prior: dict | None) -> dict[str, dict[s
             dense[task][absent[task]] = prior[task]
         out[video] = {"frame": np.arange(n), **{t: dense[t] for t in predicted}}
     return out
-
-
-def score_by_data(preds: dict, labels: dict, names: list[str], **how) -> dict[str, dict]:
-    """Each pooled data set's own scores (its videos are ``<name>/<video>``), scored as
-    :func:`pipeline.metrics.score_videos` scores with ``how``."""
-    out = {}
-    for name in names:
-        own = {v: lab for v, lab in labels.items() if v.startswith(f"{name}/")}
-        out[name] = metrics.score_videos({v: p for v, p in preds.items() if v in own}, own, **how)
-    return out
-
 
 
 def choose_va_smoothing(preds: dict, labels: dict, windows: list[int], per_dimension: bool = False,
@@ -181,22 +180,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 
-def print_scores(scores: dict) -> None:
-    """The scores table, and each data set's own line when the run pooled several."""
-    print(metrics.format_table(scores))
-    if scores.get("data"):
-        shown = metrics.columns("ccc_v", "ccc_a", "f1_expr", "f1_au", "p_mtl")
-        print("\n" + metrics.markdown_table(
-            ["data set", *(h for h, _ in shown), "frames (va/expr/au)"],
-            [[name, *(metrics.score_cell(own[k]) for _, k in shown), f"{own['n_va']}/{own['n_expr']}/{own['n_au']}"]
-             for name, own in scores["data"].items()]))
-
-
-
 def report_finished(out: Path) -> None:
     """What a run finished earlier with the same settings says instead of training again."""
     print(f"\n{out}: finished earlier with these settings; not trained again")
-    print_scores(json.loads((out / "scores.json").read_text()))
+    metrics.print_scores(json.loads((out / "scores.json").read_text()))
 
 
 def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, training: Training,
@@ -234,7 +221,7 @@ def finish(cfg: Config, out: Path, history: list[dict], cache: FeatureCache, tra
     write_json(out / "scores.json", scores)
     print(f"\nValidation scores ({cfg.data.name}, {'+'.join(cfg.extractors)} features, {cfg.encoder.name}, "
           f"best epoch {epoch}){' -- NOISE CONTROL' if cfg.noise_features else ''}")
-    print_scores(scores)
+    metrics.print_scores(scores)
     filled = {k[len("filled_"):]: v for k, v in scores.items() if k.startswith("filled_") and v}
     if filled:
         print("labelled frames without a prediction, scored with the training prior: "

@@ -208,14 +208,18 @@ def _from_sentinels(va: np.ndarray, expr: np.ndarray, au: np.ndarray) -> dict[st
 
 
 def read_tasks(folder: str | Path) -> dict[str, dict[str, np.ndarray]]:
-    """Per-task prediction txts under ``folder/<task folder>/`` (Train_Set/-style subfolders not
-    expected) -> dense predictions per video."""
+    """Per-task prediction txts under ``folder/<task folder>/`` -> dense predictions per video.
+
+    A video is the txt's path under its task folder without ``.txt``: ``<video>`` in the flat
+    layout, ``<dataset>/<video>`` where a run over several data sets wrote them (as
+    :func:`write_task_files` writes videos so named)."""
     folder = Path(folder)
     parts: dict[str, dict[str, np.ndarray]] = {}
     for task in TASKS:
         for d in TASK_DIRS[task]:
-            for path in sorted((folder / d).glob("*.txt")):
-                parts.setdefault(path.stem, {})[task] = read_task_file(path, task)
+            for path in sorted((folder / d).rglob("*.txt")):
+                video = path.relative_to(folder / d).with_suffix("").as_posix()
+                parts.setdefault(video, {})[task] = read_task_file(path, task)
     out = {}
     for video, arrays in parts.items():
         pred = _empty(max(len(a) for a in arrays.values()))
