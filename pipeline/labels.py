@@ -40,10 +40,12 @@ from models.abaw import AUS, EXPRESSION_SETS, EXPRESSIONS, INVALID, TASKS
 log = logging.getLogger(__name__)
 
 
+# Each task's folder of per-video files, as the editions name it: ABAW6 and later (written here),
+# ABAW3-ABAW5 (EXPR_Classification_Challenge), ABAW2 (*_Set).
 TASK_DIRS = {
-    "va": ("VA_Estimation_Challenge",),
-    "expr": ("EXPR_Recognition_Challenge", "EXPR_Classification_Challenge"),
-    "au": ("AU_Detection_Challenge",),
+    "va": ("VA_Estimation_Challenge", "VA_Set"),
+    "expr": ("EXPR_Recognition_Challenge", "EXPR_Classification_Challenge", "EXPR_Set"),
+    "au": ("AU_Detection_Challenge", "AU_Set"),
 }
 TASK_HEADERS = {"va": ("valence", "arousal"), "expr": EXPRESSIONS, "au": AUS}
 SPLIT_DIRS = {"train": "Train_Set", "val": "Validation_Set"}
@@ -361,7 +363,8 @@ def read_frame_csv(
 # ---- folders ----------------------------------------------------------------------------------
 
 
-def _task_dir(root: Path, task: str) -> Path | None:
+def task_dir(root: Path, task: str) -> Path | None:
+    """The folder of ``task``'s per-video files under ``root``, under any edition's name, or None."""
     return next((root / d for d in TASK_DIRS[task] if (root / d).is_dir()), None)
 
 
@@ -382,7 +385,7 @@ def detect_format(root: str | Path) -> str:
         return "csv"
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such annotation folder")
-    if any(_task_dir(root, t) for t in TASKS):
+    if any(task_dir(root, t) for t in TASKS):
         return "abaw_tasks"
     if (root / "MTL_Challenge").is_dir():
         return "abaw3_mtl"
@@ -412,7 +415,7 @@ def _task_files(root: Path, split: str) -> dict[str, dict[str, Path]]:
     """{task: {video: file}} for the per-task layout; missing task folders give no files."""
     files: dict[str, dict[str, Path]] = {}
     for task in TASKS:
-        base = _task_dir(root, task)
+        base = task_dir(root, task)
         folder = base / SPLIT_DIRS[split] if base else None
         files[task] = {p.stem: p for p in sorted(folder.glob("*.txt"))} if folder and folder.is_dir() else {}
     if not any(files.values()):
