@@ -134,8 +134,13 @@ ensemble: setup ## average the outputs of finished runs and score them as one: m
 evaluate: setup ## score a predictions folder: make evaluate PRED=folder [DATA=...]
 	$(PY) -m pipeline.evaluate data=$(DATA) predictions=$(or $(PRED),$(RUNS)/$(DATA)/latest/$(RUN)/predictions) $(ARGS)
 
-submit: setup ## an ABAW submission from predictions: make submit PRED=folder LIST=sample.txt OUT=va.txt [LAYOUT=abaw_mtl]
-	$(PY) -m pipeline.submit data=$(DATA) predictions=$(PRED) list=$(LIST) out=$(OUT) layout=$(or $(LAYOUT),abaw5_tasks) $(ARGS)
+# submit predicts with the runs in RUNS="dir dir" (averaged), else with the latest run as make evaluate reads it,
+# or writes PRED=<predictions> as they are.
+SUBMIT_RUNS = $(if $(filter command environment,$(origin RUNS)),$(RUNS),$(RUNS)/$(DATA)/latest/$(RUN))
+submit: setup ## an ABAW submission: make submit LIST=sample.txt OUT=va.txt [RUNS="dir dir" | PRED=folder] [TEST_DATA=name] [LAYOUT=abaw_mtl]
+	$(PY) -m pipeline.submit list=$(LIST) out=$(OUT) layout=$(or $(LAYOUT),abaw5_tasks) \
+		$(if $(PRED),data=$(DATA) predictions=$(PRED),runs=[$(subst $(space),$(comma),$(strip $(SUBMIT_RUNS)))] \
+		test_data=$(TEST_DATA) $(ON_DEVICE)) $(ARGS)
 
 # Without CHECKPOINT (or RUN, EXPERIMENT, ENCODER, CONFIG naming a run), predict runs the expression network alone (no trained model needed).
 PREDICT_CHECKPOINT = $(or $(CHECKPOINT),$(if $(filter command environment,$(foreach v,RUN EXPERIMENT ENCODER CONFIG,$(origin $(v)))),$(RUNS)/$(DATA)/latest/$(RUN)/best.pt))

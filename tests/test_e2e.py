@@ -19,10 +19,10 @@ import pytest
 from skimage.registration import phase_cross_correlation
 from skimage.transform import SimilarityTransform, warp
 
-from pipeline import checkpoint, evaluate, faces, features, predict, sample, train
-from pipeline.config import Config, load_config
+from pipeline import checkpoint, evaluate, faces, features, predict, sample, submit, train
+from pipeline.config import Config, InputError, load_config
 from pipeline.inference import predict_features
-from pipeline.labels import AUS, EXPRESSIONS
+from pipeline.labels import AUS, EXPRESSIONS, load_annotations
 
 # insightface's five-point ArcFace template for 112x112 crops (`arcface_dst` in
 # python-package/insightface/utils/face_align.py): eyes, nose tip, mouth corners.
@@ -157,6 +157,80 @@ def test_evaluate_rescores_the_written_predictions(pipeline_run: dict[str, Path]
     assert rescored["f1_expr"] == pytest.approx(scores["f1_expr"])
     assert rescored["f1_au"] == pytest.approx(scores["f1_au"])
     assert rescored["ccc_v"] == pytest.approx(scores["ccc_v"], abs=1e-3)
+
+
+def _scores_of(predictions: Path, pipeline_run: dict[str, Path], out: Path) -> dict:
+    assert evaluate.main(stage("evaluate", f"predictions={predictions}", f"output={out}",
+                               f"annotations={pipeline_run['data'] / 'annotations'}")) == 0
+    return json.loads(out.read_text())["scores"]
+
+
+def _submit(pipeline_run: dict[str, Path], listing: Path, layout: str, out: Path) -> int:
+    return submit.main(stage("submit", f"runs=[{pipeline_run['train']}]", f"list={listing}", f"layout={layout}",
+                             f"out={out}"))
+
+
+def test_submissions_in_every_layout_score_as_training_scored_the_checkpoint(pipeline_run: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    """Test lists made from the sample's validation video in each edition's layout, shuffled:
+    submitted from the checkpoint, accepted by the validator, and scored by evaluate as training
+    scored the run (VA to the 6 decimals the files hold). This reduced sample's validation video
+    has a face on every frame; listed frames without one are checked on the synthetic set
+    (tests/test_ensemble.py)."""
+    printed = json.loads((pipeline_run["train"] / "scores.json").read_text())
+    val = load_annotations(pipeline_run["data"] / "annotations", "val")
+    rng = np.random.default_rng(0)
+    keys = ("ccc_v", "ccc_a", "f1_expr", "f1_au", "p_mtl")
+
+    def images(task: str | None) -> list[str]:
+        out = [f"{v}/{k + 1:05d}.jpg" for v, lab in val.items() for k in range(len(lab.expr))
+               if task is None or lab.valid(task)[k]]
+        return [out[i] for i in rng.permutation(len(out))]
+
+    headers = {"va": "image_location,valence,arousal", "expr": "image_location," + ",".join(EXPRESSIONS),
+               "au": "image_location," + ",".join(AUS)}
+    uni = tmp_path / "abaw5"
+    for task, header in headers.items():  # ABAW5 and later: the organisers' sample file of each challenge
+        listed = images(task)
+        sample_file = tmp_path / f"CVPR_ABAW_{task}_test_set_sample.txt"
+        sample_file.write_text("\n".join([header, *(f"{i}," for i in listed)]) + "\n")
+        assert _submit(pipeline_run, sample_file, "abaw5_tasks", uni / f"{task}.txt") == 0
+        assert submit.check(uni / f"{task}.txt", submit.read_listing(sample_file, "abaw5_tasks")) is None
+        written = [ln.split(",")[0] for ln in (uni / f"{task}.txt").read_text().splitlines()[1:]]
+        assert written == listed
+    again = _scores_of(uni, pipeline_run, tmp_path / "abaw5.json")
+    for key in keys:
+        assert again[key] == pytest.approx(printed[key], abs=1e-5), key
+
+    mtl_list = tmp_path / "MTL_Challenge_test_set_release.txt"  # ABAW3/4/7: a header, one image a line
+    mtl_list.write_text("\n".join(["image,valence,arousal,expression,aus", *images(None)]) + "\n")
+    assert _submit(pipeline_run, mtl_list, "abaw_mtl", tmp_path / "mtl.txt") == 0
+    assert submit.check(tmp_path / "mtl.txt", submit.read_listing(mtl_list, "abaw_mtl")) is None
+    again = _scores_of(tmp_path / "mtl.txt", pipeline_run, tmp_path / "mtl.json")
+    for key in keys:
+        assert again[key] == pytest.approx(printed[key], abs=1e-5), key
+
+    per_video = tmp_path / "abaw3"  # ABAW3: a list of video names per challenge, a file per video
+    for name in ("Valence_Arousal_Estimation_Challenge", "Expression_Classification_Challenge",
+                 "Action_Unit_Detection_Challenge"):
+        video_list = tmp_path / f"{name}_test_set_release.txt"
+        video_list.write_text("\n".join(val) + "\n")
+        assert _submit(pipeline_run, video_list, "abaw3_tasks", per_video) == 0
+    for video in val:  # the decoder's count plus one
+        decoded = int(av.open(str(pipeline_run["data"] / "videos" / f"{video}.mp4")).streams.video[0].frames)
+        for folder in ("VA_Estimation_Challenge", "EXPR_Classification_Challenge", "AU_Detection_Challenge"):
+            assert len((per_video / folder / f"{video}.txt").read_text().splitlines()) == 1 + decoded + 1
+    again = _scores_of(per_video, pipeline_run, tmp_path / "abaw3.json")
+    for key in keys:
+        assert again[key] == pytest.approx(printed[key], abs=1e-5), key
+
+    # a video or an image the data does not hold: refused in one line naming it, nothing written
+    for bad, said in (("ghost/00001.jpg", "ghost"), (f"{next(iter(val))}/09999.jpg", "09999.jpg")):
+        listing = tmp_path / "bad.txt"
+        listing.write_text("\n".join([headers["va"], f"{images('va')[0]},", f"{bad},"]) + "\n")
+        with pytest.raises(InputError, match=said) as refused:
+            _submit(pipeline_run, listing, "abaw5_tasks", tmp_path / "bad_va.txt")
+        assert "\n" not in str(refused.value) and not (tmp_path / "bad_va.txt").exists()
 
 
 def test_rerunning_the_stages_skips_finished_work(pipeline_run: dict[str, Path], caplog) -> None:

@@ -132,3 +132,34 @@ def test_run_folders_as_arguments_or_runs_keys() -> None:
     assert cfg.runs == ["a", "b", "c", "d"] and cfg.device == "cpu"
     with pytest.raises(ConfigError, match="unknown config key 'epochs'"):
         ensemble.PROGRAM.read(["a", "epochs=3"])
+
+
+def test_a_submission_from_several_runs_scores_as_their_ensemble(syn: dict[str, Path], runs: list[Path],
+                                                                  tmp_path: Path) -> None:
+    """`make submit RUNS="a b"` writes the ensemble's outputs: make evaluate scores the file, whose
+    list holds frames without a face, as the ensemble scored itself, AUs at 0.5 by default and at
+    the runs' mean tuned thresholds with tuned."""
+    from pipeline import evaluate, submit
+    from pipeline.labels import load_annotations
+
+    assert run_ensemble(*map(str, runs)) == 0
+    scored = json.loads((ensemble.resolve(runs)[2] / "scores.json").read_text())
+    val = load_annotations(syn["annotations"], "val")
+    images = [f"{v}/{k + 1:05d}.jpg" for v, lab in val.items() for k in range(len(lab.expr))]
+    cache = FeatureCache([syn["cache"]])
+    faceless = [f"{v}/{k + 1:05d}.jpg" for v in val for k in np.flatnonzero(~cache.index(v)[0])]
+    assert faceless and set(faceless) <= set(images)
+    listing = tmp_path / "MTL_Challenge_test_set_release.txt"
+    listing.write_text("\n".join(["image", *reversed(images)]) + "\n")
+    for tuned, au_key in (("false", "f1_au"), ("true", "f1_au_tuned")):
+        out = tmp_path / f"mtl_{tuned}.txt"
+        assert submit.main(load_config("submit", overrides=[
+            f"runs=[{runs[1]},{runs[0]}]", f"list={listing}", "layout=abaw_mtl", f"out={out}",
+            f"tuned={tuned}"])) == 0
+        assert evaluate.main(load_config("evaluate", overrides=[
+            f"predictions={out}", f"annotations={syn['annotations']}", f"output={tmp_path / 'scores.json'}"])) == 0
+        again = json.loads((tmp_path / "scores.json").read_text())["scores"]
+        assert again["f1_au"] == pytest.approx(scored[au_key], abs=1e-9)
+        if tuned == "false":  # tuned also smooths VA as each run chose on validation
+            for key in ("ccc_v", "ccc_a", "f1_expr"):
+                assert again[key] == pytest.approx(scored[key], abs=1e-5), key

@@ -200,3 +200,31 @@ def test_a_runs_validation_predictions_give_its_scores_again_with_a_video_withou
     again = json.loads((tmp_path / "scores.json").read_text())["scores"]
     for key in ("ccc_v", "ccc_a", "f1_expr", "f1_au", "p_mtl"):
         assert again[key] == pytest.approx(printed[key], abs=1e-5), key
+
+
+def test_abaw3_per_video_files_hold_the_decoder_count_plus_one_rows(data: dict[str, Path]) -> None:
+    listing = data["root"] / "Valence_Arousal_Estimation_Challenge_test_set_release.txt"
+    listing.write_text("noface\nclip\n")
+    out = data["root"] / "abaw3"
+    assert run_submit(data, listing, "abaw3_tasks", out) == 0
+    clip = (out / "VA_Estimation_Challenge" / "clip.txt").read_text().splitlines()
+    # ten predicted frames are ten decoded ones; the organisers' files have one row more (README)
+    assert clip[0] == "valence,arousal" and len(clip) == 1 + 11
+    assert clip[1 + 4] == "0.300000,-0.300000" and clip[-1] == "0.900000,-0.900000"  # no face: frame 3's; the last
+    assert (out / "VA_Estimation_Challenge" / "noface.txt").read_text().splitlines()[1:] == ["0.200000,-0.400000"] * 4
+    parsed = submit.read_listing(listing, "abaw3_tasks")
+    assert parsed.tasks == ("va",) and parsed.listed == ("noface", "clip")
+    assert submit.check(out, parsed) is None
+    counts = {"noface": 4, "clip": 11}
+    assert submit.check(out, parsed, counts) is None
+    (out / "VA_Estimation_Challenge" / "ghost.txt").write_text("valence,arousal\n0,0\n")
+    assert "ghost is not in the list" in submit.check(out, parsed)
+    (out / "VA_Estimation_Challenge" / "ghost.txt").unlink()
+    (out / "VA_Estimation_Challenge" / "clip.txt").write_text("\n".join([*clip[:-1], "-5,-5"]) + "\n")
+    assert "sentinel -5" in submit.check(out, parsed, counts)
+    (out / "VA_Estimation_Challenge" / "clip.txt").write_text("\n".join(clip[:-1]) + "\n")
+    assert "10 rows, 11 expected" in submit.check(out, parsed, counts)
+    expr_list = data["root"] / "video_list.txt"
+    expr_list.write_text("clip\n")
+    with pytest.raises(InputError, match="give task=va, expr or au"):
+        run_submit(data, expr_list, "abaw3_tasks", out)
