@@ -10,7 +10,9 @@ covered are labelled invalid from the generator's own flags, which are saved in 
     python -m pipeline.sample [configs/sample.yaml] [key=value ...]
 
 writes ``<out>/videos/<video>.mp4``, ``<out>/annotations/<task>/<split>/<video>.txt``,
-``<out>/truth/<video>.npz``, ``<out>/sample.yaml`` (the resolved config) and ``<out>/manifest.json``.
+``<out>/truth/<video>.npz``, ``<out>/sample.yaml`` (the resolved config), ``<out>/manifest.json``
+and ``<out>/lists/``: the validation videos listed in each ABAW edition's test-list layout
+(:func:`pipeline.submit.write_test_lists`).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ AU_VA = {"AU1": (0.0, 0.25), "AU2": (0.05, 0.25), "AU4": (-0.3, 0.15), "AU6": (0
          "AU7": (-0.15, 0.15), "AU10": (-0.3, 0.1), "AU12": (0.4, 0.15), "AU15": (-0.35, -0.1),
          "AU23": (-0.2, 0.2), "AU24": (-0.15, 0.0), "AU25": (0.0, 0.15), "AU26": (0.0, 0.3)}
 
-VERSION = 2  # bump when a change to this file changes the output, so finished samples are redone
+VERSION = 3  # bump when a change to this file changes the output, so finished samples are redone
 ACTIVE = 0.35  # intensity from which an AU, or an expression event, counts as present
 MIN_VISIBLE = 0.75  # share of the face box inside the picture for a frame to be labelled
 MAX_OCCLUDED = 0.3  # share of the face box an occluder may cover for a frame to be labelled
@@ -504,6 +506,10 @@ def generate(cfg: Config, root: Path) -> dict:
         gaps = _coverage_gaps(written)
         if gaps:  # the plan guarantees coverage; failing here means the plan is broken
             raise RuntimeError(f"{split} has no labelled frame of {', '.join(gaps)}")
+    from pipeline.submit import write_test_lists
+
+    # the validation videos as the organisers list a test set, to try make submit on
+    write_test_lists(root / "lists", dict.fromkeys(splits["Validation_Set"], cfg.n_frames))
     return manifest
 
 

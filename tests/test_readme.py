@@ -62,6 +62,11 @@ LONG = {
     'make compare-init DATA=sample SEEDS=0,1,2 ARGS="epochs=5"': "fifteen trainings and three ensembles",
     "python -m pipeline.train experiment=mtl_gru init_from=runs/sample/latest/expr_only init_frozen=[encoder]":
         "needs a finished expr_only run",
+    "make submit DATA=affwild2 TEST_DATA=affwild2_test LIST=CVPR_6th_ABAW_VA_test_set_example.txt OUT=sub/va.txt":
+        "needs a run trained on Aff-Wild2, its test set's features and the organisers' sample file",
+    "make submit TEST_DATA=affwild2_test LIST=MTL_Challenge_test_set_release.txt OUT=sub/mtl.txt LAYOUT=abaw_mtl "
+    'RUNS="runs/affwild2_mtl/train/a runs/affwild2_mtl/train/b"':
+        "needs two runs trained on s-Aff-Wild2, its test set's features and the organisers' list",
 }
 # The user's config folder the commands run with: a smaller sample, and fewer epochs for the runs
 # that do not set their own (a recipe's epochs come from its file or the command, as typed).
@@ -69,7 +74,8 @@ SMALLER = {"sample.yaml": {"n_videos": 4, "n_frames": 90, "val_videos": 1}, "tra
 # What a command must print besides exiting 0, where its output says it did its work.
 PRINTS = {"make demo": "P_MTL", "make train": "Validation scores", "python -m pipeline.sweep": "Sweep over 3 runs",
           "make reproduce": "published (the paper's", "make predict": "written to",
-          "python -m pipeline.features": "features: 4 done"}
+          "python -m pipeline.features": "features: 4 done", "make submit": "submission: ",
+          "python -m pipeline.submit --check": "a valid abaw_mtl submission"}
 
 
 def blocks(kind: str) -> list[str]:
