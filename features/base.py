@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import pickle
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -94,7 +96,7 @@ def build_extractor(name: str, **kw) -> Extractor:
             factory = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"extractor plug-in {name!r} cannot be loaded: {e}") from e
-    elif name in EXTRACTORS:
+    elif name in EXTRACTORS or _user_timm_yaml(name):
         factory = EXTRACTORS[name]
     else:
         raise ValueError(
@@ -107,6 +109,19 @@ def build_extractor(name: str, **kw) -> Extractor:
         need = ", ".join(missing) or "the Extractor API"
         raise TypeError(f"extractor {name!r} must return an nn.Module with {need}")
     return model.eval().requires_grad_(False)
+
+
+def _user_timm_yaml(name: str) -> bool:
+    """Register the user's own timm YAMLs (``$AFFECT_CONFIG_DIR/features/*.yaml``); whether
+    ``name`` is now an extractor."""
+    from features.timm_backbone import register_yaml_extractors
+    from pipeline.config import ConfigError, config_dirs
+
+    try:
+        register_yaml_extractors([d / "features" for d in config_dirs()])
+    except ConfigError:
+        return False
+    return name in EXTRACTORS
 
 
 def sha256_file(path: str | Path) -> str:
@@ -128,11 +143,53 @@ def require_weights(name: str, weights: str | None, random_init: bool) -> None:
         raise FileNotFoundError(f"{name}: weights file {weights} not found")
 
 
+def _plain_extras() -> list:
+    """The plain data classes the field's training scripts save beside the weights, allowed by
+    name when a checkpoint is read (and then ignored): MAE's and timm's ``args``
+    (``argparse.Namespace``, whose values may be paths), numpy scalars such as a best metric."""
+    import argparse
+    import pathlib
+
+    import numpy as np
+
+    numpy_core = getattr(np, "_core", None) or np.core
+    extras = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+              pathlib.PureWindowsPath, numpy_core.multiarray.scalar, np.dtype]
+    extras += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return extras
+
+
+# how torch's weights-only unpickler names what it refused, across versions
+UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", re.I)
+
+
+def load_plain(path: str | Path) -> object:
+    """``torch.load`` of a weights file with ``weights_only=True``, the plain extras of
+    :func:`_plain_extras` allowed; a file that needs any other global to load (code would run)
+    is refused in one line naming the file and the global."""
+    try:
+        with torch.serialization.safe_globals(_plain_extras()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = UNSUPPORTED_GLOBAL.search(str(e))
+        what = f"the global {found[1].rstrip('.')}" if found else "an object that is not plain data"
+        raise ValueError(f"{path}: refused: loading it would run code ({what}); save the model's state dict "
+                         "(model.state_dict()) instead") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") \
+            from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A plain state dict from a checkpoint file, unwrapping ``model``/``state_dict`` and ``module.``."""
+    """A plain state dict from a checkpoint file, unwrapping ``model``/``state_dict`` and ``module.``;
+    what a training script saved beside it (``args``, ``epoch``, optimiser state) is ignored."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"weights file {path} not found")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    obj = load_plain(path)
     for key in ("model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]

@@ -19,6 +19,9 @@ RUN_ARGS = {
     "iresnet18": dict(random_init=True),
     "onet": dict(),  # the weights shipped with facenet-pytorch
     "vit_tiny": dict(random_init=True),
+    "dinov2_vits14": dict(random_init=True),
+    "efficientnet_b0": dict(random_init=True),
+    "efficientnet_b2": dict(random_init=True),
 }
 TOO_BIG = {
     "iresnet34": "iresnet18's network with more blocks: seconds more on CPU, nothing new checked",
@@ -26,6 +29,11 @@ TOO_BIG = {
     "iresnet100": "iresnet18's network with more blocks: seconds more on CPU, nothing new checked",
     "mae_vit_base": "vit_tiny's ViTExtractor at ViT-B width: about 5 s on CPU",
     "mae_vit_large": "vit_tiny's ViTExtractor at ViT-L width: about 20 s and 1.2 GB on CPU",
+    "dinov2_vitb14": "dinov2_vits14's TimmExtractor at ViT-B width: seconds on CPU, nothing new checked",
+    "dinov3_vitb16": "ViT-B: its family runs at ViT-S in tests/test_timm_backbones.py",
+    "convnext_base": "88 M parameters: its family runs as convnext_atto in tests/test_timm_backbones.py",
+    "clip_vitb16": "ViT-B/16: its family runs as ViT-B/32 in tests/test_timm_backbones.py",
+    "swin_base": "88 M parameters: its family runs as Swin-T in tests/test_timm_backbones.py",
 }
 
 
@@ -233,6 +241,48 @@ def test_mae_checkpoint_loads_and_matches_timm(tmp_path, fc_norm):
         x = model.preprocess(crops)
         torch.testing.assert_close(model(x), reference(x))
     assert model.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def mae_save_model(path, model: torch.nn.Module) -> None:
+    """A checkpoint as MAE's own training script writes one (``util/misc.py`` ``save_model``):
+    the weights beside the optimiser and scaler states, the epoch and the run's ``args``."""
+    import argparse
+
+    args = argparse.Namespace(  # main_pretrain.py's get_args_parser() defaults
+        batch_size=64, epochs=400, accum_iter=1, model="mae_vit_base_patch16", input_size=224, mask_ratio=0.75,
+        norm_pix_loss=False, weight_decay=0.05, lr=None, blr=1e-3, min_lr=0.0, warmup_epochs=40,
+        data_path="/datasets01/imagenet_full_size/061417/", output_dir="./output_dir", log_dir="./output_dir",
+        device="cuda", seed=0, resume="", start_epoch=0, num_workers=10, pin_mem=True, world_size=1,
+        local_rank=-1, dist_on_itp=False, dist_url="env://", distributed=False)
+    tuned = [model.cls_token, model.pos_embed]  # an optimiser's state, kept small: two tensors' moments
+    optimizer = torch.optim.AdamW(tuned, lr=1.5e-4, betas=(0.9, 0.95))
+    sum(p.sum() for p in tuned).backward()
+    optimizer.step()
+    to_save = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 399,
+               "scaler": torch.amp.GradScaler("cpu").state_dict(), "args": args}
+    torch.save(to_save, path)
+
+
+def test_a_checkpoint_saved_as_maes_training_script_saves_it_loads(tmp_path):
+    import os
+
+    import timm
+
+    trained = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, global_pool="avg")
+    path = tmp_path / "checkpoint-399.pth"
+    mae_save_model(path, trained)
+    model = build_extractor("mae_vit_base", weights=str(path))
+    crops = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        x = model.preprocess(crops)
+        torch.testing.assert_close(model(x), trained.eval()(x))
+
+    bad = tmp_path / "with_code.pth"  # anything else that needs a global to load would run code
+    torch.save({"model": {}, "hook": os.system}, bad)
+    with pytest.raises(ValueError, match=r"with_code.pth: refused: loading it would run code \(the global "
+                                         r"(posix|nt).system\)") as refused:
+        build_extractor("mae_vit_base", weights=str(bad))
+    assert "\n" not in str(refused.value)
 
 
 def test_vit_refuses_a_checkpoint_that_does_not_fit(tmp_path):
