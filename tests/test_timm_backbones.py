@@ -18,7 +18,7 @@ from pipeline.config import load_component
 # A shipped YAML -> what the test builds: the YAML's own timm model, the larger ones with fewer
 # blocks (``model_args``, as a user's YAML may set them), the same code and layout otherwise.
 FAMILIES = {
-    "dinov2_vits14": {},
+    "dinov2_vits14": {"depth": 2},
     "dinov3_vitb16": {"depth": 2},
     "convnext_base": {"depths": (1, 1, 1, 1)},
     "clip_vitb16": {"depth": 2},
