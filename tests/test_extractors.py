@@ -22,6 +22,8 @@ RUN_ARGS = {
     "dinov2_vits14": dict(random_init=True),
     "efficientnet_b0": dict(random_init=True),
     "efficientnet_b2": dict(random_init=True),
+    **{n: dict(random_init=True) for n in ("enet_b0_8_best_afew", "enet_b0_8_best_vgaf", "enet_b0_8_va_mtl",
+                                           "enet_b2_8", "enet_b2_7")},
 }
 TOO_BIG = {
     "iresnet34": "iresnet18's network with more blocks: seconds more on CPU, nothing new checked",
