@@ -145,9 +145,10 @@ submit: setup ## an ABAW submission: make submit LIST=sample.txt OUT=va.txt [RUN
 # Without CHECKPOINT (or RUN, EXPERIMENT, ENCODER, CONFIG naming a run), predict runs the expression network alone (no trained model needed).
 PREDICT_CHECKPOINT = $(or $(CHECKPOINT),$(if $(filter command environment,$(foreach v,RUN EXPERIMENT ENCODER CONFIG,$(origin $(v)))),$(RUNS)/$(DATA)/latest/$(RUN)/best.pt))
 
-predict: setup ## one new video through all stages: make predict VIDEO=clip.mp4 [CHECKPOINT=runs/.../best.pt]
+predict: setup ## one new video through all stages: make predict VIDEO=clip.mp4 [CHECKPOINT=runs/.../best.pt | ZERO_SHOT=enet_b0_8_va_mtl]
 	@test -n "$(VIDEO)" || { echo "error: set VIDEO=path/to/video.mp4" >&2; exit 1; }
-	$(PY) -m pipeline.predict video=$(VIDEO) checkpoint=$(PREDICT_CHECKPOINT) runs_dir=$(RUNS) $(ON_DEVICE) $(ARGS)
+	$(PY) -m pipeline.predict video=$(VIDEO) checkpoint=$(PREDICT_CHECKPOINT) runs_dir=$(RUNS) \
+		$(if $(ZERO_SHOT),zero_shot=$(ZERO_SHOT)) $(ON_DEVICE) $(ARGS)
 
 bench: faces ## encoders side by side: parameters, throughput, memory, validation P_MTL
 	$(call features_for,bench,$(BENCH_LINE))

@@ -145,6 +145,15 @@ class FeatureCache:
         raise ValueError(f"video {video!r}: no class probabilities in {', '.join(map(str, self.paths))}; "
                          "only an extractor that classifies (fer_xception) stores them")
 
+    def valence_arousal(self, video: str) -> np.ndarray | None:
+        """The valence and arousal (n, 2) an extractor that regresses them stored for ``video``
+        (NaN where there was no face), from the first cache that has them; None if none has."""
+        for i in range(len(self.paths)):
+            g = self._group(i, video)
+            if "valence_arousal" in g:
+                return g["valence_arousal"][:].astype(np.float32)
+        return None
+
     def identity(self) -> list[dict[str, Any]]:
         """What the features are made of, per cache: the extractor's settings and weights (its
         ``config_hash``) and, per video, the hash of the face file behind its part. Two caches with

@@ -168,11 +168,14 @@ def extract_video(src: FaceBatches, extractor: Extractor, part: Path, attrs: dic
                   device: torch.device) -> None:
     """Features of one video's present frames, zeros elsewhere, written atomically to ``part``;
     with an extractor that also classifies (``forward_with_probabilities``), its class
-    probabilities beside them (NaN where there is no face)."""
+    probabilities beside them, and its valence and arousal (``valence_arousal``) where it has them
+    (NaN where there is no face)."""
     n, dtype = len(src.frame), np.dtype(cfg.dtype)
     feats = np.zeros((n, extractor.dim), dtype)
     classes = list(getattr(extractor, "classes", ())) if hasattr(extractor, "forward_with_probabilities") else []
     probs = np.full((n, len(classes)), np.nan, np.float32) if classes else None
+    # a network that also regresses valence and arousal (HSEmotion's _va_mtl): its outputs too
+    va = np.full((n, 2), np.nan, np.float32) if probs is not None and getattr(extractor, "has_va", False) else None
     amp_dtype = autocast_dtype(device, cfg.amp)  # the precision cache_attrs recorded
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     loader = DataLoader(src, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
@@ -185,9 +188,14 @@ def extract_video(src: FaceBatches, extractor: Extractor, part: Path, attrs: dic
                     x = x.contiguous(memory_format=torch.channels_last)
                     if probs is None:
                         y = extractor(x)
-                    else:
+                    elif va is None:
                         y, p = extractor.forward_with_probabilities(x)
                         probs[rows.numpy()] = p.float().cpu().numpy()
+                    else:
+                        y = extractor(x)
+                        heads = extractor.heads(y)
+                        probs[rows.numpy()] = heads["expr"].float().cpu().numpy()
+                        va[rows.numpy()] = heads["va"].float().cpu().numpy()
                 if y.shape != (len(rows), extractor.dim):
                     expected = (len(rows), extractor.dim)
                     raise ValueError(f"extractor gave {tuple(y.shape)}, expected {expected}")
@@ -203,6 +211,8 @@ def extract_video(src: FaceBatches, extractor: Extractor, part: Path, attrs: dic
         if probs is not None:
             f["probabilities"] = probs
             f["probabilities"].attrs["classes"] = classes
+        if va is not None:
+            f["valence_arousal"] = va
         f.attrs.update({**attrs, "video": src.video, "source_config_hash": src.source_hash})
         f.attrs["complete"] = True
 

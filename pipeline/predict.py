@@ -2,10 +2,12 @@
 
     python -m pipeline.predict video=clip.mp4 checkpoint=runs/sample/latest/gru/best.pt
     python -m pipeline.predict video=clip.mp4      # no model: fer_xception's own expressions
+    python -m pipeline.predict video=clip.mp4 zero_shot=enet_b0_8_va_mtl extractor_weights.enet_b0_8_va_mtl=<file>
 
-Without a checkpoint, the faces stage's defaults and the ``fer_xception`` expression network give
-per-frame expression probabilities in ABAW's classes (smoothed over time); valence/arousal and AU
-columns stay empty.
+Without a checkpoint, the faces stage's defaults and a classifying network (``zero_shot``:
+``fer_xception`` by default, or one of HSEmotion's) give per-frame expression probabilities in
+ABAW's classes and, from a network that regresses them (``enet_b0_8_va_mtl``), valence and arousal,
+smoothed over time; the other columns stay empty.
 
 The face and feature settings come from the checkpoint (the configs of the runs its training
 features came from), so crops, template and extractor weights match what the model learnt on.
@@ -61,6 +63,8 @@ def prediction_identity(cfg: Config, video: Path, checkpoint: Path, amp: bool = 
     the precision its features are computed in on ``cfg.device`` (features with ``amp``; the model
     in fp32; the CPU adds nothing, as predictions made before this existed)."""
     defining = {k: v for k, v in cfg.items() if k not in _NOT_DEFINING}
+    if cfg.get("checkpoint") or defining.get("zero_shot") == EXPRESSION_NETWORK:
+        defining.pop("zero_shot", None)  # as predictions made before zero_shot existed
     defining.update(precision.defining(cfg.device, precision.autocast_dtype(cfg.device, amp)))
     return Config({"video": sha256_file(video), "checkpoint": sha256_file(checkpoint),
                    "config": defining}).hash()
@@ -97,10 +101,35 @@ def stage_config(stage: str, saved: dict | None, path: Path, overrides: list[str
     return load_config(stage, path, overrides)
 
 
-EXPRESSION_NETWORK = "fer_xception"  # what predicts expressions when no checkpoint is given
+EXPRESSION_NETWORK = "fer_xception"  # what predicts expressions when no checkpoint is given (zero_shot's default)
 EXPRESSION_SMOOTHING = 9  # frames of the moving average over its probabilities (smooth=0)
 FER_TO_ABAW = {"angry": "Anger", "disgust": "Disgust", "fear": "Fear", "happy": "Happiness", "sad": "Sadness",
                "surprise": "Surprise", "neutral": "Neutral"}
+# a classifying network's class names -> ABAW's: fer's FER2013 names, AffectNet's (HSEmotion's)
+# eight, whose Contempt ABAW counts as Other (as HSEmotion maps it for ABAW)
+TO_ABAW = {**FER_TO_ABAW, **{c: c for c in EXPRESSIONS}, "Contempt": "Other"}
+
+
+def zero_shot_network(cfg: Config) -> tuple[str, Path, int]:
+    """The network that predicts without a checkpoint (``zero_shot``), its checked weights file and
+    its input size; it must classify expressions."""
+    from features import EXTRACTORS, build_extractor
+
+    name = cfg.zero_shot
+    if name == EXPRESSION_NETWORK:
+        return name, expression_weights(cfg), 64
+    if name not in EXTRACTORS:
+        raise InputError(f"zero_shot={name!r}: not an extractor ({', '.join(sorted(EXTRACTORS))})")
+    with torch.device("meta"):
+        net = build_extractor(name, random_init=True)
+    if not hasattr(net, "forward_with_probabilities"):
+        raise InputError(f"zero_shot={name}: it gives features only, no expressions; choose a classifying network "
+                         f"({EXPRESSION_NETWORK} or one of HSEmotion's enet_*)")
+    given = (cfg.get("extractor_weights") or {}).get(name)
+    if not given or not Path(given).is_file():
+        raise InputError(f"zero_shot={name}: give its weights, extractor_weights.{name}=<file>"
+                         + (f" ({given} not found)" if given else ""))
+    return name, Path(given), int(net.input_size)
 
 
 def expression_weights(cfg: Config) -> Path:
@@ -264,11 +293,14 @@ def main(cfg: Config) -> int:
         except ValueError as e:
             raise InputError(str(e)) from None
         weights = extractor_weights(cfg, ckpt.recipe)
-    else:  # no trained model: the expression network's own classes
+    else:  # no trained model: the zero-shot network's own classes (and valence/arousal)
         model, ckpt, path = None, None, None
-        weights = {EXPRESSION_NETWORK: str(expression_weights(cfg))}
+        name, zero_path, _ = zero_shot_network(cfg)
+        weights = {name: str(zero_path)}
+    if cfg.checkpoint and cfg.zero_shot != EXPRESSION_NETWORK:
+        raise InputError(f"zero_shot={cfg.zero_shot} predicts without a checkpoint; give one or the other")
     amp = features_amp(cfg, ckpt.recipe if ckpt is not None else None)
-    identity = prediction_identity(cfg, video, path or Path(weights[EXPRESSION_NETWORK]), amp)
+    identity = prediction_identity(cfg, video, path or Path(weights[cfg.zero_shot]), amp)
     out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.runs_dir) / "predict" / f"{video.stem}-{identity[:8]}"
     try:
         with claimed(out, identity, None if cfg.out_dir else Path(cfg.runs_dir) / "predict" / video.stem) as run:
@@ -289,14 +321,17 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module | None, ckpt: Check
     into ``out``; 1 if a stage failed. ``weights``: extractor name -> the checked weights file to
     compute its features from; ``amp``: whether the features stage autocasts (:func:`features_amp`)."""
     cfg.save(out / "config.yaml")
-    recipe = ckpt.recipe if ckpt is not None else Recipe(extractors=[EXPRESSION_NETWORK])
+    recipe = ckpt.recipe if ckpt is not None else Recipe(extractors=[cfg.zero_shot])
     saved = recipe.stage_configs
     if not saved and model is not None:
         log.warning("%s records no face/feature settings: using the defaults in configs/", cfg.checkpoint)
+    sizes = []  # the zero-shot network's own crop size beside the default, so that crops are not upscaled
+    if model is None and (size := zero_shot_network(cfg)[2]) > 112:
+        sizes = [f"sizes=[112,{size}]"]
 
     face_cfg = faces.resolve(stage_config("faces", saved.get("faces"), out / "faces.yaml", [
         f"videos={video}", f"out_dir={out / 'faces'}", f"subject={cfg.subject}", f"device={cfg.device}",
-        "data.name=predict", "data.annotations=", "shard="]))
+        "data.name=predict", "data.annotations=", "shard=", *sizes]))
     if faces.main(face_cfg) != 0:
         log.error("%s: the faces stage failed; see %s", video, out / "faces" / "failures.jsonl")
         return 1
@@ -313,10 +348,20 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module | None, ckpt: Check
             return 1
         paths.append(out / "features" / f"{name}.h5")
     if model is None:
-        results = expression_results(FeatureCache(paths), cfg.smooth or EXPRESSION_SMOOTHING)
-        print(f"no model for valence/arousal and action units was given (checkpoint=.../best.pt): their columns "
-              f"are empty; expressions are {EXPRESSION_NETWORK}'s FER2013 classes mapped to ABAW's (Other: 0)")
-        return write_outputs(cfg, video, results, ("expr",), None, out)
+        cache = FeatureCache(paths)
+        results = zero_shot_results(cache, cfg.smooth or EXPRESSION_SMOOTHING)
+        tasks = ("va", "expr") if all("va" in r for r in results.values()) and results else ("expr",)
+        if cfg.zero_shot == EXPRESSION_NETWORK:
+            print(f"no model for valence/arousal and action units was given (checkpoint=.../best.pt): their columns "
+                  f"are empty; expressions are {EXPRESSION_NETWORK}'s FER2013 classes mapped to ABAW's (Other: 0)")
+        else:
+            classes = cache.probabilities(cache.videos[0])[1] if cache.videos else []
+            mapped = ", ".join(f"{c}->{TO_ABAW[c]}" for c in classes if c != TO_ABAW[c]) or "the same names"
+            print(f"zero-shot, no trained model: expressions from {cfg.zero_shot}'s {len(classes)} classes mapped to "
+                  f"ABAW's ({mapped}), "
+                  + ("valence and arousal from its regression head, " if "va" in tasks else "valence/arousal and ")
+                  + "action units empty" + ("" if "va" in tasks else ": it has no head for them"))
+        return write_outputs(cfg, video, results, tasks, None, out)
     trained_sha = [a.get("weights_sha256") for a in recipe.feature_attrs or [{}] * len(paths)]
     cache = FeatureCache(paths)
     for name, trained, now in zip(recipe.extractors, trained_sha, [a.get("weights_sha256") for a in cache.attrs],
@@ -344,22 +389,29 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module | None, ckpt: Check
     return write_outputs(cfg, video, results, tuple(model.tasks), thresholds, out)
 
 
-def expression_results(cache: FeatureCache, window: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per face track, the expression network's probabilities in ABAW's 8 classes, frames without
-    a face filled from the nearest one with a face, then a centred moving average over ``window``."""
+def zero_shot_results(cache: FeatureCache, window: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per face track, a classifying extractor's probabilities in ABAW's 8 classes and, where it
+    regresses them, its valence and arousal; frames without a face filled from the nearest one
+    with a face, then a centred moving average over ``window`` frames."""
     results = {}
     for key in cache.videos:
         _, present, frames = cache.read(key)
         probs, classes = cache.probabilities(key)
         expr = np.zeros((len(frames), len(EXPRESSIONS)), np.float32)
         for j, name in enumerate(classes):
-            expr[:, EXPRESSIONS.index(FER_TO_ABAW[name])] = probs[:, j]
-        if present.any():
-            expr = smooth(fill_missing(expr, present), window)
-        else:
-            expr[:] = np.nan
+            expr[:, EXPRESSIONS.index(TO_ABAW[name])] += probs[:, j]
+        out = {"expr": expr}
+        va = cache.valence_arousal(key)
+        if va is not None:
+            out["va"] = np.clip(va, -1.0, 1.0)
+        for task, values in out.items():
+            if present.any():
+                out[task] = smooth(fill_missing(values, present), window)
+            else:
+                values[:] = np.nan
+        if not present.any():
             log.warning("%s: no face found in any frame; predictions are empty", key)
-        results[key] = {"frame": frames, "expr": expr}
+        results[key] = {"frame": frames, **out}
     return results
 
 

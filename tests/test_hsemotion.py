@@ -92,3 +92,44 @@ def test_a_published_pickle_is_refused_until_converted_and_a_foreign_one_is_not_
     done = subprocess.run([sys.executable, "-m", "pipeline.convert", "hsemotion", str(foreign), str(tmp_path / "o")],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
+
+
+def test_zero_shot_prediction_of_a_real_clip_writes_expressions_and_va(pyfeat_clips: Path, tmp_path: Path) -> None:
+    """`make predict VIDEO=<clip> ZERO_SHOT=enet_b0_8_va_mtl` (random weights here, the user's file
+    in practice): expression and VA columns from the network's heads, AUs empty; the heads stored
+    with the features are the network's on the face file's own crops."""
+    import csv
+
+    import h5py
+    from safetensors.torch import save_file
+
+    from pipeline import predict
+    from pipeline.config import load_config
+
+    name = "enet_b0_8_va_mtl"
+    pt, weights = tmp_path / f"{name}.pt", tmp_path / f"{name}.safetensors"
+    published(name, pt)
+    save_file(torch.load(pt, weights_only=False).state_dict(), str(weights))  # our own file: trusted here
+    out = tmp_path / "out"
+    clip = pyfeat_clips / "single_face.mp4"
+    assert predict.main(load_config("predict", overrides=[
+        f"video={clip}", f"out_dir={out}", f"zero_shot={name}", f"extractor_weights.{name}={weights}",
+        "smooth=1"])) == 0
+    with open(out / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    with h5py.File(out / "faces" / "single_face.h5", "r") as f:
+        present, crops = f["present"][:], f["crops_224"][:]  # the network's own size, not 112 upscaled
+    with h5py.File(out / "features" / f"{name}.h5", "r") as f:
+        stored_va, stored_p = f["single_face"]["valence_arousal"][:], f["single_face"]["probabilities"][:]
+    assert len(rows) == len(present) and present.mean() > 0.9
+    assert all(r["valence"] and r["arousal"] and r["expression"] and not r["AU1"] for r in rows)
+    net = build_extractor(name, weights=str(weights))
+    with torch.inference_mode():
+        heads = net.heads(net(net.preprocess(torch.from_numpy(crops[present][:4]))))
+    np.testing.assert_allclose(stored_va[present][:4], heads["va"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(stored_p[present][:4], heads["expr"].numpy(), atol=1e-5)
+    # unsmoothed (smooth=1): each ABAW class is the network's class of that name, Contempt is Other
+    k = int(np.flatnonzero(present)[0])
+    for abaw, theirs in (("Other", "Contempt"), ("Happiness", "Happiness"), ("Neutral", "Neutral")):
+        assert float(rows[k][f"p_{abaw}"]) == pytest.approx(stored_p[k, list(net.classes).index(theirs)], abs=1e-5)
+    assert float(rows[k]["valence"]) == pytest.approx(float(np.clip(stored_va[k, 0], -1, 1)), abs=1e-5)
