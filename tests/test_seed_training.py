@@ -31,6 +31,21 @@ def config(paths: dict[str, Path], out: Path, *overrides: str) -> Config:
     return cfg
 
 
+def evaluated(run: Path, data: str, *overrides: str) -> dict:
+    """The evaluate stage's scores of the run's written predictions against ``data``'s validation split."""
+    from pipeline import evaluate
+
+    out = run / "evaluate.json"
+    assert evaluate.main(load_config("evaluate", overrides=[
+        f"predictions={run / 'predictions'}", f"data={data}", f"output={out}", *overrides])) == 0
+    return json.loads(out.read_text())["scores"]
+
+
+def assert_same(rescored: dict, scores: dict) -> None:
+    for key in ("ccc_v", "ccc_a", "f1_expr", "f1_au", "p_mtl", "n_va", "n_expr", "n_au"):
+        assert rescored[key] == pytest.approx(scores[key], abs=1e-6, nan_ok=True), key
+
+
 def scores_of(out: Path) -> dict:
     return json.loads((out / "scores.json").read_text())
 
@@ -99,6 +114,14 @@ def test_two_data_sets_train_together_each_on_the_tasks_it_labels(tmp_path: Path
     assert per_data["syn_b"]["n_va"] == 0 and per_data["syn_b"]["n_au"] > 0
     assert per_data["syn_a"]["n_va"] > 0 and scores["n_au"] == per_data["syn_a"]["n_au"] + per_data["syn_b"]["n_au"]
     assert per_data["syn_b"]["f1_au"] > 0.8 and per_data["syn_a"]["p_mtl"] > 1.5, per_data
+    # its written predictions (<Task>/<data set>/<video>.txt) score again as the run scored, pooled and apart
+    rescored = evaluated(out, f"[{a_yaml},{b_yaml}]")
+    assert_same(rescored, scores)
+    assert sorted(rescored["data"]) == ["syn_a", "syn_b"]
+    for name, own in per_data.items():
+        assert_same(rescored["data"][name], own)
+    with pytest.raises(InputError, match="each with its own annotations"):
+        evaluated(out, f"[{a_yaml},{b_yaml}]", f"annotations={tmp_path}")
     with pytest.raises(Exception, match="several data sets train together"):
         load_config("features", overrides=[f"data=[{a_yaml},{b_yaml}]"])
 
@@ -117,6 +140,10 @@ def test_seven_basic_emotions(syn: dict[str, Path], tmp_path: Path) -> None:
     assert scores["expressions"] == "basic7" and scores["f1_expr"] > 0.6
     header = (out / "predictions" / "EXPR_Recognition_Challenge" / "v4.txt").read_text().splitlines()[0]
     assert header == "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise"
+    data = tmp_path / "syn.yaml"  # evaluate scores the run's predictions over the same seven classes
+    data.write_text(f"name: syn\nvideos: none\nannotations: {syn['annotations']}\nformat: abaw_tasks\n"
+                    "train_split: train\nval_split: val\nexpressions: basic7\n")
+    assert_same(evaluated(out, str(data)), scores)
 
 
 def test_staged_training_freezes_au_after_its_stage_and_keeps_each_tasks_best(syn: dict[str, Path],
