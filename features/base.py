@@ -45,11 +45,14 @@ class Extractor(nn.Module):
         x = rearrange(crops, "b h w c -> b c h w")  # a channels-last view, no copy
         if self.channel_order == "BGR":
             x = x.flip(1)
-        size = (self.input_size, self.input_size)
-        x = self.resize(x, size) if x.shape[-2:] != size else x.float()
+        x = self.fit(x, (self.input_size, self.input_size))
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return x.sub_(mean).div_(std)  # x is always a fresh tensor here, so in place is safe
+
+    def fit(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """uint8 (b, 3, h, w) -> float (b, 3, *size) in 0-255: resized where it is not that size."""
+        return self.resize(x, size) if x.shape[-2:] != size else x.float()
 
     def resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """uint8 (b, 3, h, w) -> float (b, 3, *size) in 0-255.

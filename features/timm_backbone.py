@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from einops import rearrange
 
 from features.base import EXTRACTORS, Extractor, load_checked, read_state_dict, require_weights, sha256_file
 
@@ -73,26 +72,15 @@ class TimmExtractor(Extractor):
                      allow_missing=allow_missing)
         self.weights_sha256, self.weights_file = sha256_file(weights), Path(weights).name
 
-    def resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Resize to ``floor(size / crop_pct)``, then the centre ``size`` (timm's eval transform)."""
+    def fit(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Resized to ``floor(size / crop_pct)``, then the centre ``size`` (timm's evaluation
+        transform), whatever the crop's size; with ``crop_pct`` 1 as any extractor."""
         if self.crop_pct >= 1:
-            return super().resize(x, size)
+            return super().fit(x, size)
         scale = math.floor(size[0] / self.crop_pct)
-        x = super().resize(x, (scale, scale)) if x.shape[-2:] != (scale, scale) else x.float()
+        x = super().fit(x, (scale, scale))
         top = int(round((scale - size[0]) / 2.0))  # torchvision's CenterCrop, which timm uses
         return x[..., top : top + size[0], top : top + size[1]].contiguous()
-
-    def preprocess(self, crops: torch.Tensor) -> torch.Tensor:
-        """As :meth:`Extractor.preprocess`; with ``crop_pct`` below 1 every crop, whatever its size,
-        is resized and its centre taken, as timm's evaluation transform does."""
-        if self.crop_pct >= 1:
-            return super().preprocess(crops)
-        if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
-            raise ValueError(f"{self.name}: expected uint8 crops (b, h, w, 3), got {crops.dtype} {tuple(crops.shape)}")
-        x = self.resize(rearrange(crops, "b h w c -> b c h w"), (self.input_size, self.input_size))
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return x.sub_(mean).div_(std)
 
     def describe(self) -> dict:
         return {**super().describe(), "timm": self.arch, "crop_pct": self.crop_pct}
