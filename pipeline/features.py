@@ -62,6 +62,9 @@ class FaceBatches(Dataset):
         raise NotImplementedError
 
 
+_UPSCALED: set[tuple[Path, int]] = set()  # (faces folder, size) already warned about
+
+
 class FaceFile(FaceBatches):
     """Crops from a face-stage HDF5 file: ``crops_<size>`` if stored, else the largest crops."""
 
@@ -79,6 +82,11 @@ class FaceFile(FaceBatches):
             if missing or not sizes:
                 raise ValueError(f"{path}: face file lacks {', '.join(missing) or 'crops_<size>'}")
             self.key = f"crops_{size if size in sizes else sizes[-1]}"
+            if sizes[-1] < size and (path.parent, size) not in _UPSCALED:  # once per folder and size
+                _UPSCALED.add((path.parent, size))
+                log.warning("%s: no %d-pixel crops, the largest are %d: they are resized up for the extractor; "
+                            "run the faces stage with sizes=[%s] (make faces ARGS=\"sizes=[%s]\")", path.parent, size,
+                            sizes[-1], ",".join(map(str, [*sizes, size])), ",".join(map(str, [*sizes, size])))
             frame, present = f["frame"][:].astype(np.int64), f["present"][:].astype(bool)
             if not len(frame) == len(present) == f[self.key].shape[0]:
                 raise ValueError(f"{path}: frame, present and {self.key} differ in length")

@@ -104,6 +104,16 @@ def test_picks_matching_crops_else_the_largest(faces):
     assert FaceFile(faces / "clip_b.h5", 48, 4).key == "crops_224"
 
 
+def test_crops_smaller_than_the_extractor_needs_are_named_once_with_the_sizes_to_write(faces, caplog):
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        for _ in range(2):
+            assert FaceFile(faces / "clip_a.h5", 256, 4).key == "crops_112"
+            assert FaceFile(faces / "clip_b.h5", 256, 4).key == "crops_224"
+            assert FaceFile(faces / "clip_a.h5", 112, 4).key == "crops_112"
+    said = [r.getMessage() for r in caplog.records if "resized up" in r.getMessage()]
+    assert len(said) == 1 and "no 256-pixel crops, the largest are 112" in said[0] and "sizes=[112,256]" in said[0]
+
+
 def test_rerun_resumes_and_config_change_is_stale(run, faces, caplog):
     run()
     part = faces.parent / "out" / "onet" / "clip_a.h5"
