@@ -127,7 +127,7 @@ def list_task(path: Path, task: str = "") -> str:
     return named[0]
 
 
-def read_video_list(path: Path, lines: list[str], task: str, expressions: str) -> Listing:
+def read_video_list(path: Path, lines: list[str], task: str) -> Listing:
     """An ABAW3-style per-task test list: one video name per line."""
     names, seen = [], {}
     for number, line in enumerate(lines, start=1):
@@ -141,14 +141,13 @@ def read_video_list(path: Path, lines: list[str], task: str, expressions: str) -
         names.append(line)
     if not names:
         raise ListError(f"{path}: names no video")
-    names_of = expression_set(expressions) if task == "expr" else TASK_HEADERS[task]
+    names_of = EXPRESSIONS if task == "expr" else TASK_HEADERS[task]  # _expression_header: the class set's
     return Listing(path, "abaw3_tasks", (task,), ",".join(names_of), (), (), np.zeros(0, np.int64), tuple(names))
 
 
-def read_listing(path: str | Path, layout: str, task: str = "", expressions: str = "abaw8") -> Listing:
+def read_listing(path: str | Path, layout: str, task: str = "") -> Listing:
     """The organisers' list or sample file of ``layout`` (see the module docstring); for
-    ``abaw3_tasks``, ``task`` when the file's name does not say it, and the expression set whose
-    names head an expression file."""
+    ``abaw3_tasks``, ``task`` when the file's name does not say it."""
     path = Path(path)
     if layout not in LAYOUTS:
         raise ConfigError(f"layout={layout!r}: choose one of {', '.join(LAYOUTS)}")
@@ -158,7 +157,7 @@ def read_listing(path: str | Path, layout: str, task: str = "", expressions: str
     if not lines:
         raise ListError(f"{path}: empty; the organisers' list has a header line and one image per line")
     if layout == "abaw3_tasks":
-        return read_video_list(path, lines, list_task(path, task), expressions)
+        return read_video_list(path, lines, list_task(path, task))
     first = lines[0]
     if layout == "abaw5_tasks":
         tasks = tuple(t for t, h in TASK_FILE_HEADERS.items() if h == first)
@@ -264,11 +263,7 @@ def rows(listing: Listing, preds: dict[str, dict[str, np.ndarray]], prior: dict 
          au_thresholds: np.ndarray | float = 0.5) -> tuple[list[str], dict[str, int]]:
     """The submission's lines (header first) for ``listing`` from dense ``preds`` per video, and
     per task how many listed frames were filled."""
-    unknown = sorted(set(listing.videos) - set(preds))
-    if unknown:
-        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise InputError(f"{listing.path}: lists video {unknown[0]}{more}, which the predictions do not hold; "
-                         "nothing written")
+    _refuse_unknown(listing, set(preds), "the predictions")
     for task in listing.tasks:  # a task the predictions never give would be the prior alone: refused
         if not any(_valid(task, p[task]).any() for p in preds.values()):
             raise InputError(f"{listing.path}: the list asks for {task}, which the predictions hold for no frame; "
@@ -421,9 +416,10 @@ class Predicted:
     counts: dict[str, int] | None = None
 
 
-def test_features(member, test_data: str) -> FeatureCache | PooledCache:
-    """The features that hold the listed videos: those of ``test_data`` (a data set's name or YAML)
-    computed as the run's were (the same extractor weights), else the run's own."""
+def test_features(member, test_data: str) -> tuple[FeatureCache | PooledCache, str]:
+    """The features that hold the listed videos and the name of their data set: those of
+    ``test_data`` (a data set's name or YAML) computed as the run's were (the same extractor
+    weights), else the run's own."""
     from pipeline.config import load_component
     from pipeline.data import feature_paths
     from pipeline.splits import open_features
@@ -433,7 +429,7 @@ def test_features(member, test_data: str) -> FeatureCache | PooledCache:
         if cfg.data.get("members"):
             raise ConfigError(f"{member.folder} trained on {cfg.data.name} pooled: give test_data=<the data set "
                               "whose features hold the listed videos>")
-        return open_features(cfg)
+        return open_features(cfg), cfg.data.name
     data = load_component("data", test_data)
     try:
         cache = FeatureCache(feature_paths(cfg.runs_dir, data["name"], cfg.extractors))
@@ -445,7 +441,7 @@ def test_features(member, test_data: str) -> FeatureCache | PooledCache:
             raise InputError(f"{cache.paths[0].parent}: {name} features of {data['name']} come from weights with "
                              f"SHA-256 {str(now.get('weights_sha256'))[:16]}, not the {was['weights_sha256'][:16]} "
                              f"{member.folder} was trained on")
-    return cache
+    return cache, data["name"]
 
 
 def member_predictions(member, cache, listing: Listing, tuned: bool, device: str) -> dict:
@@ -498,9 +494,8 @@ def run_predictions(cfg: Config, listing: Listing) -> Predicted:
     for m in members:
         m.cfg.device = cfg.device
     first = members[0]
-    cache = test_features(first, cfg.test_data)
+    cache, data_name = test_features(first, cfg.test_data)
     _refuse_unknown(listing, set(cache.videos), f"the features {cache.paths[0]}")
-    data_name = Path(cfg.test_data).stem if cfg.test_data else first.cfg.data.name
     decoded = {v: decoded_frames(first.cfg.runs_dir, data_name, v) for v in dict.fromkeys(listing.listed
                                                                                           or listing.videos)}
     counts = None
