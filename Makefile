@@ -55,9 +55,24 @@ endef
 # The features stage for each extractor that the config of command $(1) (train, sweep, bench) with
 # the arguments $(2) reads, one command line each; nothing when that config cannot be resolved (the
 # command then says why, in one line).
-features_for = $(foreach x,$(shell $(PY) -m pipeline.cli $(1) --show extractors $(2) 2>/dev/null),$(PY) -m pipeline.features \
+extractors_of = $(shell $(PY) -m pipeline.cli $(1) --show extractors $(2) 2>/dev/null)
+features_for = $(foreach x,$(call extractors_of,$(1),$(2)),$(PY) -m pipeline.features \
 	data=$(DATA) extractor=$(x) faces_dir=$(RUNS)/$(DATA)/faces out_dir=$(RUNS)/$(DATA)/features \
 	$(ON_DEVICE) $(call args_for,features)$(newline))
+
+# The extractors the faces stage writes crops for, beside its own sizes (224 for a ViT-B/16, 256 for
+# ConvNeXt-B), so that no extractor reads crops resized up: those the goal's config reads; for
+# `make features` its EXTRACTOR, and for `make faces` an EXTRACTOR given. A file lacking a size is
+# given it from its stored landmarks, without detecting again.
+FACE_EXTRACTORS = $(sort \
+	$(if $(filter train demo,$(MAKECMDGOALS)),$(call extractors_of,train,$(TRAIN_LINE))) \
+	$(if $(filter reproduce,$(MAKECMDGOALS)),$(call extractors_of,train,experiment=$(RECIPE) $(REPRODUCE_LINE))) \
+	$(if $(filter sweep,$(MAKECMDGOALS)),$(call extractors_of,sweep,$(SWEEP_LINE))) \
+	$(if $(filter experiments,$(MAKECMDGOALS)),$(call extractors_of,sweep,$(EXPERIMENTS_LINE))) \
+	$(if $(filter compare-init,$(MAKECMDGOALS)),$(call extractors_of,compare_init,$(COMPARE_LINE))) \
+	$(if $(filter bench,$(MAKECMDGOALS)),$(call extractors_of,bench,$(BENCH_LINE))) \
+	$(if $(filter features,$(MAKECMDGOALS))$(and $(filter faces,$(MAKECMDGOALS)),$(filter command environment,$(origin EXTRACTOR))),$(EXTRACTOR)))
+FOR_EXTRACTORS = $(if $(strip $(FACE_EXTRACTORS)),extractors=[$(subst $(space),$(comma),$(strip $(FACE_EXTRACTORS)))])
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
@@ -101,7 +116,7 @@ sample: setup ## write the built-in labelled sample to data/sample (DATA=sample_
 	$(PY) -m pipeline.sample $(SAMPLE_CONFIG) $(call args_for,sample)
 
 faces: setup $(SAMPLE_STEP) ## stage 1: detect, track and align faces (runs/$(DATA)/faces/)
-	$(PY) -m pipeline.faces data=$(DATA) out_dir=$(RUNS)/$(DATA)/faces $(ON_DEVICE) $(call args_for,faces)
+	$(PY) -m pipeline.faces data=$(DATA) out_dir=$(RUNS)/$(DATA)/faces $(FOR_EXTRACTORS) $(ON_DEVICE) $(call args_for,faces)
 
 features: faces ## stage 2: per-frame features (runs/$(DATA)/features/$(EXTRACTOR).h5)
 	$(PY) -m pipeline.features data=$(DATA) extractor=$(EXTRACTOR) faces_dir=$(RUNS)/$(DATA)/faces \

@@ -50,6 +50,12 @@ class Extractor(nn.Module):
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return x.sub_(mean).div_(std)  # x is always a fresh tensor here, so in place is safe
 
+    @property
+    def crop_size(self) -> int:
+        """The side of the aligned crop this extractor reads without resizing it up: its input
+        size, or more where its preprocessing resizes and then crops the centre."""
+        return int(self.input_size)
+
     def fit(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """uint8 (b, 3, h, w) -> float (b, 3, *size) in 0-255: resized where it is not that size."""
         return self.resize(x, size) if x.shape[-2:] != size else x.float()
@@ -112,6 +118,15 @@ def build_extractor(name: str, **kw) -> Extractor:
         need = ", ".join(missing) or "the Extractor API"
         raise TypeError(f"extractor {name!r} must return an nn.Module with {need}")
     return model.eval().requires_grad_(False)
+
+
+def crop_size(extractor: str | nn.Module) -> int:
+    """The aligned crop side an extractor reads (:attr:`Extractor.crop_size`); given a name, from
+    the network built on the meta device: no weights read, nothing allocated."""
+    if isinstance(extractor, str):
+        with torch.device("meta"):
+            extractor = build_extractor(extractor, random_init=True)
+    return int(getattr(extractor, "crop_size", extractor.input_size))  # a plug-in may give its input size only
 
 
 def _user_timm_yaml(name: str) -> bool:

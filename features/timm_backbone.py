@@ -72,6 +72,11 @@ class TimmExtractor(Extractor):
                      allow_missing=allow_missing)
         self.weights_sha256, self.weights_file = sha256_file(weights), Path(weights).name
 
+    @property
+    def crop_size(self) -> int:
+        """``floor(input_size / crop_pct)``: the size timm resizes to before its centre crop."""
+        return self.input_size if self.crop_pct >= 1 else math.floor(self.input_size / self.crop_pct)
+
     def fit(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Resized to ``floor(size / crop_pct)``, then the centre ``size`` (timm's evaluation
         transform), whatever the crop's size; with ``crop_pct`` 1 as any extractor."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_output, sweep_partials
 from pipeline.cli import run_stage
-from pipeline.config import DEVICE, Config, InputError, check_choices
+from pipeline.config import DEVICE, Config, ConfigError, InputError, check_choices
 from pipeline.hdf5 import h5_is_done, h5_writer
 from pipeline.runs import STOPS, list_inputs, local_device, run_each, shard_of, share_threads, stage_lock, stop
 from pipeline.vision.templates import TEMPLATES
@@ -34,10 +34,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("pipeline")
 
 # Keys that change what a face file holds; the rest (device, batch size, paths) do not.
+# Crop sizes are not among them: a file holds the sizes it holds, and one lacking a size is given it
+# from its stored landmarks (:func:`add_sizes`), without detecting again.
 HASH_KEYS = ("stride", "detect_size", "min_face", "thresholds", "keyframe", "follow_score", "subject", "max_gap",
-             "track", "sizes", "template", "compression", "compression_level", "import_cropped")
+             "track", "template", "compression", "compression_level", "import_cropped")
 # bump when a change to this stage changes what its files hold, so that finished files are redone
 VERSION = 3
+IMPORTED_SIZES = [112]  # ABAW's cropped_aligned JPEGs are 112 px: larger would only be resized up
 SIDE = re.compile(r"^(?P<stem>.+)_(?P<side>left|right)$")
 CHOICES = {"subject": ("auto", *SUBJECTS), "template": tuple(TEMPLATES), "compression": ("gzip", "lzf", ""),
            "device": DEVICE}
@@ -82,15 +85,49 @@ def config_hash(cfg: Config) -> str:
     return f"{cfg.hash(HASH_KEYS)}-v{VERSION}"
 
 
+def crop_sizes(sizes: list[int], extractors: list[str]) -> list[int]:
+    """The crop sizes to write: ``sizes`` and, where it is larger than all of them, the crop side
+    each of ``extractors`` reads (:func:`features.crop_size`), so that none is resized up."""
+    if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 16 for s in sizes):
+        raise InputError(f"sizes={sizes}: give crop sides in pixels, at least 16, such as [112]")
+    out = set(sizes)
+    if extractors:
+        from features import crop_size  # torch, and timm for its backbones: only when asked
+
+        for name in extractors:
+            try:
+                side = crop_size(str(name))
+            except (ValueError, TypeError, ConfigError) as e:
+                raise InputError(f"extractors: {e}") from None
+            if side > max(sizes):
+                out.add(side)
+    return sorted(out)
+
+
+def held_sizes(path: Path | h5py.File) -> set[int]:
+    """The crop sizes a face file holds (``crops_<size>``); none if it cannot be read."""
+    if isinstance(path, h5py.File):
+        return {int(k.removeprefix("crops_")) for k in path if k.startswith("crops_")}
+    try:
+        with h5py.File(path, "r") as f:
+            return held_sizes(f)
+    except OSError:
+        return set()
+
+
+def _crops_dataset(f: h5py.File, size: int, n: int, cfg: Config) -> None:
+    comp = dict(compression=cfg.compression or None)
+    if cfg.compression == "gzip":
+        comp["compression_opts"] = cfg.compression_level
+    # one frame per HDF5 chunk so that a reader can fetch any frame alone
+    f.create_dataset(f"crops_{size}", (n, size, size, 3), np.uint8, chunks=(1, size, size, 3), **comp)
+
+
 @contextlib.contextmanager
 def _new_h5(path: Path, n: int, cfg: Config, attrs: dict) -> Iterator[h5py.File]:
     with h5_writer(path) as f:  # on a full disk it fails the video, not the process at exit
-        comp = dict(compression=cfg.compression or None)
-        if cfg.compression == "gzip":
-            comp["compression_opts"] = cfg.compression_level
         for size in cfg.sizes:
-            # one frame per HDF5 chunk so that a reader can fetch any frame alone
-            f.create_dataset(f"crops_{size}", (n, size, size, 3), np.uint8, chunks=(1, size, size, 3), **comp)
+            _crops_dataset(f, size, n, cfg)
         for k, v in attrs.items():
             f.attrs[k] = v
         yield f
@@ -116,8 +153,6 @@ def _attrs(info: VideoInfo, cfg: Config, subject: str) -> dict:
 
 def process_video(video: Path, outputs: list[Output], cfg: Config, detector: FaceDetector) -> None:
     """Detect, track and align one video into each of ``outputs``; files appear only when complete."""
-    from pipeline.vision.align import align_faces  # torch, imported only when a video has work to do
-
     start = time.perf_counter()
     info = open_video(video)[1]  # its reader is dropped at once: iter_chunks opens one per chunk
     full = (info.height, info.width)
@@ -144,7 +179,6 @@ def process_video(video: Path, outputs: list[Output], cfg: Config, detector: Fac
                        cfg.max_gap, ~errors) for o in outputs]
 
     # pass 2: decode only the frames some subject is present in, and warp them
-    wanted = np.flatnonzero(np.any([s.present for s in subjects], axis=0))
     with contextlib.ExitStack() as stack:
         # every temporary file is closed before any is renamed, and all are renamed only on success
         tmps = [stack.enter_context(atomic_output(o.path)) for o in outputs]
@@ -152,22 +186,12 @@ def process_video(video: Path, outputs: list[Output], cfg: Config, detector: Fac
                  for t, o in zip(tmps, outputs, strict=True)]
         for f, sub in zip(files, subjects, strict=True):
             _write_meta(f, index, stamps, errors, sub)
-        pos = {int(fr): k for k, fr in enumerate(index)}
-        for ch in prefetched(iter_chunks(None, info, chunk_frames(cfg.chunk, cfg.chunk_mb, full), frames=index[wanted],
-                                         threads=threads)):
-            rows = np.array([pos[int(fr)] for fr in ch.index])
-            for f, sub in zip(files, subjects, strict=True):
-                ok = sub.present[rows] & ~ch.error
-                lost = rows[sub.present[rows] & ch.error]
-                if len(lost):  # decoded once but not twice: no crop, so no face
-                    f["present"][lost], f["decode_error"][lost], f["track"][lost] = False, True, -1
-                if not ok.any():
-                    continue
-                frames = ch.frames if ok.all() else ch.frames[ok]  # no copy of whole frames when it can be helped
-                for size in cfg.sizes:
-                    f[f"crops_{size}"][rows[ok]] = align_faces(frames, sub.landmarks[rows[ok]], size, cfg.template)
-                del frames
-            del ch  # so that the next chunk decodes without this one held
+
+        def lost(k: int, rows: np.ndarray) -> None:  # decoded once but not twice: no crop, so no face
+            files[k]["present"][rows], files[k]["decode_error"][rows], files[k]["track"][rows] = False, True, -1
+
+        faces = [(f, sub.present, sub.landmarks, cfg.sizes) for f, sub in zip(files, subjects, strict=True)]
+        _write_crops(info, index, faces, cfg, lost)
         for f in files:
             f.attrs["complete"] = True
     took = time.perf_counter() - start
@@ -175,6 +199,65 @@ def process_video(video: Path, outputs: list[Output], cfg: Config, detector: Fac
                       for o, sub in zip(outputs, subjects, strict=True))
     log.info("%s: %d frames in %.1fs (%.1f frames/s; whole-frame detection on %d); %s", video.name,
              len(index), took, len(index) / took, whole, share)
+
+
+def _write_crops(info: VideoInfo, index: np.ndarray, faces: list[tuple[h5py.File, np.ndarray, np.ndarray, list[int]]],
+                 cfg: Config, lost) -> None:
+    """Decode the frames of ``index`` on which some face is present and write its aligned crops;
+    ``faces``: (file, present (n,), landmarks (n, 5, 2), crop sizes) per face file. ``lost(k,
+    rows)`` is told of face k's present rows whose frame did not decode this time."""
+    from pipeline.vision.align import align_faces  # torch, imported only when a video has work to do
+
+    wanted = np.flatnonzero(np.any([face[1] for face in faces], axis=0))
+    pos = {int(fr): k for k, fr in enumerate(index)}
+    for ch in prefetched(iter_chunks(None, info, chunk_frames(cfg.chunk, cfg.chunk_mb, (info.height, info.width)),
+                                     frames=index[wanted], threads=decode_threads(cfg.decode_threads))):
+        rows = np.array([pos[int(fr)] for fr in ch.index])
+        for k, (f, present, landmarks, sizes) in enumerate(faces):
+            ok = present[rows] & ~ch.error
+            if (present[rows] & ch.error).any():
+                lost(k, rows[present[rows] & ch.error])
+            if not ok.any():
+                continue
+            frames = ch.frames if ok.all() else ch.frames[ok]  # no copy of whole frames when it can be helped
+            for size in sizes:
+                f[f"crops_{size}"][rows[ok]] = align_faces(frames, landmarks[rows[ok]], size, cfg.template)
+            del frames
+        del ch  # so that the next chunk decodes without this one held
+
+
+def add_sizes(video: Path, outputs: list[Output], cfg: Config) -> None:
+    """Give finished face files of ``video`` the crop sizes of ``cfg.sizes`` they lack, warped from
+    their stored landmarks: the video is decoded again on the frames with a face, nothing is
+    detected, and everything the files held stays as it was. Each file is replaced whole."""
+    start = time.perf_counter()
+    info = open_video(video)[1]
+    with contextlib.ExitStack() as stack:
+        olds = [stack.enter_context(h5py.File(o.path, "r")) for o in outputs]
+        tmps = [stack.enter_context(atomic_output(o.path)) for o in outputs]
+        news = [stack.enter_context(h5_writer(t)) for t in tmps]
+        faces, added = [], set()
+        for old, new in zip(olds, news, strict=True):
+            for key in old:
+                old.copy(old[key], new, key)
+            new.attrs.update({k: v for k, v in old.attrs.items() if k != "complete"})
+            missing = [s for s in cfg.sizes if f"crops_{s}" not in old]
+            for size in missing:
+                _crops_dataset(new, size, len(old["frame"]), cfg)
+            added.update(missing)
+            made = json.loads(old.attrs.get("config", "{}"))  # what it was made with, and now its sizes
+            new.attrs["config"] = json.dumps({**made, "sizes": sorted(held_sizes(old) | set(missing))})
+            faces.append((new, old["present"][:], old["landmarks"][:], missing))
+
+        def lost(k: int, rows: np.ndarray) -> None:
+            raise RuntimeError(f"{video}: frame {int(olds[k]['frame'][rows[0]])} had a face when the faces stage ran "
+                               f"but does not decode now; delete {outputs[k].path} to redo the video")
+
+        _write_crops(info, olds[0]["frame"][:], faces, cfg, lost)
+        for new in news:
+            new.attrs["complete"] = True
+    log.info("%s: crops of %s pixels added from the stored landmarks in %.1fs", video.name,
+             ", ".join(map(str, sorted(added))), time.perf_counter() - start)
 
 
 def export_cropped(h5_path: str | Path, out_dir: str | Path, size: int = 112, quality: int = 95) -> int:
@@ -216,9 +299,8 @@ def import_cropped(
     present = np.isin(index, list(jpegs))
     sub = Subject(np.full((n, 4), np.nan, np.float32), np.full((n, 5, 2), np.nan, np.float32),
                   np.zeros(n, np.float32), np.where(present, 0, -1), present, np.zeros(n, bool))
-    sizes = [s for s in cfg.sizes if s == 112] or [112]  # ABAW crops are 112 px; larger would be upsampled
     attrs = _attrs(info, cfg, "cropped_aligned") | {"source": str(folder)}
-    with atomic_output(out_path) as tmp, _new_h5(tmp, n, Config({**cfg, "sizes": sizes}), attrs) as f:
+    with atomic_output(out_path) as tmp, _new_h5(tmp, n, Config({**cfg, "sizes": IMPORTED_SIZES}), attrs) as f:
         _write_meta(f, index, index / info.fps, np.zeros(n, bool), sub)
         for k in np.flatnonzero(present):
             img = Image.open(jpegs[k]).convert("RGB")
@@ -237,6 +319,7 @@ def resolve(cfg: Config) -> Config:
     if not cfg.videos:
         cfg.videos = cfg.data.get("videos", "") if isinstance(cfg.get("data"), dict) else ""
     cfg.device = local_device(cfg.device)  # a process of several takes its own GPU
+    cfg.sizes = crop_sizes(list(cfg.sizes), list(cfg.get("extractors") or []))
     return cfg
 
 
@@ -258,6 +341,11 @@ def main(cfg: Config) -> int:
 def run(cfg: Config, out_dir: Path) -> int:
     sweep_partials(out_dir)
     chash = config_hash(cfg)
+
+    def lacking(path: Path, sizes) -> bool | None:
+        """None: to be made; else whether the finished file lacks some of ``sizes``."""
+        return not set(sizes) <= held_sizes(path) if h5_is_done(path, chash) else None
+
     failures = out_dir / "failures.jsonl"
     try:
         videos = list_inputs(cfg.videos) if cfg.videos else []
@@ -276,7 +364,7 @@ def run(cfg: Config, out_dir: Path) -> int:
             import_cropped(folder, out_dir / f"{folder.name}.h5", cfg, info)
 
         summary = run_each(items, work, name=lambda p: p.name, failures_file=failures, desc="import",
-                           is_done=lambda p: h5_is_done(out_dir / f"{p.name}.h5", chash))
+                           is_done=lambda p: lacking(out_dir / f"{p.name}.h5", IMPORTED_SIZES) is False)
     else:
         if not videos:
             log.error("no videos: set data.videos or videos=<folder|glob|list>")
@@ -288,6 +376,10 @@ def run(cfg: Config, out_dir: Path) -> int:
 
         def work(video: Path) -> None:
             nonlocal detector
+            state = [lacking(o.path, cfg.sizes) for o in plan[video]]
+            if None not in state:  # found before: only crop sizes are missing
+                add_sizes(video, [o for o, more in zip(plan[video], state, strict=True) if more], cfg)
+                return
             if detector is None:  # MTCNN, and torch, only once a video has work to do
                 from pipeline.vision.detect import FaceDetector
 
@@ -296,7 +388,7 @@ def run(cfg: Config, out_dir: Path) -> int:
 
         summary = run_each(
             items, work, name=str, failures_file=failures,
-            is_done=lambda v: all(h5_is_done(o.path, chash) for o in plan[v]), desc="faces",
+            is_done=lambda v: all(lacking(o.path, cfg.sizes) is False for o in plan[v]), desc="faces",
         )
     if cfg.export_cropped:
         for h5 in sorted(out_dir.glob("*.h5")):

@@ -24,7 +24,7 @@ import torch
 from einops import rearrange
 from torch.utils.data import DataLoader, Dataset
 
-from features import Extractor, build_extractor
+from features import Extractor, build_extractor, crop_size
 from pipeline.atomic import atomic_output, sweep_partials
 from pipeline.cli import run_stage
 from pipeline.config import DEVICE, Config, ConfigError, InputError, check_choices
@@ -65,10 +65,23 @@ class FaceBatches(Dataset):
 _UPSCALED: set[tuple[Path, int]] = set()  # (faces folder, size) already warned about
 
 
-class FaceFile(FaceBatches):
-    """Crops from a face-stage HDF5 file: ``crops_<size>`` if stored, else the largest crops."""
+def crop_key(sizes: list[int], size: int) -> str:
+    """The crops an extractor reading ``size`` pixels takes from a face file holding ``sizes``
+    (sorted): the smallest of at least that size, else the largest. A size added later for
+    another extractor changes what it reads only if it reads crops resized up."""
+    return f"crops_{next((s for s in sizes if s >= size), sizes[-1])}"
 
-    def __init__(self, path: Path, size: int, batch_size: int):
+
+def source_id(config_hash: str, key: str) -> str:
+    """What a feature part is computed from: the face file's settings and the crops it read, so
+    that a part made from crops resized up is redone once the faces stage writes the size."""
+    return f"{config_hash} {key}" if config_hash else ""
+
+
+class FaceFile(FaceBatches):
+    """Crops from a face-stage HDF5 file: those :func:`crop_key` picks for ``size``."""
+
+    def __init__(self, path: Path, size: int, batch_size: int, extractor: str = ""):
         self.path, self.video, self._file, self._pid = path, path.stem, None, os.getpid()
         try:
             f = h5py.File(path, "r")
@@ -81,16 +94,16 @@ class FaceFile(FaceBatches):
             missing = [k for k in ("frame", "present") if k not in f]
             if missing or not sizes:
                 raise ValueError(f"{path}: face file lacks {', '.join(missing) or 'crops_<size>'}")
-            self.key = f"crops_{size if size in sizes else sizes[-1]}"
+            self.key = crop_key(sizes, size)
             if sizes[-1] < size and (path.parent, size) not in _UPSCALED:  # once per folder and size
                 _UPSCALED.add((path.parent, size))
                 log.warning("%s: no %d-pixel crops, the largest are %d: they are resized up for the extractor; "
-                            "run the faces stage with sizes=[%s] (make faces ARGS=\"sizes=[%s]\")", path.parent, size,
-                            sizes[-1], ",".join(map(str, [*sizes, size])), ",".join(map(str, [*sizes, size])))
+                            "the faces stage writes them with extractors=[%s] (make train and make features "
+                            "pass the run's own)", path.parent, size, sizes[-1], extractor or "<name>")
             frame, present = f["frame"][:].astype(np.int64), f["present"][:].astype(bool)
             if not len(frame) == len(present) == f[self.key].shape[0]:
                 raise ValueError(f"{path}: frame, present and {self.key} differ in length")
-            self.source_hash = str(f.attrs.get("config_hash", ""))
+            self.source_hash = source_id(str(f.attrs.get("config_hash", "")), self.key)
         super().__init__(frame, present, batch_size)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
@@ -151,8 +164,8 @@ def find_sources(faces_dir: str | Path) -> list[Path]:
     return found
 
 
-def open_source(path: Path, size: int, batch_size: int) -> FaceBatches:
-    return JpegFolder(path, batch_size) if path.is_dir() else FaceFile(path, size, batch_size)
+def open_source(path: Path, size: int, batch_size: int, extractor: str = "") -> FaceBatches:
+    return JpegFolder(path, batch_size) if path.is_dir() else FaceFile(path, size, batch_size, extractor)
 
 
 def part_status(part: Path, config_hash: str, source_hash: str) -> str:
@@ -279,10 +292,12 @@ def cache_attrs(cfg: Config, extractor: Extractor, device: torch.device | str = 
             "precision": json.dumps(precision(device, dtype), sort_keys=True), "config_hash": identity.hash()}
 
 
-def _face_hash(path: Path) -> str:
+def _face_source(path: Path, size: int) -> str:
+    """:func:`source_id` of a face file for an extractor reading ``size`` pixels; empty if unreadable."""
     try:
         with h5py.File(path, "r") as f:
-            return str(f.attrs.get("config_hash", ""))
+            sizes = sorted(int(k.removeprefix("crops_")) for k in f if k.startswith("crops_"))
+            return source_id(str(f.attrs.get("config_hash", "")), crop_key(sizes, size)) if sizes else ""
     except OSError:
         return ""
 
@@ -327,7 +342,7 @@ def extract_all(cfg: Config, extractor: Extractor, attrs: dict, device: torch.de
     parts_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / f"{name}.yaml")
     mine = shard_of(sources, cfg.shard or None)
-    size = int(extractor.input_size)
+    size = crop_size(extractor)
     log.info("%s: %d of %d videos in this shard, %d-d, weights %s", name, len(mine), len(sources),
              extractor.dim, extractor.weights_sha256 or "random")
 
@@ -335,14 +350,14 @@ def extract_all(cfg: Config, extractor: Extractor, attrs: dict, device: torch.de
         return path.name if path.is_dir() else path.stem
 
     def is_done(path: Path) -> bool:
-        source_hash = "" if path.is_dir() else _face_hash(path)
+        source_hash = "" if path.is_dir() else _face_source(path, size)
         status = part_status(parts_dir / f"{video_of(path)}.h5", attrs["config_hash"], source_hash)
         if status.startswith("stale"):
             log.info("%s: %s; recomputing", video_of(path), status)
         return status == "done"
 
     def work(path: Path) -> None:
-        src = open_source(path, size, cfg.batch_size)
+        src = open_source(path, size, cfg.batch_size, name)
         extract_video(src, extractor, parts_dir / f"{src.video}.h5", attrs, cfg, device)
 
     summary = run_each(mine, work, name=video_of, is_done=is_done,

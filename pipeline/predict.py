@@ -110,14 +110,14 @@ FER_TO_ABAW = {"angry": "Anger", "disgust": "Disgust", "fear": "Fear", "happy": 
 TO_ABAW = {**FER_TO_ABAW, **{c: c for c in EXPRESSIONS}, "Contempt": "Other"}
 
 
-def zero_shot_network(cfg: Config) -> tuple[str, Path, int]:
-    """The network that predicts without a checkpoint (``zero_shot``), its checked weights file and
-    its input size; it must classify expressions."""
+def zero_shot_network(cfg: Config) -> tuple[str, Path]:
+    """The network that predicts without a checkpoint (``zero_shot``) and its checked weights
+    file; it must classify expressions."""
     from features import EXTRACTORS, build_extractor
 
     name = cfg.zero_shot
     if name == EXPRESSION_NETWORK:
-        return name, expression_weights(cfg), 64
+        return name, expression_weights(cfg)
     if name not in EXTRACTORS:
         raise InputError(f"zero_shot={name!r}: not an extractor ({', '.join(sorted(EXTRACTORS))})")
     with torch.device("meta"):
@@ -129,7 +129,7 @@ def zero_shot_network(cfg: Config) -> tuple[str, Path, int]:
     if not given or not Path(given).is_file():
         raise InputError(f"zero_shot={name}: give its weights, extractor_weights.{name}=<file>"
                          + (f" ({given} not found)" if given else ""))
-    return name, Path(given), int(net.input_size)
+    return name, Path(given)
 
 
 def expression_weights(cfg: Config) -> Path:
@@ -295,7 +295,7 @@ def main(cfg: Config) -> int:
         weights = extractor_weights(cfg, ckpt.recipe)
     else:  # no trained model: the zero-shot network's own classes (and valence/arousal)
         model, ckpt, path = None, None, None
-        name, zero_path, _ = zero_shot_network(cfg)
+        name, zero_path = zero_shot_network(cfg)
         weights = {name: str(zero_path)}
     if cfg.checkpoint and cfg.zero_shot != EXPRESSION_NETWORK:
         raise InputError(f"zero_shot={cfg.zero_shot} predicts without a checkpoint; give one or the other")
@@ -325,9 +325,8 @@ def predict(cfg: Config, video: Path, model: torch.nn.Module | None, ckpt: Check
     saved = recipe.stage_configs
     if not saved and model is not None:
         log.warning("%s records no face/feature settings: using the defaults in configs/", cfg.checkpoint)
-    sizes = []  # the zero-shot network's own crop size beside the default, so that crops are not upscaled
-    if model is None and (size := zero_shot_network(cfg)[2]) > 112:
-        sizes = [f"sizes=[112,{size}]"]
+    # the zero-shot network's own crop size beside the saved or default ones, so that none is resized up
+    sizes = [f"extractors=[{cfg.zero_shot}]"] if model is None else []
 
     face_cfg = faces.resolve(stage_config("faces", saved.get("faces"), out / "faces.yaml", [
         f"videos={video}", f"out_dir={out / 'faces'}", f"subject={cfg.subject}", f"device={cfg.device}",

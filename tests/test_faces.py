@@ -339,3 +339,45 @@ def test_title_card_before_the_face_is_not_the_subject(pyfeat_clips):
     ids = link(dets, cfg.track.max_lost, cfg.track.min_iou, cfg.track.max_landmark)
     tracks = subject_tracks(dets, ids, "main", cfg.track.min_frames, cfg.track.min_score)
     assert follow(dets, ids, tracks, cfg.max_gap).present.tolist() == (index >= 96).tolist()
+
+
+def test_crop_sizes_are_the_extractors_own():
+    # vit_tiny reads 224; ConvNeXt-B resizes to 256 for timm's centre crop of 224; the expression
+    # network's 64 and the IResNet's 112 are read from the 112-pixel crops
+    assert faces.crop_sizes([112], ["fer_xception", "iresnet50", "vit_tiny", "convnext_base"]) == [112, 224, 256]
+    assert faces.crop_sizes([112, 224], ["vit_tiny"]) == [112, 224]
+    assert faces.crop_sizes([112], []) == [112]
+    with pytest.raises(faces.InputError, match="nope"):
+        faces.crop_sizes([112], ["nope"])
+    with pytest.raises(faces.InputError, match="sizes"):
+        faces.crop_sizes([], [])
+
+
+@pytest.mark.real_video
+def test_an_extractors_crop_size_is_added_from_the_stored_landmarks(run, tmp_path, monkeypatch):
+    """Faces found once for 112-pixel crops are given the 224-pixel crops a ViT reads without
+    detecting again, equal to those of a run that wrote both sizes at once; the file is then done."""
+    video, ann = run["videos"] / "two.mp4", run["root"] / "annotations"
+    assert main(faces_cfg(video, tmp_path / "both", "sizes=[112,224]", annotations=ann)) == 0
+    assert main(faces_cfg(video, tmp_path / "later", annotations=ann)) == 0
+    before = {side: read(tmp_path / "later" / f"two_{side}.h5") for side in ("left", "right")}
+    assert "crops_224" not in before["left"]
+
+    def no_detection(*args, **kwargs):
+        raise AssertionError("the faces were detected again")
+
+    monkeypatch.setattr(FaceDetector, "from_config", no_detection)
+    cfg = faces_cfg(video, tmp_path / "later", "extractors=[vit_tiny]", annotations=ann)
+    assert main(cfg) == 0
+    for side in ("left", "right"):
+        both, later = read(tmp_path / "both" / f"two_{side}.h5"), read(tmp_path / "later" / f"two_{side}.h5")
+        assert sorted(later) == sorted(both)
+        for key in both.keys() - {"attrs"}:
+            np.testing.assert_array_equal(later[key], both[key], err_msg=key)
+            if key in before[side]:
+                np.testing.assert_array_equal(later[key], before[side][key], err_msg=key)
+        assert later["attrs"]["config_hash"] == both["attrs"]["config_hash"] == before[side]["attrs"]["config_hash"]
+        assert json.loads(later["attrs"]["config"])["sizes"] == [112, 224]
+        assert h5_is_done(tmp_path / "later" / f"two_{side}.h5", config_hash(cfg))
+    mtime = (tmp_path / "later" / "two_left.h5").stat().st_mtime_ns
+    assert main(cfg) == 0 and (tmp_path / "later" / "two_left.h5").stat().st_mtime_ns == mtime

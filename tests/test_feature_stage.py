@@ -86,7 +86,7 @@ def test_stage_writes_a_cache_the_reader_reads_back(run, faces):
         np.testing.assert_array_equal(frame, np.arange(len(present)) * 2)
         assert not feats[~mask].any()  # no face: zero features
         with h5py.File(faces / f"{video}.h5") as f:
-            crops = torch.from_numpy(f["crops_224" if "crops_224" in f else "crops_112"][:][mask])
+            crops = torch.from_numpy(f["crops_112"][:][mask])  # 48-pixel input: the smallest crops above it
         with torch.inference_mode():
             expected = onet(onet.preprocess(crops)).numpy()
         np.testing.assert_allclose(feats[mask], expected, rtol=2e-3, atol=2e-3)  # stored as float16
@@ -101,7 +101,8 @@ def test_stage_writes_a_cache_the_reader_reads_back(run, faces):
 def test_picks_matching_crops_else_the_largest(faces):
     assert FaceFile(faces / "clip_b.h5", 224, 4).key == "crops_224"
     assert FaceFile(faces / "clip_b.h5", 112, 4).key == "crops_112"
-    assert FaceFile(faces / "clip_b.h5", 48, 4).key == "crops_224"
+    assert FaceFile(faces / "clip_b.h5", 48, 4).key == "crops_112"  # the smallest not resized up
+    assert FaceFile(faces / "clip_b.h5", 160, 4).key == "crops_224"
 
 
 def test_crops_smaller_than_the_extractor_needs_are_named_once_with_the_sizes_to_write(faces, caplog):
@@ -111,7 +112,28 @@ def test_crops_smaller_than_the_extractor_needs_are_named_once_with_the_sizes_to
             assert FaceFile(faces / "clip_b.h5", 256, 4).key == "crops_224"
             assert FaceFile(faces / "clip_a.h5", 112, 4).key == "crops_112"
     said = [r.getMessage() for r in caplog.records if "resized up" in r.getMessage()]
-    assert len(said) == 1 and "no 256-pixel crops, the largest are 112" in said[0] and "sizes=[112,256]" in said[0]
+    assert len(said) == 1 and "no 256-pixel crops, the largest are 112" in said[0] and "extractors=[" in said[0]
+
+
+def test_features_from_crops_resized_up_are_redone_once_the_faces_stage_writes_the_size(run, faces):
+    """The faces stage gives a finished file a crop size without changing its settings hash; a part
+    computed from the smaller crops resized up must still be redone from the new ones."""
+    assert run("extractor=vit_tiny", "extractor.random_init=true")[0] == 0
+    part = faces.parent / "out" / "vit_tiny" / "clip_a.h5"
+    first = part.stat().st_mtime_ns
+    with h5py.File(faces / "clip_a.h5", "a") as f:  # as faces.add_sizes leaves it: same hash, one more size
+        crops = np.random.default_rng(5).integers(0, 256, (len(f["present"]), 224, 224, 3), dtype=np.uint8)
+        f.create_dataset("crops_224", data=crops, chunks=(1, 224, 224, 3))
+    status, cache_path = run("extractor=vit_tiny", "extractor.random_init=true")
+    assert status == 0 and part.stat().st_mtime_ns != first
+    with h5py.File(cache_path) as f:
+        assert f["clip_a"].attrs["source_config_hash"] == "faces-v1 crops_224"
+    onet_part = faces.parent / "out" / "onet" / "clip_a.h5"
+    assert run()[0] == 0
+    kept = onet_part.stat().st_mtime_ns
+    with h5py.File(faces / "clip_a.h5", "a") as f:  # a size it does not read leaves its parts alone
+        f.create_dataset("crops_160", data=np.zeros((len(f["present"]), 160, 160, 3), np.uint8))
+    assert run()[0] == 0 and onet_part.stat().st_mtime_ns == kept  # onet still reads the 112-pixel crops
 
 
 def test_rerun_resumes_and_config_change_is_stale(run, faces, caplog):

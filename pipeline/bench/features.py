@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from features import Extractor, build_extractor
+from features import Extractor, build_extractor, crop_size
 from pipeline import features as stage
 from pipeline.atomic import write_json
 from pipeline.bench import machine
 from pipeline.cli import run_stage, setup_logging
 from pipeline.config import Config, load_config
+from pipeline.faces import crop_sizes
 from pipeline.feature_cache import FeatureCache
 from pipeline.metrics import markdown_table
 
@@ -80,7 +81,7 @@ def load_batches(sources: list[Path], extractor: Extractor, batch_size: int,
     batches, spent = [], {"read": 0.0, "preprocess": 0.0}
     with torch.inference_mode():
         for path in sources:
-            src = stage.open_source(path, int(extractor.input_size), batch_size)
+            src = stage.open_source(path, crop_size(extractor), batch_size)
             try:
                 for k in range(len(src)):
                     t0 = time.perf_counter()
@@ -203,7 +204,9 @@ def main(cfg: Config) -> int:
             faces_dir = Path(cfg.faces_dir)
         else:
             faces_dir = work / "faces"
-            make_face_files(faces_dir, cfg.videos, cfg.frames, cfg.absent, list(cfg.sizes), cfg.seed)
+            # and each extractor's own crop size, as the faces stage writes them for it
+            sizes = crop_sizes(list(cfg.sizes), list(cfg.extractors))
+            make_face_files(faces_dir, cfg.videos, cfg.frames, cfg.absent, sizes, cfg.seed)
         for name in cfg.extractors:
             rows.append(bench_extractor(cfg, name, faces_dir, work))
     print(table(rows))

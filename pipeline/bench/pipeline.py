@@ -23,13 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from features import EXTRACTORS, build_extractor
+from features import EXTRACTORS, build_extractor, crop_size
 from pipeline.atomic import write_json
 from pipeline.bench import machine, read_rates, time_call
 from pipeline.bench.clips import fetch_pyfeat_clips
 from pipeline.bench.encoders import encoder_spec, measure
 from pipeline.cli import run_stage, setup_logging
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.faces import crop_sizes
+from pipeline.features import crop_key
 from pipeline.metrics import markdown_table
 from pipeline.precision import autocast_dtype, precision
 from pipeline.runs import list_inputs, local_device
@@ -135,8 +137,8 @@ def bench_extractor(name: str, crops: dict[int, np.ndarray], batch_size: int, am
     device = torch.device(local_device(cfg.device))
     torch.manual_seed(cfg.seed)
     extractor = build_extractor(name, random_init=True).to(device, memory_format=torch.channels_last)
-    size = int(extractor.input_size)
-    stored = size if size in crops else max(crops)  # the stage reads crops_<size>, else the largest
+    size = crop_size(extractor)
+    stored = int(crop_key(sorted(crops), size).removeprefix("crops_"))  # the crops the stage reads
     # cycle the crops to fill one full batch, so the timing is of the stage's batch size
     batch = torch.from_numpy(crops[stored][np.arange(batch_size) % len(crops[stored])])
     dtype = autocast_dtype(device, amp)  # as the features stage decides it
@@ -276,6 +278,8 @@ def main(cfg: Config) -> int:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     faces, features = load_config("faces"), load_config("features")
+    # the crops the stage writes for these extractors, as make passes them
+    faces.sizes = crop_sizes(list(faces.sizes), list(cfg.extractors))
     train = load_config("train")
     epochs = cfg.projection.epochs or train.epochs
     passes = cfg.window / (cfg.projection.stride or train.stride)
